@@ -1,0 +1,205 @@
+"""One attack loop and one counting protocol for every mode (../shared/PAPER.md, 'The attack').
+
+Evaluation points: point 0 is the clean image, point t + 1 is PGD iterate t (t = 0 is the
+random start, t = steps the last iterate), so `steps` PGD steps give steps + 2 points.
+At a checked point an image is *broken* when its check prediction is wrong and a fresh
+confirmation prediction is wrong too; once broken it stays broken and leaves the batch.
+
+Modes (`AttackSettings.mode`):
+- bpda_eot: gradients and checks from `eot_attack` purified replicates (BPDA: identity Jacobian
+  through the purifier), confirmation by `eot_defense` fresh replicates, every point checked.
+- pgd: plain PGD on the undefended classifier; checks are its own predictions, every point.
+- transfer: PGD on the undefended classifier; the defense judges the clean image and the last iterate.
+- defense: the defense judges the clean image only (natural accuracy of the defended classifier).
+
+Randomness is keyed by (seed, image id, call), with call = 2 * point for a check and
+2 * point + 1 for its confirmation, so an image's result does not depend on its batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AttackSettings
+from ..defense import EOTDefense, Purifier
+from .pgd import ascent_step, project, random_start, to_signed_units
+
+NEVER = -1
+
+
+@dataclass
+class ImageRecord:
+    index: int  # dataset id of the image
+    label: int
+    natural_pred: int  # defended (or, in mode pgd, undefended) prediction on the clean image
+    natural_correct: bool
+    broken_at: int  # evaluation point of the break (0 = clean image, t + 1 = iterate t); -1 = never
+    final_pred: int  # prediction at the break, or at the last evaluation if never broken
+    adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the image at the break, or the last iterate
+
+    @property
+    def robust(self) -> bool:
+        return self.broken_at == NEVER
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        row["adv_image"] = self.adv_image.astype(np.float32).ravel().tolist()
+        row["image_shape"] = list(self.adv_image.shape)
+        return row
+
+
+def _classifier_logits_and_grad(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = classifier(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x)
+    return logits.detach(), grad
+
+
+class Attack:
+    """`attack(images, labels, ids) -> list[ImageRecord]` for images in [-1, 1].
+
+    classifier: any module mapping [-1, 1] images to logits; purifier: the defense's purifier
+    (ignored by mode pgd). Budgets in `settings` are in [0, 1] pixel units.
+
+    Example:
+        attack = Attack(classifier, Purifier(ebm, 1500), AttackSettings(mode="bpda_eot"), seed=0)
+        records = attack(images, labels, ids)
+    """
+
+    def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings: AttackSettings, *,
+                 seed: int = 0, chunk_size: int = 1024, on_point: Callable[[int, int], None] | None = None):
+        if settings.mode != "pgd" and purifier is None:
+            raise ValueError(f"attack mode {settings.mode} needs a purifier")
+        self.classifier = classifier.eval()
+        self.defense = EOTDefense(classifier, purifier, chunk_size, settings.average) if purifier else None
+        self.s, self.seed, self.on_point = settings, seed, on_point
+        self.eps, self.alpha = to_signed_units(settings.eps), to_signed_units(settings.step_size)
+
+    @property
+    def points(self) -> int:
+        return 1 if self.s.mode == "defense" else self.s.steps + 2
+
+    def _checked(self, point: int) -> bool:
+        if self.s.mode in ("pgd", "bpda_eot"):
+            return True
+        return point == 0 or (self.s.mode == "transfer" and point == self.points - 1)
+
+    def _defended(self, x, ids, point, replicates):
+        return self.defense.logits(x, ids, seed=self.seed, call=2 * point, replicates=replicates)
+
+    def _judge(self, point, x, labels, ids, check_logits=None):
+        """(broken mask, prediction) at a checked point, with the paper's confirmation."""
+        if check_logits is None:
+            check_logits = (self.classifier(x) if self.s.mode == "pgd"
+                            else self._defended(x, ids, point, self.s.eot_attack))
+        pred = check_logits.argmax(1)
+        wrong = pred != labels
+        if self.s.mode != "pgd" and self.s.eot_defense > 0 and wrong.any():
+            rows = wrong.nonzero().flatten()
+            confirm = self.defense.logits(x[rows], ids[rows], seed=self.seed, call=2 * point + 1,
+                                          replicates=self.s.eot_defense).argmax(1)
+            pred[rows] = confirm
+            wrong[rows] = confirm != labels[rows]
+        return wrong, pred
+
+    def _gradient(self, point, x, labels, ids):
+        """(logits for the check or None, ascent gradient) at iterate x."""
+        if self.s.mode == "bpda_eot":
+            return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=2 * point,
+                                                replicates=self.s.eot_attack)
+        logits, grad = _classifier_logits_and_grad(self.classifier, x, labels)
+        return (logits if self.s.mode == "pgd" else None), grad
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[ImageRecord]:
+        n = images.shape[0]
+        labels, ids = labels.to(images.device), torch.as_tensor(ids, dtype=torch.int64)
+        broken_at = torch.full((n,), NEVER, dtype=torch.int64)
+        final_pred = torch.full((n,), -1, dtype=torch.int64)
+        adv = images.detach().clone()
+
+        wrong, pred = self._judge(0, images, labels, ids)
+        natural_pred = pred.cpu().clone()
+        final_pred[:] = natural_pred
+        broken_at[wrong.cpu()] = 0
+        active = (~wrong).nonzero().flatten().cpu()
+        self._report(0)
+
+        if self.s.mode != "defense" and len(active):
+            x_nat = images[active]
+            x = random_start(x_nat, ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start else x_nat.clone()
+            for t in range(self.s.steps + 1):
+                point, last = t + 1, t == self.s.steps
+                check = self._checked(point)
+                y, i = labels[active], ids[active]
+                if last:
+                    logits, grad = (None if self.s.mode != "pgd" else self.classifier(x)), None
+                    if self.s.mode == "bpda_eot":
+                        logits = self._defended(x, i, point, self.s.eot_attack)
+                else:
+                    logits, grad = self._gradient(point, x, y, i)
+                if check:
+                    wrong, pred = self._judge(point, x, y, i, logits)
+                    w = wrong.cpu()
+                    broken_at[active[w]] = point
+                    final_pred[active] = pred.cpu()
+                    adv[active[w]] = x[wrong]
+                    keep = ~wrong
+                    active, x, x_nat = active[~w], x[keep], x_nat[keep]
+                    grad = grad[keep] if grad is not None else None
+                if not len(active):
+                    break
+                if grad is not None:
+                    x = project(ascent_step(x, grad, self.s.norm, self.alpha), x_nat, self.s.norm, self.eps)
+                self._report(point)
+            adv[active] = x
+        self._report(self.points - 1)
+
+        natural_pred = natural_pred.tolist()
+        return [ImageRecord(int(ids[k]), int(labels[k]), natural_pred[k], natural_pred[k] == int(labels[k]),
+                            int(broken_at[k]), int(final_pred[k]), adv[k].float().cpu().numpy())
+                for k in range(n)]
+
+    def _report(self, point: int) -> None:
+        if self.on_point is not None:
+            self.on_point(point, self.points)
+
+
+def accuracy_curve(broken_at: list[int], points: int) -> list[float]:
+    """Share of images not yet broken after each evaluation point."""
+    b = np.asarray(broken_at)
+    if b.size == 0:
+        return [float("nan")] * points
+    return [float(np.mean((b == NEVER) | (b > p))) for p in range(points)]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(records: list[ImageRecord], points: int) -> dict:
+    """Natural and robust accuracy (with 95% Wilson intervals) and the accuracy curve."""
+    n = len(records)
+    natural = sum(r.natural_correct for r in records)
+    robust = sum(r.robust for r in records)
+    return {
+        "images": n,
+        "natural_accuracy": natural / n if n else float("nan"),
+        "natural_ci95": wilson_interval(natural, n),
+        "robust_accuracy": robust / n if n else float("nan"),
+        "robust_ci95": wilson_interval(robust, n),
+        "accuracy_curve": accuracy_curve([r.broken_at for r in records], points),
+    }

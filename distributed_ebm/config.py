@@ -1,0 +1,267 @@
+"""Typed job configs: YAML files plus dotted `key=value` overrides, validated before any work.
+
+Every number of the paper is a default here, never a constant in the code. A bad value fails
+with one line that names the key and the allowed range (`ConfigError`), before anything runs.
+Strings may use `${VAR}` or `${VAR:-default}` to take paths from the environment.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key."""
+
+
+def _fraction(value: Any) -> Any:
+    """Accept budgets written as in papers: "8/255"."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9.eE+-]+\s*/\s*[0-9.eE+-]+\s*", value):
+        num, den = value.split("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
+def _expand(value: Any) -> Any:
+    return expand_env(value) if isinstance(value, str) else value
+
+
+Budget = Annotated[float, BeforeValidator(_fraction)]
+URL = Annotated[str, BeforeValidator(_expand)]
+"""A local path or fsspec URL (s3://...); ${VAR} and ${VAR:-default} are read from the environment."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+class DataConfig(Section):
+    """Where images come from and which of them to use."""
+
+    format: Literal["parquet", "torchvision"] = "parquet"
+    path: URL = Field("${DEBM_SHARED:-../shared}/datasets/cifar10/test-exact-1000.parquet",
+                      description="parquet URL (local or s3://), or a torchvision root folder")
+    name: Literal["cifar10", "cifar100", "svhn"] = "cifar10"
+    split: Literal["train", "test"] = "test"
+    download: bool = False
+    image_size: int = Field(32, ge=8, le=1024)
+    count: Optional[int] = Field(None, ge=1, description="the first `count` images")
+    indices: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="these dataset ids")
+    random: Optional[int] = Field(None, ge=1, description="a seeded random subset of this size")
+    subset_seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_subset(self):
+        chosen = [k for k in ("count", "indices", "random") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose at most one of count, indices, random (got {', '.join(chosen)})")
+        if self.indices is not None and not self.indices:
+            raise ValueError("indices is empty: the subset would hold no image")
+        return self
+
+
+class EBMConfig(Section):
+    width: int = Field(32, ge=1, le=1024, description="channels of the first conv (paper: 32)")
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: int = Field(3, ge=1, le=16)
+
+
+class LangevinConfig(Section):
+    """x <- x - step_size * grad f(x) + noise * xi."""
+
+    steps: int = Field(100, ge=0, le=1_000_000)
+    step_size: float = Field(1.0, ge=0.0, le=1e6)
+    noise: float = Field(0.01, ge=0.0, le=10.0)
+
+
+class ClassifierConfig(Section):
+    arch: Literal["resnet20", "resnet32", "resnet44", "resnet56", "wrn28_10", "wrn"] = "resnet20"
+    weights: Optional[URL] = Field("${DEBM_SHARED:-../shared}/weights/resnet20-12fca82f.th",
+                                   description="checkpoint URL; null = random init")
+    num_classes: int = Field(10, ge=2, le=100_000)
+    wrn_depth: int = Field(28, ge=10, le=100, description="arch=wrn only")
+    wrn_widen: int = Field(10, ge=1, le=20, description="arch=wrn only")
+    mean: Optional[list[float]] = Field(None, min_length=3, max_length=3, description="input normalization; null = the arch's own")
+    std: Optional[list[Annotated[float, Field(gt=0)]]] = Field(None, min_length=3, max_length=3)
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+class TrainEBMConfig(Section):
+    data: DataConfig = Field(default_factory=lambda: DataConfig(path="${DEBM_SHARED:-../shared}/datasets/cifar10/train.parquet", split="train"))
+    ebm: EBMConfig = Field(default_factory=lambda: EBMConfig())
+    langevin: LangevinConfig = Field(default_factory=lambda: LangevinConfig())
+    iterations: int = Field(250_000, ge=1)
+    batch_size: int = Field(100, ge=1, le=100_000)
+    data_noise: float = Field(0.02, ge=0.0, le=10.0, description="sd of Gaussian noise added to positives")
+    adam_lr: float = Field(1e-4, gt=0, le=1.0)
+    sgd_start: int = Field(125_000, ge=0, description="iteration at which Adam is replaced by plain SGD")
+    sgd_lr: float = Field(5e-5, gt=0, le=1.0, description="SGD lr in units of noise^2/2 (paper: 5e-5)")
+    bank_size: Optional[int] = Field(None, ge=1, description="persistent chains; null = one per training image")
+    bank_init: Literal["noise", "data"] = "noise"
+    rejuvenation: float = Field(0.0, ge=0.0, le=1.0, description="chance a drawn chain restarts")
+    seed: int = Field(0, ge=0, lt=2**32)
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(100, ge=1)
+    output: URL = "runs/ebm"
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.ebm.image_size != self.data.image_size:
+            raise ValueError(f"ebm.image_size {self.ebm.image_size} differs from data.image_size {self.data.image_size}")
+        return self
+
+
+class TrainClassifierConfig(Section):
+    data: DataConfig = Field(default_factory=lambda: DataConfig(path="${DEBM_SHARED:-../shared}/datasets/cifar10/train.parquet", split="train"))
+    test_data: Optional[DataConfig] = Field(default_factory=lambda: DataConfig())
+    classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig(arch="wrn28_10", weights=None))
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(100, ge=1, le=100_000)
+    lr: float = Field(0.1, gt=0, le=10.0)
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = [40, 60]
+    lr_gamma: float = Field(0.1, gt=0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(2e-4, ge=0.0, le=1.0)
+    augment: bool = True
+    seed: int = Field(0, ge=0, lt=2**32)
+    output: URL = "runs/classifier"
+
+
+class AttackSettings(Section):
+    """How the defense is attacked and counted (../shared/PAPER.md, 'The attack')."""
+
+    mode: Literal["bpda_eot", "pgd", "transfer", "defense"] = "bpda_eot"
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Budget = Field(8 / 255, ge=0.0, le=1.0, description="radius in [0, 1] pixel units")
+    step_size: Budget = Field(2 / 255, gt=0.0, le=1.0, description="in [0, 1] pixel units")
+    steps: int = Field(50, ge=0, le=100_000)
+    random_start: bool = True
+    eot_attack: int = Field(15, ge=1, le=100_000, description="chains per gradient and check")
+    eot_defense: int = Field(150, ge=0, le=100_000, description="fresh chains to confirm a break; 0 = no confirmation")
+    average: Literal["logits", "softmax"] = "logits"
+
+
+class AttackConfig(Section):
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
+    classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
+    ebm: Optional[URL] = Field(None, description="EBM checkpoint URL (needed by every mode but pgd)")
+    purify: LangevinConfig = Field(default_factory=lambda: LangevinConfig(steps=1500))
+    attack: AttackSettings = Field(default_factory=lambda: AttackSettings())
+    batch_size: int = Field(10, ge=1, le=1_000_000, description="images per attack batch")
+    chunk_size: int = Field(1024, ge=1, le=10_000_000, description="most chains per forward pass")
+    seed: int = Field(0, ge=0, lt=2**32)
+    output: URL = "runs/attack"
+
+    @model_validator(mode="after")
+    def _needs_ebm(self):
+        if self.attack.mode != "pgd" and self.ebm is None and self.purify.step_size > 0:
+            raise ValueError(f"attack.mode={self.attack.mode} purifies with an EBM: set ebm to a checkpoint URL "
+                             "(or purify.step_size=0 for noise-only chains)")
+        return self
+
+
+class QuickstartConfig(Section):
+    """The README's end-to-end run: a small EBM, then the ResNet-20 undefended and defended."""
+
+    train: TrainEBMConfig
+    attack: AttackConfig
+    output: URL = "runs/quickstart"
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string of a nested structure."""
+    if isinstance(value, str):
+        def sub(m):
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is not None:
+                return m.group(2)
+            raise ConfigError(f"environment variable {m.group(1)} is not set (used in {value!r})")
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def apply_override(tree: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML ("8/255" stays a string)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+        else:
+            shown = e.get("input")
+            value = "" if isinstance(shown, dict) else f" = {shown!r}"
+            parts.append(f"{loc}{value}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def build(cls: type[Section], tree: dict | None) -> Section:
+    """Validate `tree` laid over the job's defaults (so a partial section keeps the rest)."""
+    try:
+        return cls.model_validate(_merge(cls.model_construct().model_dump(), tree or {}))
+    except ValidationError as err:
+        raise ConfigError(f"config error: {_describe(err)}") from None
+
+
+def load_config(cls: type[Section], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Section:
+    """Read YAML (or start from the defaults), apply dotted overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top")
+    for item in overrides:
+        apply_override(tree, item)
+    return build(cls, tree)
+
+
+def to_yaml(cfg: Section) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
