@@ -15,7 +15,11 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from a user (config, data, checkpoint): the message says what and where."""
+
+
+class ConfigError(InputError):
     """A config that cannot run; the message is one line naming the key."""
 
 
@@ -174,8 +178,12 @@ class AttackConfig(Section):
 class QuickstartConfig(Section):
     """The README's end-to-end run: a small EBM, then the ResNet-20 undefended and defended."""
 
-    train: TrainEBMConfig
-    attack: AttackConfig
+    train: TrainEBMConfig = Field(default_factory=lambda: TrainEBMConfig(
+        ebm=EBMConfig(width=16), langevin=LangevinConfig(steps=20), iterations=400, batch_size=64,
+        bank_size=10_000, sgd_start=100_000, checkpoint_every=100))
+    attack: AttackConfig = Field(default_factory=lambda: AttackConfig(
+        data=DataConfig(count=20), purify=LangevinConfig(steps=100), batch_size=20,
+        attack=AttackSettings(steps=20, eot_attack=4, eot_defense=8), ebm="(set by quickstart)"))
     output: URL = "runs/quickstart"
 
 

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from . import storage
-from .config import DataConfig
+from .config import DataConfig, InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be used as asked; the message names the file and the problem."""
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import storage
+from ..config import InputError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)  # (p - 0.5) / 0.5 = x: the network sees [-1, 1] images unchanged
@@ -164,7 +165,7 @@ def _fit(net: nn.Module, state: dict, url: str, arch: str) -> None:
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if keys:
                 detail.append(f"{len(keys)} {name} (e.g. {keys[0]})")
-        raise ValueError(f"checkpoint {url} does not fit architecture {arch!r}: {', '.join(detail)}; "
+        raise InputError(f"checkpoint {url} does not fit architecture {arch!r}: {', '.join(detail)}; "
                          "it was saved from a different network")
     net.load_state_dict(state, strict=False)  # every key checked above
 
@@ -175,7 +176,7 @@ def load_classifier(arch: str, url: str, num_classes: int = 10, mean=None, std=N
     ckpt = storage.load_torch(url, map_location)
     saved_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if saved_arch is not None and saved_arch != arch:
-        raise ValueError(f"checkpoint {url} holds a {saved_arch!r} classifier, not {arch!r}")
+        raise InputError(f"checkpoint {url} holds a {saved_arch!r} classifier, not {arch!r}")
     if isinstance(ckpt, dict) and ckpt.get("wrn_depth") and arch == "wrn":
         wrn_depth, wrn_widen = ckpt["wrn_depth"], ckpt["wrn_widen"]
     state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt

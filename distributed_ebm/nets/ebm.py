@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import storage
+from ..config import InputError
 
 
 class EBM(nn.Module):
@@ -45,9 +46,9 @@ def load_ebm(url: str, image_size: int | None = None, map_location="cpu") -> EBM
     """Rebuild an EBM from its checkpoint; `image_size` checks it fits the data it will see."""
     ckpt = storage.load_torch(url, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "ebm":
-        raise ValueError(f"{url} is not an EBM checkpoint (no kind='ebm' entry)")
+        raise InputError(f"{url} is not an EBM checkpoint (no kind='ebm' entry)")
     if image_size is not None and ckpt["image_size"] != image_size:
-        raise ValueError(f"EBM checkpoint {url} is for {ckpt['image_size']}x{ckpt['image_size']} images, "
+        raise InputError(f"EBM checkpoint {url} is for {ckpt['image_size']}x{ckpt['image_size']} images, "
                          f"the data are {image_size}x{image_size}")
     ebm = EBM(ckpt["width"], ckpt["image_size"], ckpt["channels"])
     ebm.load_state_dict(ckpt["state_dict"])

@@ -1,0 +1,68 @@
+"""Tables and plots of attack results."""
+from __future__ import annotations
+
+import io
+
+from . import storage
+
+
+def describe(summary: dict) -> tuple[str, str]:
+    """(system, attack) labels from a summary's config."""
+    cfg = summary["config"]
+    a, p, clf = cfg["attack"], cfg["purify"], cfg["classifier"]["arch"]
+    defended = a["mode"] != "pgd"
+    if not defended:
+        system = f"{clf} undefended"
+    elif p["step_size"] == 0:
+        system = f"{clf} + noise-only chain (K={p['steps']}, s=0)"
+    else:
+        system = f"{clf} + EBM (K={p['steps']}, s={p['step_size']:g}, sigma={p['noise']:g})"
+    budget = f"{a['norm']} eps={a['eps'] * 255:.3g}/255" if a["norm"] == "linf" else f"l2 eps={a['eps']:g}"
+    attack = {
+        "pgd": f"PGD {budget}, {a['steps']} steps",
+        "bpda_eot": f"BPDA+EOT {budget}, {a['steps']} steps, {a['eot_attack']}/{a['eot_defense']} chains",
+        "transfer": f"transfer PGD {budget}, {a['steps']} steps",
+        "defense": "none (natural only)",
+    }[a["mode"]]
+    return system, attack
+
+
+def _pct(value: float, ci) -> str:
+    return f"{100 * value:5.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def format_table(summaries: list[dict]) -> str:
+    """Natural and robust accuracy, in percent with 95% Wilson intervals."""
+    rows = [("system", "images", "natural % [95% CI]", "robust % [95% CI]", "attack")]
+    for s in summaries:
+        system, attack = describe(s)
+        robust = "-" if s["config"]["attack"]["mode"] == "defense" else _pct(s["robust_accuracy"], s["robust_ci95"])
+        rows.append((system, str(s["images"]), _pct(s["natural_accuracy"], s["natural_ci95"]), robust, attack))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_curves(summaries: list[dict], url: str) -> None:
+    """PNG of accuracy over attack steps (x = -1 is the clean image, x = t the PGD iterate t)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for s in summaries:
+        curve = s["accuracy_curve"]
+        label = " / ".join(describe(s))
+        ax.plot(range(-1, len(curve) - 1), [100 * v for v in curve], marker="." if len(curve) < 30 else None, label=label)
+    ax.set_xlabel("attack step (-1 = clean image)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(url, buf.getvalue())
