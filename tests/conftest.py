@@ -1,0 +1,71 @@
+"""Shared fixtures. Paths into ../shared come from the job configs (${DEBM_SHARED:-../shared}),
+which resolve relative paths from the repository root, as the jobs do."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.chdir(REPO)
+
+from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
+
+_PATHS = load_config(AttackConfig, REPO / "jobs" / "configs" / "attack_pgd_undefended.yaml")
+TEST_EXACT = _PATHS.data.path
+RESNET20 = _PATHS.classifier.weights
+WEIGHTS_DIR = os.path.dirname(RESNET20)
+DATA_DIR = os.path.dirname(TEST_EXACT)
+
+
+@pytest.fixture(scope="session")
+def exact_test():
+    from distributed_ebm.data import read_parquet
+    return read_parquet(TEST_EXACT)
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    from distributed_ebm.nets import load_classifier
+    return load_classifier("resnet20", RESNET20)
+
+
+def tiny_ebm(width: int = 4, seed: int = 0, scale: float = 1.0):
+    """A small random EBM; `scale` multiplies its energy so gradients matter at s = 1."""
+    from distributed_ebm.nets import EBM
+    torch.manual_seed(seed)
+    ebm = EBM(width=width)
+    with torch.no_grad():
+        ebm.net[-1].weight.mul_(scale)
+    return ebm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3-compatible endpoint (moto server mode) on 127.0.0.1 and an empty bucket in it."""
+    from moto.server import ThreadedMotoServer
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+    boto3.client("s3").create_bucket(Bucket="debm-test")
+    yield "s3://debm-test"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

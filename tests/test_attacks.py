@@ -1,0 +1,151 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_ebm.attacks import Attack, accuracy_curve, project, random_start, summarize, wilson_interval
+from distributed_ebm.attacks.pgd import ascent_step
+from distributed_ebm.config import AttackSettings
+from distributed_ebm.data import select
+from distributed_ebm.defense import EOTDefense, Purifier
+
+from .conftest import tiny_ebm
+
+EPS = 8 / 255
+
+
+def _run(attack, data, batch):
+    out = []
+    for i in range(0, len(data), batch):
+        out += attack(data.images[i:i + batch], data.labels[i:i + batch], data.ids[i:i + batch])
+    return out
+
+
+@pytest.mark.parametrize("norm, eps, step, ceiling", [("linf", 8 / 255, 2 / 255, 0.02), ("l2", 0.5, 0.1, 0.05)])
+def test_pgd_drives_the_undefended_resnet20_to_zero(exact_test, resnet20, norm, eps, step, ceiling):
+    data = select(exact_test, count=100)
+    attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=step, steps=50), seed=0)
+    s = summarize(_run(attack, data, 50), attack.points)
+    assert s["natural_accuracy"] > 0.9
+    assert s["robust_accuracy"] <= ceiling
+    assert s["accuracy_curve"][0] == s["natural_accuracy"] and s["accuracy_curve"][-1] == s["robust_accuracy"]
+
+
+def test_adversarial_images_stay_in_budget_and_pixels(exact_test, resnet20):
+    data = select(exact_test, count=10)
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=eps / 4, steps=5), seed=0)
+        for r, x in zip(attack(data.images, data.labels, data.ids), data.images):
+            delta = torch.from_numpy(r.adv_image) - x
+            size = delta.abs().max() if norm == "linf" else delta.norm()
+            assert size <= 2 * eps + 1e-5 and r.adv_image.min() >= -1 and r.adv_image.max() <= 1
+    x, x_nat = torch.rand(4, 3, 8, 8) * 4 - 2, torch.rand(4, 3, 8, 8) * 2 - 1
+    p = project(x, x_nat, "l2", 0.3)
+    assert ((p - x_nat).flatten(1).norm(dim=1) <= 0.3 + 1e-6).all() and p.abs().max() <= 1
+    start = random_start(x_nat, torch.arange(4), 0, "linf", 0.1)
+    assert (start - x_nat).abs().max() <= 0.1 + 1e-6 and not torch.equal(start, x_nat)
+
+
+def _double(module):
+    return copy.deepcopy(module).double()
+
+
+@pytest.fixture(scope="module")
+def defended(exact_test, resnet20):
+    """Double precision, so batch composition cannot flip the sign of a tiny gradient component."""
+    data = select(exact_test, count=6)
+    data.images = data.images.double()
+    return data, _double(resnet20), Purifier(_double(tiny_ebm(scale=20)), steps=2, step_size=1.0, noise=0.05)
+
+
+def _reference(clf, purifier, s: AttackSettings, data, seed):
+    """The paper's protocol written plainly: one image at a time, never leaving the batch."""
+    defense = EOTDefense(clf, purifier, average=s.average)
+    eps, alpha = 2 * s.eps, 2 * s.step_size
+    out = []
+    for k in range(len(data)):
+        x_nat, y, i = data.images[k:k + 1], data.labels[k:k + 1], data.ids[k:k + 1]
+
+        def judge(x, point, logits=None):
+            if logits is None:
+                logits = defense.logits(x, i, seed=seed, call=2 * point, replicates=s.eot_attack)
+            pred = int(logits.argmax(1))
+            if pred != int(y) and s.eot_defense:
+                pred = int(defense.logits(x, i, seed=seed, call=2 * point + 1, replicates=s.eot_defense).argmax(1))
+            return pred != int(y), pred
+
+        broken, pred = judge(x_nat, 0)
+        rec = {"natural_pred": pred, "broken_at": 0 if broken else -1, "final_pred": pred, "adv": x_nat[0]}
+        x = random_start(x_nat, i, seed, s.norm, eps)
+        for t in range(s.steps + 1):
+            point = t + 1
+            if t < s.steps:
+                logits, g = defense.logits_and_grad(x, y, i, seed=seed, call=2 * point, replicates=s.eot_attack)
+            else:
+                logits, g = defense.logits(x, i, seed=seed, call=2 * point, replicates=s.eot_attack), None
+            wrong, pred = judge(x, point, logits)
+            if rec["broken_at"] == -1:
+                rec["final_pred"] = pred
+                rec["adv"] = x[0]
+                if wrong:
+                    rec["broken_at"] = point
+            if g is not None:
+                x = project(ascent_step(x, g, s.norm, alpha), x_nat, s.norm, eps)
+        out.append(rec)
+    return out
+
+
+def test_bpda_eot_follows_the_papers_protocol_whatever_the_batching(defended):
+    data, clf, purifier = defended
+    s = AttackSettings(mode="bpda_eot", eps=1 / 255, step_size=0.5 / 255, steps=3, eot_attack=3, eot_defense=5)
+    ref = _reference(clf, purifier, s, data, seed=11)
+    seen = {r["broken_at"] for r in ref}
+    assert {-1, 0} < seen, "want natural errors, breaks under attack and robust images"
+    for batch in (6, 4, 1):
+        records = _run(Attack(clf, purifier, s, seed=11, chunk_size=5), data, batch)
+        assert [r.broken_at for r in records] == [r["broken_at"] for r in ref]
+        assert [r.natural_pred for r in records] == [r["natural_pred"] for r in ref]
+        assert [r.final_pred for r in records] == [r["final_pred"] for r in ref]
+        for r, e in zip(records, ref):
+            assert np.allclose(r.adv_image, e["adv"].numpy(), atol=1e-9)
+            assert r.index == int(data.ids[records.index(r)])
+
+
+def test_broken_images_leave_the_batch(exact_test, resnet20):
+    rows = []
+    counting = torch.nn.Sequential(resnet20)
+    counting.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    data = select(exact_test, count=20)
+    attack = Attack(counting, None, AttackSettings(mode="pgd", steps=20), seed=0)
+    records = attack(data.images, data.labels, data.ids)
+    assert sum(r.robust for r in records) == 0
+    assert sum(rows) < 0.4 * 20 * attack.points  # without dropping: 20 images at every point
+    curve = accuracy_curve([r.broken_at for r in records], attack.points)
+    assert all(a >= b for a, b in zip(curve, curve[1:])), "broken stays broken"
+
+
+def test_transfer_and_defense_modes(defended):
+    data, clf, purifier = defended
+    s = AttackSettings(mode="transfer", eps=EPS, steps=3, eot_attack=2, eot_defense=3)
+    records = Attack(clf, purifier, s, seed=5)(data.images, data.labels, data.ids)
+    assert {r.broken_at for r in records} <= {-1, 0, s.steps + 2 - 1}
+    # the transfer iterate is plain PGD on the classifier, judged by the defense at the end
+    x_nat = data.images
+    x = random_start(x_nat, data.ids, 5, "linf", 2 * EPS)
+    for _ in range(s.steps):
+        x = x.detach().requires_grad_(True)
+        g = torch.autograd.grad(torch.nn.functional.cross_entropy(clf(x), data.labels, reduction="sum"), x)[0]
+        x = project(ascent_step(x.detach(), g, "linf", 2 * s.step_size), x_nat, "linf", 2 * EPS)
+    for k, r in enumerate(records):
+        if r.broken_at != 0:
+            assert np.allclose(r.adv_image, x[k].numpy(), atol=1e-9)
+    nat = Attack(clf, purifier, AttackSettings(mode="defense", eot_attack=2, eot_defense=3), seed=5)
+    assert nat.points == 1
+    assert [r.natural_pred for r in nat(data.images, data.labels, data.ids)] == [r.natural_pred for r in records]
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0 and wilson_interval(10, 10)[1] == pytest.approx(1)

@@ -1,0 +1,95 @@
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from distributed_ebm import storage
+from distributed_ebm.config import AttackConfig, ConfigError, DataConfig, build, load_config
+from distributed_ebm.data import DataError, load, read_parquet, read_torchvision, select, to_uint8
+
+from .conftest import TEST_EXACT
+
+
+def _png(size, value=0):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write(path, rows, **extra_cols):
+    table = pa.table({"img": [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(rows)],
+                      "label": list(range(len(rows))), **extra_cols})
+    pq.write_table(table, path)
+
+
+def test_exact_test_images_are_the_real_pixels(exact_test):
+    assert exact_test.images.shape == (1000, 3, 32, 32) and exact_test.images.dtype == torch.float32
+    assert exact_test.images.min() == -1 and exact_test.images.max() == 1
+    # ../shared/datasets/README.md: sha256 of the decoded uint8 HWC pixels, file order
+    assert hashlib.sha256(to_uint8(exact_test.images).tobytes()).hexdigest() == \
+        "da362006b99671213d1a5d856cab2bedf64d40bad4501630ee60f4ceb2d3ec7f"
+    assert exact_test.ids.tolist() == list(range(1000))
+    assert np.bincount(exact_test.labels.numpy()).tolist() == [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
+
+
+def test_subsets(exact_test):
+    assert select(exact_test, count=5).ids.tolist() == [0, 1, 2, 3, 4]
+    sub = select(exact_test, indices=[7, 3, 999])
+    assert sub.ids.tolist() == [7, 3, 999] and torch.equal(sub.images[1], exact_test.images[3])
+    r1, r2 = select(exact_test, random=20, seed=1), select(exact_test, random=20, seed=1)
+    assert torch.equal(r1.ids, r2.ids) and len(set(r1.ids.tolist())) == 20
+    assert not torch.equal(r1.ids, select(exact_test, random=20, seed=2).ids)
+    with pytest.raises(DataError, match=r"ids \[5000\] are not in the data"):
+        select(exact_test, indices=[1, 5000])
+    with pytest.raises(DataError, match="data.count = 2000 but the data hold only 1000 images"):
+        select(exact_test, count=2000)
+
+
+def test_ids_fall_back_to_row_numbers(tmp_path):
+    _write(tmp_path / "a.parquet", [_png(32)] * 3, index=[-1, -1, -1])
+    assert read_parquet(str(tmp_path / "a.parquet")).ids.tolist() == [0, 1, 2]
+    _write(tmp_path / "b.parquet", [_png(32)] * 3, index=[10, 20, 30])
+    assert read_parquet(str(tmp_path / "b.parquet")).ids.tolist() == [10, 20, 30]
+
+
+def test_pixels_map_to_minus_one_one(tmp_path):
+    _write(tmp_path / "a.parquet", [_png(32, 0), _png(32, 255), _png(32, 51)])
+    x = read_parquet(str(tmp_path / "a.parquet")).images
+    assert x[0].eq(-1).all() and x[1].eq(1).all() and torch.allclose(x[2], torch.tensor(2 * 51 / 255 - 1))
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_parquet(str(tmp_path / "missing.parquet"))
+    pq.write_table(pa.table({"image": [b"x"], "y": [1]}), tmp_path / "wrong.parquet")
+    with pytest.raises(DataError, match="expected the Hugging Face image layout"):
+        read_parquet(str(tmp_path / "wrong.parquet"))
+    _write(tmp_path / "big.parquet", [_png(32), _png(64)])
+    with pytest.raises(DataError, match="row 1 is 64x64 pixels, expected 32x32"):
+        read_parquet(str(tmp_path / "big.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_parquet(str(tmp_path / "junk.parquet"))
+    with pytest.raises(ConfigError, match="data.name = 'mnist'"):
+        load_config(AttackConfig, None, ["ebm=x.pt", "data.format=torchvision", "data.name=mnist"])
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        read_torchvision("mnist", str(tmp_path), "train")
+    with pytest.raises(DataError, match="does not exist .set data.download=true"):
+        read_torchvision("cifar10", str(tmp_path / "none"), "train")
+    with pytest.raises(DataError, match="cifar10 .train. not found under"):
+        read_torchvision("cifar10", str(tmp_path), "train")
+
+
+
+def test_parquet_from_s3(s3_bucket, exact_test):
+    url = f"{s3_bucket}/data/test-exact-1000.parquet"
+    with open(TEST_EXACT, "rb") as f:
+        storage.write_bytes(url, f.read())
+    cfg = build(DataConfig, {"path": url, "indices": [3, 4, 5]})
+    sub = load(cfg)
+    assert torch.equal(sub.images, exact_test.images[3:6]) and sub.labels.tolist() == exact_test.labels[3:6].tolist()
