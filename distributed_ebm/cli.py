@@ -56,7 +56,7 @@ def run(command: str, cfg, device: str = "auto") -> None:
         from .report import format_table
         summary = run_attack(cfg, device)
         print(format_table([summary]))
-        print(f"results: {cfg.output}/records.parquet, {cfg.output}/summary.json")
+        print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
     elif command == "quickstart":
         from .quickstart import quickstart
         quickstart(cfg, device)

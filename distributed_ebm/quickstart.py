@@ -26,7 +26,6 @@ def quickstart(cfg: QuickstartConfig, device: str = "auto") -> list[dict]:
     table = format_table(summaries)
     plot_curves(summaries, storage.join(cfg.output, "accuracy.png"))
     storage.write_bytes(storage.join(cfg.output, "table.txt"), (table + "\n").encode())
-    storage.write_bytes(storage.join(cfg.output, "summaries.json"), json.dumps(
-        [{k: v for k, v in s.items() if k != "records"} for s in summaries], indent=2).encode())
+    storage.write_bytes(storage.join(cfg.output, "summaries.json"), json.dumps(summaries, indent=2).encode())
     print("\n" + table + f"\n\nplot: {cfg.output}/accuracy.png")
     return summaries

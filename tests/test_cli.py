@@ -1,14 +1,12 @@
 """The commands end to end, with results on a real S3-compatible endpoint (moto server, 127.0.0.1)."""
-import io
 import json
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
-
 from distributed_ebm import storage
 from distributed_ebm.cli import main
 from distributed_ebm.nets import load_ebm
+from distributed_ebm.results import read_records
 
 
 def test_attack_writes_records_summary_and_plot_to_s3(s3_bucket, capsys):
@@ -17,7 +15,7 @@ def test_attack_writes_records_summary_and_plot_to_s3(s3_bucket, capsys):
                  "attack.steps=5", f"output={out}"]) == 0
     printed = capsys.readouterr().out
     assert "resnet20 undefended" in printed and "PGD linf eps=8/255, 5 steps" in printed
-    table = pq.read_table(io.BytesIO(storage.read_bytes(out + "/records.parquet")))
+    table = read_records(out)
     assert table.num_rows == 6 and table.column("index").to_pylist() == list(range(6))
     assert set(table.column_names) >= {"index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "adv_image"}
     summary = json.loads(storage.read_bytes(out + "/summary.json"))

@@ -41,6 +41,7 @@ class ImageRecord:
     natural_correct: bool
     broken_at: int  # evaluation point of the break (0 = clean image, t + 1 = iterate t); -1 = never
     final_pred: int  # prediction at the break, or at the last evaluation if never broken
+    image_steps: int  # Langevin image-steps spent on this image (its share of the compute)
     adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the image at the break, or the last iterate
 
     @property
@@ -91,20 +92,25 @@ class Attack:
             return True
         return point == 0 or (self.s.mode == "transfer" and point == self.points - 1)
 
-    def _defended(self, x, ids, point, replicates):
-        return self.defense.logits(x, ids, seed=self.seed, call=2 * point, replicates=replicates)
+    def _eot(self, x, ids, call, replicates, labels=None):
+        """EOT logits (and the BPDA gradient when labels are given); charges the chains' cost to the images."""
+        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps
+        for i in ids.tolist():
+            self._cost[self._row[i]] += replicates * steps
+        if labels is None:
+            return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
+        return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates)
 
     def _judge(self, point, x, labels, ids, check_logits=None):
         """(broken mask, prediction) at a checked point, with the paper's confirmation."""
         if check_logits is None:
             check_logits = (self.classifier(x) if self.s.mode == "pgd"
-                            else self._defended(x, ids, point, self.s.eot_attack))
+                            else self._eot(x, ids, 2 * point, self.s.eot_attack))
         pred = check_logits.argmax(1)
         wrong = pred != labels
         if self.s.mode != "pgd" and self.s.eot_defense > 0 and wrong.any():
             rows = wrong.nonzero().flatten()
-            confirm = self.defense.logits(x[rows], ids[rows], seed=self.seed, call=2 * point + 1,
-                                          replicates=self.s.eot_defense).argmax(1)
+            confirm = self._eot(x[rows], ids[rows], 2 * point + 1, self.s.eot_defense).argmax(1)
             pred[rows] = confirm
             wrong[rows] = confirm != labels[rows]
         return wrong, pred
@@ -112,8 +118,7 @@ class Attack:
     def _gradient(self, point, x, labels, ids):
         """(logits for the check or None, ascent gradient) at iterate x."""
         if self.s.mode == "bpda_eot":
-            return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=2 * point,
-                                                replicates=self.s.eot_attack)
+            return self._eot(x, ids, 2 * point, self.s.eot_attack, labels)
         logits, grad = _classifier_logits_and_grad(self.classifier, x, labels)
         return (logits if self.s.mode == "pgd" else None), grad
 
@@ -124,6 +129,8 @@ class Attack:
         broken_at = torch.full((n,), NEVER, dtype=torch.int64)
         final_pred = torch.full((n,), -1, dtype=torch.int64)
         adv = images.detach().clone()
+        self._row = {int(i): k for k, i in enumerate(ids.tolist())}
+        self._cost = [0] * n
 
         wrong, pred = self._judge(0, images, labels, ids)
         natural_pred = pred.cpu().clone()
@@ -142,7 +149,7 @@ class Attack:
                 if last:
                     logits, grad = (None if self.s.mode != "pgd" else self.classifier(x)), None
                     if self.s.mode == "bpda_eot":
-                        logits = self._defended(x, i, point, self.s.eot_attack)
+                        logits = self._eot(x, i, 2 * point, self.s.eot_attack)
                 else:
                     logits, grad = self._gradient(point, x, y, i)
                 if check:
@@ -164,7 +171,7 @@ class Attack:
 
         natural_pred = natural_pred.tolist()
         return [ImageRecord(int(ids[k]), int(labels[k]), natural_pred[k], natural_pred[k] == int(labels[k]),
-                            int(broken_at[k]), int(final_pred[k]), adv[k].float().cpu().numpy())
+                            int(broken_at[k]), int(final_pred[k]), self._cost[k], adv[k].float().cpu().numpy())
                 for k in range(n)]
 
     def _report(self, point: int) -> None:
@@ -190,16 +197,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(records: list[ImageRecord], points: int) -> dict:
+def summarize(natural_correct: list[bool], broken_at: list[int], points: int) -> dict:
     """Natural and robust accuracy (with 95% Wilson intervals) and the accuracy curve."""
-    n = len(records)
-    natural = sum(r.natural_correct for r in records)
-    robust = sum(r.robust for r in records)
+    n = len(broken_at)
+    natural = int(sum(bool(c) for c in natural_correct))
+    robust = int(sum(b == NEVER for b in broken_at))
     return {
         "images": n,
         "natural_accuracy": natural / n if n else float("nan"),
         "natural_ci95": wilson_interval(natural, n),
         "robust_accuracy": robust / n if n else float("nan"),
         "robust_ci95": wilson_interval(robust, n),
-        "accuracy_curve": accuracy_curve([r.broken_at for r in records], points),
+        "accuracy_curve": accuracy_curve(list(broken_at), points),
     }

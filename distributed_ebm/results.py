@@ -1,0 +1,88 @@
+"""Per-image attack results under an output URL, shared by the single-process and the Ray engines.
+
+    OUTPUT/records/part-<first id>-<last id>-<hash of ids>.parquet   one file per finished batch
+    OUTPUT/summary.json, OUTPUT/accuracy.png                         written by `finalize`
+
+Each part is written atomically, so a part is complete or absent: a crash loses at most the
+batches in flight, and a rerun skips every image that has a record (`done_ids`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import storage
+from .attacks import ImageRecord, summarize
+from .report import plot_curves
+
+SUMMARY, PLOT = "summary.json", "accuracy.png"
+
+
+def part_url(output: str, ids: list[int]) -> str:
+    digest = hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:10]
+    return storage.join(output, "records", f"part-{min(ids):09d}-{max(ids):09d}-{digest}.parquet")
+
+
+def write_part(output: str, records: list[ImageRecord]) -> str:
+    url = part_url(output, [r.index for r in records])
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([r.to_row() for r in records]), sink)
+    storage.write_bytes(url, sink.getvalue().to_pybytes())
+    return url
+
+
+def list_parts(output: str) -> list[str]:
+    fs, path = storage.filesystem(storage.join(output, "records"))
+    fs.invalidate_cache()  # other processes write here: never trust a cached listing
+    if not fs.exists(path):
+        return []
+    prefix = output.split("://")[0] + "://" if "://" in output else ""
+    return sorted(prefix + p for p in fs.glob(f"{path}/part-*.parquet"))
+
+
+def _read(url: str, columns=None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=columns)
+
+
+def done_ids(output: str) -> set[int]:
+    return {i for url in list_parts(output) for i in _read(url, ["index"]).column("index").to_pylist()}
+
+
+def read_records(output: str, columns=None) -> pa.Table:
+    """All records, one per image (the first part that holds an image wins), sorted by image id."""
+    parts = [_read(url, columns) for url in list_parts(output)]
+    if not parts:
+        raise FileNotFoundError(f"no attack records under {output}/records")
+    table = pa.concat_tables(parts)
+    ids = table.column("index").to_pylist()
+    first = {}
+    for row, i in enumerate(ids):
+        first.setdefault(i, row)
+    table = table.take(sorted(first.values()))
+    return table.take(pc.sort_indices(table, [("index", "ascending")]))
+
+
+def finalize(cfg, seconds: float, points: int, new_ids: set[int] | None = None) -> dict:
+    """Summary of every record under cfg.output (accuracies, 95% intervals, curve, throughput), written with its plot."""
+    table = read_records(cfg.output, ["index", "natural_correct", "broken_at", "image_steps"])
+    summary = summarize(table.column("natural_correct").to_pylist(), table.column("broken_at").to_pylist(), points)
+    steps = table.column("image_steps").to_pylist()
+    ids = table.column("index").to_pylist()
+    fresh = sum(s for i, s in zip(ids, steps) if new_ids is None or i in new_ids)
+    summary.update({
+        "mode": cfg.attack.mode, "seconds": seconds, "image_steps": int(sum(steps)),
+        "image_steps_this_run": int(fresh), "image_steps_per_second": fresh / seconds if seconds > 0 else None,
+        "config": cfg.model_dump(mode="json"),
+    })
+    storage.write_bytes(storage.join(cfg.output, SUMMARY), json.dumps(summary, indent=2).encode())
+    plot_curves([summary], storage.join(cfg.output, PLOT))
+    return summary
+
+
+def load_summary(output: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(output, SUMMARY)))
