@@ -156,6 +156,23 @@ class AttackSettings(Section):
     average: Literal["logits", "softmax"] = "logits"
 
 
+class RayConfig(Section):
+    """Where the Ray engine runs and what each actor asks for."""
+
+    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
+    actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
+    cpus_per_actor: float = Field(1.0, gt=0, le=1024)
+    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
+
+
+class MLflowConfig(Section):
+    enabled: bool = True
+    tracking_uri: Optional[str] = Field(None, description="null = MLFLOW_TRACKING_URI, or sqlite:///<cwd>/runs/mlflow.db")
+    experiment: str = Field("distributed-ebm", min_length=1)
+    artifact_location: Optional[URL] = Field(None, description="for a new experiment; null = <cwd>/runs/mlartifacts")
+    run_name: Optional[str] = None
+
+
 class AttackConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
@@ -164,8 +181,11 @@ class AttackConfig(Section):
     attack: AttackSettings = Field(default_factory=lambda: AttackSettings())
     batch_size: int = Field(10, ge=1, le=1_000_000, description="images per attack batch")
     chunk_size: int = Field(1024, ge=1, le=10_000_000, description="most chains per forward pass")
+    precision: Literal["float32", "float64"] = Field("float32", description="float64 for exact cross-checks")
     seed: int = Field(0, ge=0, lt=2**32)
     output: URL = "runs/attack"
+    ray: RayConfig = Field(default_factory=lambda: RayConfig())
+    mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 
     @model_validator(mode="after")
     def _needs_ebm(self):

@@ -11,7 +11,7 @@ import torch
 
 from . import results
 from .attacks import Attack
-from .config import AttackConfig
+from .config import AttackConfig, InputError
 from .data import ImageSet, load
 from .defense import Purifier
 from .nets import load_classifier, load_ebm
@@ -24,15 +24,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def dtype_of(cfg: AttackConfig) -> torch.dtype:
+    return torch.float64 if cfg.precision == "float64" else torch.float32
+
+
 def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack:
-    """Classifier, purifier and attack as the config says (weights loaded with weights_only=True)."""
-    c = cfg.classifier
+    """Classifier, purifier and attack as the config says (weights loaded with weights_only=True).
+
+    Also the pre-flight check: a missing file, a checkpoint of another architecture or for
+    another image size fails here, with a message naming it.
+    """
+    c, dtype = cfg.classifier, dtype_of(cfg)
     if c.weights is None:
-        raise ValueError("classifier.weights is not set: an attack needs a trained classifier")
-    clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen).to(device)
+        raise InputError("classifier.weights is not set: an attack needs a trained classifier")
+    clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
+    clf = clf.to(device=device, dtype=dtype)
     purifier = None
     if cfg.attack.mode != "pgd":
-        ebm = load_ebm(cfg.ebm, image_size=cfg.data.image_size).to(device) if cfg.ebm else None
+        ebm = load_ebm(cfg.ebm, image_size=cfg.data.image_size).to(device=device, dtype=dtype) if cfg.ebm else None
         p = cfg.purify
         purifier = Purifier(ebm, p.steps, p.step_size, p.noise)
     return Attack(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=cfg.chunk_size)
@@ -59,8 +68,8 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
     for batch in batches(todo, cfg.batch_size):
-        records = attack(batch.images.to(device), batch.labels.to(device), batch.ids)
+        records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids)
         results.write_part(cfg.output, records)
         bar.update(len(records), broken=sum(not r.robust for r in records))
     bar.close()
-    return results.finalize(cfg, time.time() - t0, attack.points, set(todo.ids.tolist()))
+    return results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .attacks import ImageRecord, summarize
+from .attacks import ImageRecord, evaluation_points, summarize
 from .report import plot_curves
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
@@ -67,13 +67,18 @@ def read_records(output: str, columns=None) -> pa.Table:
     return table.take(pc.sort_indices(table, [("index", "ascending")]))
 
 
-def finalize(cfg, seconds: float, points: int, new_ids: set[int] | None = None) -> dict:
-    """Summary of every record under cfg.output (accuracies, 95% intervals, curve, throughput), written with its plot."""
+def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
+    """Summary of the records of the selected images `ids` (accuracies, 95% intervals, curve,
+    throughput of the images computed by this run, `new_ids`), written with its plot."""
     table = read_records(cfg.output, ["index", "natural_correct", "broken_at", "image_steps"])
+    table = table.filter(pc.is_in(table.column("index"), pa.array(sorted(ids), type=pa.int64())))
+    missing = len(ids) - table.num_rows
+    if missing:
+        raise RuntimeError(f"{missing} selected images have no record under {cfg.output}/records")
+    points = evaluation_points(cfg.attack)
     summary = summarize(table.column("natural_correct").to_pylist(), table.column("broken_at").to_pylist(), points)
     steps = table.column("image_steps").to_pylist()
-    ids = table.column("index").to_pylist()
-    fresh = sum(s for i, s in zip(ids, steps) if new_ids is None or i in new_ids)
+    fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
     summary.update({
         "mode": cfg.attack.mode, "seconds": seconds, "image_steps": int(sum(steps)),
         "image_steps_this_run": int(fresh), "image_steps_per_second": fresh / seconds if seconds > 0 else None,

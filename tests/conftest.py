@@ -11,6 +11,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.chdir(REPO)
+# Before ray is imported anywhere (../shared/STACK.md): no token auth, no usage stats, fast health checks.
+os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
 
@@ -56,8 +59,8 @@ def s3_bucket():
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3
@@ -69,3 +72,14 @@ def s3_bucket():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_bucket):
+    """One real local Ray for the whole session (2 CPUs); started after the S3 variables are set,
+    so every worker reaches the same endpoint."""
+    import ray
+    forward = {k: os.environ[k] for k in os.environ if k.startswith(("AWS_", "MLFLOW_"))}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": forward})
+    yield ray
+    ray.shutdown()

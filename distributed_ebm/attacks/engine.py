@@ -55,6 +55,11 @@ class ImageRecord:
         return row
 
 
+def evaluation_points(settings: AttackSettings) -> int:
+    """Clean image + every PGD iterate (steps + 2), or the clean image alone for mode defense."""
+    return 1 if settings.mode == "defense" else settings.steps + 2
+
+
 def _classifier_logits_and_grad(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor):
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -85,7 +90,7 @@ class Attack:
 
     @property
     def points(self) -> int:
-        return 1 if self.s.mode == "defense" else self.s.steps + 2
+        return evaluation_points(self.s)
 
     def _checked(self, point: int) -> bool:
         if self.s.mode in ("pgd", "bpda_eot"):

@@ -1,0 +1,80 @@
+"""MLflow: one run per job, so runs are compared side by side in the MLflow UI.
+
+Tracking URI: the config's, else MLFLOW_TRACKING_URI, else a local SQLite store at
+<cwd>/runs/mlflow.db with artifacts in <cwd>/runs/mlartifacts (absolute paths, so Ray workers
+and Tune trials, whose working directories differ, write to the same store).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+from . import storage
+from .config import MLflowConfig
+
+
+def tracking_uri(cfg: MLflowConfig) -> str:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("runs/mlflow.db")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = "null" if v is None else str(v)[:6000]
+    return out
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: MLflowConfig, run_name: str, params: dict, tags: dict | None = None):
+    """Start a run in cfg.experiment (created with an explicit artifact location); yields the mlflow module."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        location = cfg.artifact_location or ("file://" + os.path.abspath("runs/mlartifacts")
+                                             if not uri.startswith(("http", "databricks")) else None)
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name=cfg.run_name or run_name, tags=tags):
+        mlflow.log_params(_flatten(params))
+        yield mlflow
+
+
+def log_url_artifacts(mlflow, urls: list[str], folder: str | None = None) -> None:
+    """Copy files from any URL (local or s3://) into the active run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for url in urls:
+            if storage.exists(url):
+                local = os.path.join(tmp, os.path.basename(url))
+                with open(local, "wb") as f:
+                    f.write(storage.read_bytes(url))
+                mlflow.log_artifact(local, folder)
+
+
+def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
+    """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
+    if not cfg.mlflow.enabled:
+        return None
+    from .report import describe
+
+    system, attack = describe(summary)
+    with mlflow_run(cfg.mlflow, f"{cfg.attack.mode}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
+                    tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
+        metrics = {k: summary[k] for k in ("natural_accuracy", "robust_accuracy", "images", "seconds", "image_steps")}
+        metrics.update({"natural_ci95_low": summary["natural_ci95"][0], "natural_ci95_high": summary["natural_ci95"][1],
+                        "robust_ci95_low": summary["robust_ci95"][0], "robust_ci95_high": summary["robust_ci95"][1]})
+        if summary.get("image_steps_per_second") is not None:
+            metrics["image_steps_per_second"] = summary["image_steps_per_second"]
+        mlflow.log_metrics(metrics)
+        for step, acc in enumerate(summary["accuracy_curve"]):
+            mlflow.log_metric("accuracy_curve", acc, step=step)  # step = evaluation point (0 = clean image)
+        log_url_artifacts(mlflow, files)
+        return mlflow.active_run().info.run_id

@@ -1,0 +1,135 @@
+"""The Ray Data evaluation engine on a real local Ray (2 CPUs), a real S3 endpoint and MLflow store."""
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from distributed_ebm import results, storage
+from distributed_ebm.config import AttackConfig, InputError, build
+from distributed_ebm.distributed.evaluate import evaluate
+from distributed_ebm.evaluation import run_attack
+from distributed_ebm.nets import EBM, save_ebm
+
+from .conftest import RESNET20, TEST_EXACT, tiny_ebm
+
+
+@pytest.fixture(scope="module")
+def ebm_url(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("ebm") / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), url)
+    return url
+
+
+def _cfg(tmp_path, ebm_url, out, **kw):
+    tree = {"data": {"path": TEST_EXACT, "indices": list(range(8))},
+            "classifier": {"arch": "resnet20", "weights": RESNET20}, "ebm": ebm_url,
+            "purify": {"steps": 2, "noise": 0.05},
+            "attack": {"mode": "bpda_eot", "eps": "1/255", "step_size": "0.5/255", "steps": 2,
+                       "eot_attack": 2, "eot_defense": 3},
+            "batch_size": 3, "precision": "float64", "seed": 3, "output": out,
+            "ray": {"actors": 2}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                              "artifact_location": str(tmp_path / "artifacts")}}
+    for key, value in kw.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return build(AttackConfig, tree)
+
+
+def _same(a, b):
+    cols = ["index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "image_steps"]
+    for c in cols:
+        assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
+    assert np.allclose(np.array(a.column("adv_image").to_pylist()), np.array(b.column("adv_image").to_pylist()), atol=1e-9)
+
+
+def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url):
+    single = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "single")), show=False)
+    piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray")), show=False)
+    _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
+    assert {r for r in results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()} - {-1}, "some breaks"
+    for k in ("natural_accuracy", "robust_accuracy", "accuracy_curve", "image_steps"):
+        assert piped[k] == single[k]
+    assert len(results.list_parts(str(tmp_path / "ray"))) >= 3  # several batches, several actors' files
+
+
+def _actor_pids():
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"AttackActor" in f.read():
+                    pids.append(int(pid))
+        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+            pass
+    return pids
+
+
+def test_killed_actor_and_restarted_job_give_every_image_once(ray_local, tmp_path, ebm_url):
+    kw = {"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40}
+    reference = results.read_records(run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "ref"), **kw), show=False)["config"]["output"])
+    out = str(tmp_path / "crash")
+    cfg = _cfg(tmp_path, ebm_url, out, **kw)
+    done = {}
+    worker = threading.Thread(target=lambda: done.setdefault("summary", evaluate(cfg, show=False)))
+    worker.start()
+    deadline = time.time() + 120
+    while not results.list_parts(out) and time.time() < deadline:
+        time.sleep(0.2)
+    pids = _actor_pids()
+    assert pids, "no attack actor process found"
+    os.kill(pids[0], signal.SIGKILL)
+    worker.join(timeout=300)
+    assert "summary" in done and done["summary"]["images"] == 12
+    _same(results.read_records(out), reference)
+
+    # stop-and-start: drop two finished batches, rerun: only those images are computed again
+    parts = results.list_parts(out)
+    lost = [i for url in parts[:2] for i in results._read(url, ["index"]).column("index").to_pylist()]
+    for url in parts[:2]:
+        storage.filesystem(url)[0].rm(url)
+    again = evaluate(cfg, show=False)
+    per_image = dict(zip(reference.column("index").to_pylist(), reference.column("image_steps").to_pylist()))
+    assert again["image_steps_this_run"] == sum(per_image[i] for i in lost)
+    _same(results.read_records(out), reference)
+
+
+def test_results_and_mlflow_artifacts_land_in_s3(ray_local, tmp_path, ebm_url, s3_bucket):
+    import mlflow
+    out = f"{s3_bucket}/eval/run1"
+    cfg = _cfg(tmp_path, ebm_url, out, **{"mlflow.artifact_location": f"{s3_bucket}/mlflow",
+                                          "mlflow.experiment": "s3-test", "data.indices": [0, 1, 2, 3]})
+    summary = evaluate(cfg, show=False)
+    fs, _ = storage.filesystem(out)
+    assert len(results.list_parts(out)) >= 1 and storage.exists(out + "/summary.json") and storage.exists(out + "/accuracy.png")
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["s3-test"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["robust_accuracy"] == summary["robust_accuracy"]
+    assert run.data.params["attack.mode"] == "bpda_eot" and run.info.artifact_uri.startswith(f"{s3_bucket}/mlflow")
+    fs.invalidate_cache()
+    names = {os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")}
+    assert {"summary.json", "accuracy.png"} <= names
+
+
+def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):
+    # no ray fixture: each failure must come from the pre-flight checks, before Ray is touched
+    with pytest.raises(FileNotFoundError, match="nope.th does not exist"):
+        evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"classifier.weights": str(tmp_path / "nope.th")}))
+    big = str(tmp_path / "ebm64.pt")
+    save_ebm(EBM(width=2, image_size=64), big)
+    with pytest.raises(InputError, match="is for 64x64 images, the data are 32x32"):
+        evaluate(_cfg(tmp_path, big, str(tmp_path / "o")))
+    with pytest.raises(InputError, match="ids \\[5000\\] are not in the data"):
+        evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"data.indices": [5000]}))
+    with pytest.raises(InputError, match="attack.eps = 2.0: Input should be less than or equal to 1"):
+        _cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"attack.eps": 2.0})
+    with pytest.raises(InputError, match="indices is empty"):
+        _cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"data.indices": []})
+    assert not storage.exists(str(tmp_path / "o"))
