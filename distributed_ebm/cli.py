@@ -4,6 +4,7 @@
     debm train-classifier --config jobs/configs/train_classifier_resnet20.yaml
     debm attack           --config jobs/configs/attack_bpda_eot.yaml  ebm=runs/ebm/ebm.pt attack.steps=10
     debm quickstart       (the README's end-to-end run)
+    debm report           runs/attack-pgd runs/attack-bpda_eot   (the accuracy table of results folders)
 
 Every command validates its config before any work; a bad one prints one line and exits with 2.
 """
@@ -32,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
         s.add_argument("--print-config", action="store_true", help="print the validated config and exit")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. attack.steps=10")
+    r = sub.add_parser("report", help="print the accuracy table of one or more attack results folders")
+    r.add_argument("urls", nargs="+", metavar="URL", help="attack output folders (local or s3://)")
     return p
 
 
@@ -52,9 +55,9 @@ def run(command: str, cfg, device: str = "auto") -> None:
         out = train_classifier(cfg, str(pick_device(device)))
         print(f"classifier trained: {cfg.output}/classifier.pt; last epoch: {out['history'][-1]}")
     elif command == "attack":
-        from .evaluation import run_attack
+        from .distributed.evaluate import evaluate
         from .report import format_table
-        summary = run_attack(cfg, device)
+        summary = evaluate(cfg)
         print(format_table([summary]))
         print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
     elif command == "quickstart":
@@ -64,6 +67,15 @@ def run(command: str, cfg, device: str = "auto") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "report":
+        from .report import format_table
+        from .results import load_summary
+        try:
+            print(format_table([load_summary(url) for url in args.urls]))
+        except FileNotFoundError as err:
+            print(f"debm report: {err} (is it an attack output folder?)", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = parse(args.command, args.config, args.overrides)
         if args.print_config:

@@ -9,12 +9,16 @@ from distributed_ebm.nets import load_ebm
 from distributed_ebm.results import read_records
 
 
-def test_attack_writes_records_summary_and_plot_to_s3(s3_bucket, capsys):
+def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_path, capsys):
     out = f"{s3_bucket}/attack-pgd"
-    assert main(["attack", "--config", "jobs/configs/attack_pgd_undefended.yaml", "data.count=6",
-                 "attack.steps=5", f"output={out}"]) == 0
+    assert main(["attack", "--config", "jobs/configs/attack_pgd_undefended.yaml", "data.count=6", "batch_size=3",
+                 "attack.steps=5", f"output={out}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+                 f"mlflow.artifact_location={tmp_path}/art"]) == 0
     printed = capsys.readouterr().out
     assert "resnet20 undefended" in printed and "PGD linf eps=8/255, 5 steps" in printed
+    assert main(["report", out]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("resnet20 undefended  6")
+    assert main(["report", f"{s3_bucket}/nothing-here"]) == 2
     table = read_records(out)
     assert table.num_rows == 6 and table.column("index").to_pylist() == list(range(6))
     assert set(table.column_names) >= {"index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "adv_image"}
