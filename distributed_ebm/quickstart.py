@@ -5,12 +5,14 @@ import json
 
 from . import storage
 from .config import QuickstartConfig
-from .evaluation import run_attack
+from .distributed.evaluate import evaluate
+from .tracking import tracking_uri
 from .report import format_table, plot_curves
 from .training import train_ebm
 
 
 def quickstart(cfg: QuickstartConfig, device: str = "auto") -> list[dict]:
+    """Train (single process), then evaluate on the Ray engine (a local Ray unless RAY_ADDRESS is set)."""
     train = cfg.train.model_copy(update={"output": storage.join(cfg.output, "ebm")})
     print(f"1/3 training a small EBM ({train.iterations} iterations) -> {train.output}", flush=True)
     train_ebm(train)
@@ -22,10 +24,13 @@ def quickstart(cfg: QuickstartConfig, device: str = "auto") -> list[dict]:
             "attack": cfg.attack.attack.model_copy(update={"mode": mode})})
         what = "undefended, PGD" if mode == "pgd" else "defended by the EBM, BPDA+EOT"
         print(f"{i}/3 attacking the classifier {what} -> {attack.output}", flush=True)
-        summaries.append(run_attack(attack, device))
+        summaries.append(evaluate(attack))
     table = format_table(summaries)
     plot_curves(summaries, storage.join(cfg.output, "accuracy.png"))
     storage.write_bytes(storage.join(cfg.output, "table.txt"), (table + "\n").encode())
     storage.write_bytes(storage.join(cfg.output, "summaries.json"), json.dumps(summaries, indent=2).encode())
     print("\n" + table + f"\n\nplot: {cfg.output}/accuracy.png")
+    if cfg.attack.mlflow.enabled:
+        print(f"MLflow runs: .venv/bin/mlflow ui --backend-store-uri {tracking_uri(cfg.attack.mlflow)}  "
+              "(then open http://127.0.0.1:5000)")
     return summaries

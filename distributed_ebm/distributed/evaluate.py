@@ -35,9 +35,10 @@ class AttackActor:
         self.attack = build_attack(self.cfg, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"]))).to(self.device, dtype_of(self.cfg))
-        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
-        ids = torch.from_numpy(np.asarray(batch["index"], dtype=np.int64))
+        # Ray hands out read-only arrays: copy them into tensors of our own
+        images = torch.tensor(np.stack(batch["image"])).to(self.device, dtype_of(self.cfg))
+        labels = torch.tensor(batch["label"], dtype=torch.int64).to(self.device)
+        ids = torch.tensor(batch["index"], dtype=torch.int64)
         records = self.attack(images, labels, ids)
         results.write_part(self.cfg.output, records)
         return {"index": ids.numpy(), "broken": np.array([not r.robust for r in records]),
