@@ -99,6 +99,35 @@ class ClassifierConfig(Section):
     std: Optional[list[Annotated[float, Field(gt=0)]]] = Field(None, min_length=3, max_length=3)
 
 
+class RayConfig(Section):
+    """Where the Ray engine runs and what each actor asks for."""
+
+    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
+    actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
+    cpus_per_actor: float = Field(1.0, gt=0, le=1024)
+    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
+
+
+class MLflowConfig(Section):
+    enabled: bool = True
+    tracking_uri: Optional[str] = Field(None, description="null = MLFLOW_TRACKING_URI, or sqlite:///<cwd>/runs/mlflow.db")
+    experiment: str = Field("distributed-ebm", min_length=1)
+    artifact_location: Optional[URL] = Field(None, description="for a new experiment; null = <cwd>/runs/mlartifacts")
+    run_name: Optional[str] = None
+
+
+class TrainRayConfig(Section):
+    """The Ray Train run of the EBM: workers (DDP), bank actors, failures tolerated."""
+
+    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
+    workers: int = Field(1, ge=1, le=4096)
+    use_gpu: Optional[bool] = Field(None, description="null = when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    bank_shards: int = Field(1, ge=1, le=4096, description="replay-buffer actors holding the bank")
+    max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1 = no limit)")
+    keep_checkpoints: int = Field(2, ge=1)
+
+
 # --- jobs ------------------------------------------------------------------------------------
 
 class TrainEBMConfig(Section):
@@ -110,7 +139,7 @@ class TrainEBMConfig(Section):
     data_noise: float = Field(0.02, ge=0.0, le=10.0, description="sd of Gaussian noise added to positives")
     adam_lr: float = Field(1e-4, gt=0, le=1.0)
     sgd_start: int = Field(125_000, ge=0, description="iteration at which Adam is replaced by plain SGD")
-    sgd_lr: float = Field(5e-5, gt=0, le=1.0, description="SGD lr in units of noise^2/2 (paper: 5e-5)")
+    sgd_lr: float = Field(5e-5, gt=0, description="SGD lr in units of noise^2/2 (paper: 5e-5)")
     bank_size: Optional[int] = Field(None, ge=1, description="persistent chains; null = one per training image")
     bank_init: Literal["noise", "data"] = "noise"
     rejuvenation: float = Field(0.0, ge=0.0, le=1.0, description="chance a drawn chain restarts")
@@ -118,6 +147,10 @@ class TrainEBMConfig(Section):
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(100, ge=1)
     output: URL = "runs/ebm"
+    name: str = Field("ebm", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="run name: the same name and output resume the run")
+    ray: TrainRayConfig = Field(default_factory=lambda: TrainRayConfig())
+    mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -154,23 +187,6 @@ class AttackSettings(Section):
     eot_attack: int = Field(15, ge=1, le=100_000, description="chains per gradient and check")
     eot_defense: int = Field(150, ge=0, le=100_000, description="fresh chains to confirm a break; 0 = no confirmation")
     average: Literal["logits", "softmax"] = "logits"
-
-
-class RayConfig(Section):
-    """Where the Ray engine runs and what each actor asks for."""
-
-    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
-    actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
-    cpus_per_actor: float = Field(1.0, gt=0, le=1024)
-    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
-
-
-class MLflowConfig(Section):
-    enabled: bool = True
-    tracking_uri: Optional[str] = Field(None, description="null = MLFLOW_TRACKING_URI, or sqlite:///<cwd>/runs/mlflow.db")
-    experiment: str = Field("distributed-ebm", min_length=1)
-    artifact_location: Optional[URL] = Field(None, description="for a new experiment; null = <cwd>/runs/mlartifacts")
-    run_name: Optional[str] = None
 
 
 class AttackConfig(Section):

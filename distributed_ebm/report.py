@@ -44,6 +44,19 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def image_grid_png(images, columns: int = 8) -> bytes:
+    """PNG of a grid of [-1, 1] images (clamped), e.g. bank samples or positives."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.tensor(images).float().clamp(-1, 1), nrow=columns, padding=2, normalize=True,
+                     value_range=(-1, 1))
+    buf = io.BytesIO()
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def plot_curves(summaries: list[dict], url: str) -> None:
     """PNG of accuracy over attack steps (x = -1 is the clean image, x = t the PGD iterate t)."""
     import matplotlib

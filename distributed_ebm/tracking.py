@@ -30,8 +30,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: MLflowConfig, run_name: str, params: dict, tags: dict | None = None):
-    """Start a run in cfg.experiment (created with an explicit artifact location); yields the mlflow module."""
+def mlflow_run(cfg: MLflowConfig, run_name: str, params: dict, tags: dict | None = None, run_id: str | None = None):
+    """Start (or, given run_id, continue) a run in cfg.experiment; yields the mlflow module."""
     import mlflow
 
     uri = tracking_uri(cfg)
@@ -43,9 +43,34 @@ def mlflow_run(cfg: MLflowConfig, run_name: str, params: dict, tags: dict | None
                                              if not uri.startswith(("http", "databricks")) else None)
         mlflow.create_experiment(cfg.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=cfg.run_name or run_name, tags=tags):
-        mlflow.log_params(_flatten(params))
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name or run_name, tags=tags):
+        if run_id is None:  # a continued run keeps the params it started with
+            mlflow.log_params(_flatten(params))
         yield mlflow
+
+
+class RunLogger:
+    """Logs to an existing run from any process (a Ray Train worker), by run id."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+
+    def metrics(self, values: dict, step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def file(self, name: str, data: bytes, folder: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            self.client.log_artifact(self.run_id, path, folder)
 
 
 def log_url_artifacts(mlflow, urls: list[str], folder: str | None = None) -> None:

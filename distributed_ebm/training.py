@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import nn
 
 from . import storage
 from .bank import ImageBank
-from .config import TrainClassifierConfig, TrainEBMConfig, to_yaml
+from .config import InputError, TrainClassifierConfig, TrainEBMConfig, to_yaml
 from .data import ImageSet, load
 from .langevin import langevin, prepare_energy
 from .nets import EBM, build_classifier, save_classifier, save_ebm
@@ -27,17 +28,33 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the last good checkpoint is left as it was."""
 
 
+def ebm_loss(ebm: nn.Module, positives: torch.Tensor, negatives: torch.Tensor, temperature: float):
+    """(loss, mean f(pos), mean f(neg)): loss = (mean f(pos) - mean f(neg)) / temperature, temperature = sigma^2 / 2.
+
+    One forward over both halves, so a DDP-wrapped EBM sees one forward per backward.
+    """
+    f = ebm(torch.cat([positives, negatives]))
+    f_pos, f_neg = f[:len(positives)].mean(), f[len(positives):].mean()
+    return (f_pos - f_neg) / temperature, f_pos, f_neg
+
+
+def diverged(loss, f_pos, f_neg, grad_norm) -> TrainingDiverged:
+    return TrainingDiverged(f"EBM loss is {loss.item()}, gradient norm {grad_norm.item():.4g} (energy of positives "
+                            f"{f_pos.item():.4g}, negatives {f_neg.item():.4g}); stopped before the update")
+
+
 def ebm_update(ebm: nn.Module, optimizer: torch.optim.Optimizer, positives: torch.Tensor, negatives: torch.Tensor,
-               temperature: float) -> dict:
-    """One maximum-likelihood step: minimize (mean f(pos) - mean f(neg)) / temperature, temperature = sigma^2 / 2."""
-    f_pos, f_neg = ebm(positives).mean(), ebm(negatives).mean()
-    loss = (f_pos - f_neg) / temperature
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"EBM loss is {loss.item()} (energy of positives {f_pos.item():.4g}, "
-                               f"negatives {f_neg.item():.4g}); stopping before the update")
+               temperature: float, all_finite=lambda finite: finite) -> dict:
+    """One maximum-likelihood step; raises TrainingDiverged, before stepping, on a non-finite loss or gradient.
+
+    `all_finite` makes data-parallel workers agree on finiteness, so all of them stop or none.
+    """
+    loss, f_pos, f_neg = ebm_loss(ebm, positives, negatives, temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in ebm.parameters() if p.grad is not None))
+    if not all_finite(bool(torch.isfinite(loss) and torch.isfinite(grad_norm))):
+        raise diverged(loss, f_pos, f_neg, grad_norm)
     optimizer.step()
     return {"energy_diff": (f_pos - f_neg).item(), "energy_pos": f_pos.item(), "energy_neg": f_neg.item(),
             "loss": loss.item(), "grad_norm": grad_norm.item()}
@@ -54,64 +71,101 @@ def temperature(cfg: TrainEBMConfig) -> float:
     return cfg.langevin.noise ** 2 / 2
 
 
+def phase_at(cfg: TrainEBMConfig, iteration: int) -> str:
+    return "adam" if iteration < cfg.sgd_start else "sgd"
+
+
+def new_ebm(cfg: TrainEBMConfig) -> EBM:
+    """The EBM at iteration 0: weights drawn from the run seed (global RNG untouched), sampler layout."""
+    e = cfg.ebm
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return prepare_energy(EBM(e.width, e.image_size, e.channels))
+
+
+@dataclass
+class Draws:
+    """What iteration t uses, the same on every worker: chains, restarts, data rows, data noise."""
+
+    slots: torch.Tensor
+    restart: torch.Tensor
+    rows: torch.Tensor
+    noise: torch.Tensor
+
+    def part(self, rank: int, world: int) -> "Draws":
+        b = len(self.slots) // world
+        s = slice(rank * b, (rank + 1) * b)
+        return Draws(self.slots[s], self.restart[s], self.rows[s], self.noise[s])
+
+
+def iteration_draws(cfg: TrainEBMConfig, iteration: int, bank_size: int, data_size: int, shape) -> Draws:
+    """Iteration t's random choices from (seed, t) alone: any worker count and any resume agree."""
+    g = torch.Generator().manual_seed((cfg.seed << 32) | iteration)
+    b = cfg.batch_size
+    slots = torch.randperm(bank_size, generator=g)[:b]
+    restart = torch.rand(b, generator=g) < cfg.rejuvenation
+    rows = torch.randint(data_size, (b,), generator=g)
+    noise = cfg.data_noise * torch.randn((b, *shape), generator=g)
+    return Draws(slots, restart, rows, noise)
+
+
+def training_state(iteration: int, phase: str, ebm: nn.Module, optimizer, cfg) -> dict:
+    return {"kind": "ebm_training", "iteration": iteration, "phase": phase, "ebm": ebm.state_dict(),
+            "optimizer": optimizer.state_dict(), "config": to_yaml(cfg)}
+
+
 class EBMTraining:
     """The paper's loop in one process: draw chains from the bank, K Langevin steps, write back, update."""
 
     def __init__(self, cfg: TrainEBMConfig, data: ImageSet, device: str | torch.device = "cpu"):
-        if temperature(cfg) <= 0:
-            raise ValueError("langevin.noise must be > 0 for training: the loss is scaled by noise^2 / 2")
-        if len(data) < cfg.batch_size:
-            raise ValueError(f"batch_size = {cfg.batch_size} but the training data hold only {len(data)} images")
+        check_sizes(cfg, len(data))
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
-        e = cfg.ebm
-        with torch.random.fork_rng():  # weights from the run seed, global RNG untouched
-            torch.manual_seed(cfg.seed)
-            self.ebm = prepare_energy(EBM(e.width, e.image_size, e.channels).to(self.device))
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.ebm = new_ebm(cfg).to(self.device)
         size = cfg.bank_size or len(data)
-        if size < cfg.batch_size:
-            raise ValueError(f"bank_size = {size} is smaller than batch_size = {cfg.batch_size}")
-        self.bank = ImageBank(size, tuple(data.images.shape[1:]), cfg.bank_init, data.images, self.generator)
+        self.bank = ImageBank(size, tuple(data.images.shape[1:]), cfg.bank_init, cfg.seed, data.images)
         self.iteration = 0
-        self.phase = self._phase_at(0)
+        self.phase = phase_at(cfg, 0)
         self.optimizer = make_ebm_optimizer(self.ebm, cfg, self.phase)
 
-    def _phase_at(self, iteration: int) -> str:
-        return "adam" if iteration < self.cfg.sgd_start else "sgd"
-
     def step(self) -> dict:
-        cfg, g = self.cfg, self.generator
-        if self._phase_at(self.iteration) != self.phase:
-            self.phase = self._phase_at(self.iteration)
+        cfg, lv, t = self.cfg, self.cfg.langevin, self.iteration
+        if phase_at(cfg, t) != self.phase:
+            self.phase = phase_at(cfg, t)
             self.optimizer = make_ebm_optimizer(self.ebm, cfg, self.phase)
-        slots = self.bank.draw(cfg.batch_size, g)
-        start = self.bank.read(slots, cfg.rejuvenation, g).to(self.device)
-        age = self.bank.steps[slots].float().mean().item()
-        keys = ChainKeys(cfg.seed, slots, torch.zeros_like(slots), call=self.iteration)
-        lv = cfg.langevin
+        d = iteration_draws(cfg, t, len(self.bank), len(self.data), self.data.images.shape[1:])
+        start = self.bank.read(d.slots, d.restart, call=t).to(self.device)
+        age = self.bank.steps[d.slots].float().mean().item()
+        keys = ChainKeys(cfg.seed, d.slots, torch.zeros_like(d.slots), call=t)
         negatives = langevin(self.ebm, start, keys, lv.steps, lv.step_size, lv.noise)
-        pick = torch.randint(len(self.data), (cfg.batch_size,), generator=g)
-        positives = self.data.images[pick]
-        positives = (positives + cfg.data_noise * torch.randn(positives.shape, generator=g)).to(self.device)
-        metrics = ebm_update(self.ebm, self.optimizer, positives.contiguous(memory_format=torch.channels_last),
-                             negatives, temperature(cfg))
-        self.bank.write(slots, negatives, lv.steps)
+        positives = (self.data.images[d.rows] + d.noise).to(self.device).contiguous(memory_format=torch.channels_last)
+        metrics = ebm_update(self.ebm, self.optimizer, positives, negatives, temperature(cfg))
+        self.bank.write(d.slots, negatives, lv.steps, d.restart)
         self.iteration += 1
         return {**metrics, "bank_age": age, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def state_dict(self) -> dict:
-        return {"kind": "ebm_training", "iteration": self.iteration, "phase": self.phase,
-                "ebm": self.ebm.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "bank": self.bank.state_dict(),
-                "config": to_yaml(self.cfg)}
+        return {**training_state(self.iteration, self.phase, self.ebm, self.optimizer, self.cfg),
+                "bank": self.bank.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.ebm.load_state_dict(state["ebm"])
         self.iteration, self.phase = state["iteration"], state["phase"]
         self.optimizer = make_ebm_optimizer(self.ebm, self.cfg, self.phase)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
         self.bank.load_state_dict(state["bank"])
+
+
+def check_sizes(cfg: TrainEBMConfig, data_size: int, world: int = 1) -> None:
+    """Fail early, naming the field, on sizes that cannot train."""
+    if temperature(cfg) <= 0:
+        raise InputError("langevin.noise must be > 0 for training: the loss is scaled by noise^2 / 2")
+    if data_size < cfg.batch_size:
+        raise InputError(f"batch_size = {cfg.batch_size} but the training data hold only {data_size} images")
+    size = cfg.bank_size or data_size
+    if size < cfg.batch_size:
+        raise InputError(f"bank_size = {size} is smaller than batch_size = {cfg.batch_size}")
+    if cfg.batch_size % world:
+        raise InputError(f"batch_size = {cfg.batch_size} does not split evenly over {world} workers")
 
 
 def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> EBMTraining:

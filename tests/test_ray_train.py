@@ -1,0 +1,174 @@
+"""EBM training on Ray Train with bank actors, on a real local Ray (2 CPUs), S3 endpoint and MLflow store."""
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_ebm import storage
+from distributed_ebm.config import TrainEBMConfig, build
+from distributed_ebm.data import select
+from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
+from distributed_ebm.nets import load_ebm
+from distributed_ebm.training import TrainingDiverged, iteration_draws, new_ebm, train_ebm
+
+
+@pytest.fixture(scope="module")
+def small(exact_test):
+    return select(exact_test, count=64)
+
+
+def _tree(tmp_path, name, **kw):
+    # SGD throughout (sgd_lr in units of sigma^2/2: 0.01 moves the weights ~1e-3): updates linear in the
+    # gradient, so runs that only differ in the order of float sums stay within 1e-6. Under Adam a
+    # parameter whose gradient is ~0 (a bias behind saturated units) turns rounding noise into
+    # full lr-sized steps; the Adam -> SGD switch is tested in the single-process tests.
+    tree = {"ebm": {"width": 4}, "langevin": {"steps": 3}, "iterations": 6, "batch_size": 8, "bank_size": 32,
+            "sgd_start": 0, "sgd_lr": 0.01, "checkpoint_every": 3, "log_every": 1, "output": str(tmp_path / "out"), "name": name,
+            "ray": {"workers": 2, "bank_shards": 2, "max_failures": 3},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art")}}
+    for key, value in kw.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _close_to_single_process(tmp_path, tree, ebm_url, small):
+    """Two DDP workers on halves of each batch = one process on the whole batch (up to float rounding)."""
+    single = train_ebm(build(TrainEBMConfig, {**tree, "output": str(tmp_path / "single")}), data=small, show=False)
+    ebm = load_ebm(ebm_url)
+    x = small.images[:16]
+    with torch.no_grad():
+        assert torch.allclose(ebm(x), single.ebm(x), atol=1e-5)
+    for (name, p), q in zip(ebm.named_parameters(), single.ebm.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+    assert any(not torch.allclose(p, q) for p, q in zip(ebm.parameters(), new_ebm(single.cfg).parameters()))
+    return single
+
+
+def test_two_workers_share_the_bank_checkpoint_to_s3_and_log_to_mlflow(ray_local, tmp_path, small, s3_bucket):
+    import mlflow
+    tree = _tree(tmp_path, "two", output=f"{s3_bucket}/train", **{"mlflow.artifact_location": f"{s3_bucket}/mlflow",
+                                                                   "mlflow.experiment": "train-test"})
+    out = train_ebm_on_ray(build(TrainEBMConfig, tree), data=small)
+    assert out["iteration"] == 6 and out["sgd"] == 1.0 and out["started_at"] == 0
+    # the actors' own books: every lease returned, none refused, none outstanding
+    books = out["bank_books"]
+    assert sum(b["leases"] for b in books) == sum(b["returns"] for b in books) == 6 * 8
+    assert all(b["refused"] == 0 and b["leased_now"] == 0 and b["unheld_returns"] == 0 for b in books)
+    # the checkpoint (in the bucket) holds the model, the optimizer and its phase, and the whole bank
+    ckpt = out["checkpoint"]
+    assert ckpt.startswith("debm-test/train/two/checkpoint_")
+    state = storage.load_torch(f"s3://{ckpt}/state.pt")
+    assert state["iteration"] == 6 and state["phase"] == "sgd" and "state" in state["optimizer"]
+    banks = [storage.load_torch(f"s3://{ckpt}/bank-{k}.pt") for k in range(2)]
+    assert [len(b["states"]) for b in banks] == [16, 16] and sum(int(b["steps"].sum()) for b in banks) == 6 * 8 * 3
+    single = _close_to_single_process(tmp_path, _tree(tmp_path, "two"), out["ebm"], small)
+    bank = torch.cat([b["states"] for b in banks])
+    assert torch.allclose(bank, single.bank.states, atol=1e-4)
+    assert not torch.allclose(bank, build_fresh_bank(single))  # the chains moved
+    # MLflow: one run, the config as params, metrics over iterations, sample grids and the model in S3
+    mlflow.set_tracking_uri(tree["mlflow"]["tracking_uri"])
+    (run,) = mlflow.search_runs(experiment_names=["train-test"], output_format="list")
+    assert run.data.params["ray.workers"] == "2" and run.data.params["langevin.steps"] == "3"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "energy_diff")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert {"bank_age", "grad_norm", "iterations_per_second", "bank_share", "energy_pos", "energy_neg"} <= set(run.data.metrics)
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.invalidate_cache()
+    names = [os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")]
+    assert "bank-000000003.png" in names and "positives-000000006.png" in names and "MLmodel" in names
+
+
+def build_fresh_bank(run):
+    from distributed_ebm.bank import ImageBank
+    return ImageBank(len(run.bank), run.bank.shape, "noise", run.cfg.seed).states
+
+
+def test_running_the_job_again_resumes(ray_local, tmp_path, small):
+    first = train_ebm_on_ray(build(TrainEBMConfig, _tree(tmp_path, "again", iterations=3)), data=small)
+    assert first["iteration"] == 3
+    second = train_ebm_on_ray(build(TrainEBMConfig, _tree(tmp_path, "again")), data=small)
+    assert second["iteration"] == 6 and second["started_at"] == 3
+    _close_to_single_process(tmp_path, _tree(tmp_path, "again"), second["ebm"], small)
+
+
+def _pids(marker: bytes):
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker in f.read():
+                    found.append(int(pid))
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            pass
+    return found
+
+
+def _run_in_thread(cfg, small):
+    box = {}
+
+    def target():
+        try:
+            box["out"] = train_ebm_on_ray(cfg, data=small)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            box["error"] = err
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def _wait_for_checkpoint(cfg, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if storage.exists(storage.join(run_dir(cfg), "ebm.pt")):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, small):
+    cfg = build(TrainEBMConfig, _tree(tmp_path, "killw", iterations=60, checkpoint_every=10, log_every=5,
+                                      **{"langevin.steps": 20, "mlflow.enabled": False}))
+    thread, box = _run_in_thread(cfg, small)
+    _wait_for_checkpoint(cfg)
+    workers = _pids(b"RayTrainWorker")
+    assert workers
+    os.kill(workers[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    out = box["out"]
+    assert out["iteration"] == 60 and out["started_at"] > 0  # restarted from a checkpoint, not from 0
+
+
+def test_killed_bank_actor_comes_back_from_the_checkpoint(ray_local, tmp_path, small):
+    import ray
+    cfg = build(TrainEBMConfig, _tree(tmp_path, "killb", iterations=60, checkpoint_every=10, log_every=5,
+                                      **{"langevin.steps": 20, "mlflow.enabled": False}))
+    thread, box = _run_in_thread(cfg, small)
+    _wait_for_checkpoint(cfg)
+    ray.kill(ray.get_actor("debm-bank-killb-1"), no_restart=False)
+    thread.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    out = box["out"]
+    assert out["iteration"] == 60 and out["started_at"] == 0  # the run itself never restarted
+    assert out["bank_books"][1]["restored_from_backup"] == 1 and out["bank_books"][0]["restored_from_backup"] == 0
+
+
+def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):
+    # an absurd SGD step makes the energies blow up within a few iterations
+    cfg = build(TrainEBMConfig, _tree(tmp_path, "nan", iterations=40, checkpoint_every=1, sgd_lr=1e6,
+                                      **{"mlflow.enabled": False}))
+    with pytest.raises(TrainingDiverged, match=r"EBM loss is (nan|inf|-inf), .* at iteration (\d+); the last good checkpoint") as err:
+        train_ebm_on_ray(cfg, data=small)
+    failed_at = int(re.search(r"at iteration (\d+);", str(err.value)).group(1))
+    saved = storage.load_torch(storage.join(run_dir(cfg), "ebm.pt"))
+    assert saved["iteration"] == failed_at - 1 and 1 < failed_at < 40
+    assert all(torch.isfinite(p).all() for p in load_ebm(storage.join(run_dir(cfg), "ebm.pt")).parameters())
