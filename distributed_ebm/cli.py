@@ -30,7 +30,6 @@ def parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", help="YAML config (defaults: the paper's settings)")
-        s.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
         s.add_argument("--print-config", action="store_true", help="print the validated config and exit")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. attack.steps=10")
     r = sub.add_parser("report", help="print the accuracy table of one or more attack results folders")
@@ -42,18 +41,17 @@ def parse(command: str, config: str | None, overrides: list[str]):
     return load_config(COMMANDS[command][0], config, overrides)
 
 
-def run(command: str, cfg, device: str = "auto") -> None:
-    """Run a validated config: the single entry point of the CLI and of jobs/."""
-    from .evaluation import pick_device
-
+def run(command: str, cfg) -> None:
+    """Run a validated config on Ray (the cluster at ray.address / RAY_ADDRESS, or a new local one):
+    the single entry point of the CLI and of jobs/. Workers and actors use a GPU when they get one."""
     if command == "train-ebm":
-        from .training import train_ebm
-        run_ = train_ebm(cfg, str(pick_device(device)))
-        print(f"EBM trained to iteration {run_.iteration}: {cfg.output}/ebm.pt")
+        from .distributed.train import train_ebm_on_ray
+        out = train_ebm_on_ray(cfg)
+        print(f"EBM trained to iteration {out['iteration']}: {out['ebm']} (checkpoint: {out['checkpoint']})")
     elif command == "train-classifier":
-        from .training import train_classifier
-        out = train_classifier(cfg, str(pick_device(device)))
-        print(f"classifier trained: {cfg.output}/classifier.pt; last epoch: {out['history'][-1]}")
+        from .distributed.train_classifier import train_classifier_on_ray
+        out = train_classifier_on_ray(cfg)
+        print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
     elif command == "attack":
         from .distributed.evaluate import evaluate
         from .report import format_table
@@ -62,7 +60,7 @@ def run(command: str, cfg, device: str = "auto") -> None:
         print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
     elif command == "quickstart":
         from .quickstart import quickstart
-        quickstart(cfg, device)
+        quickstart(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        run(args.command, cfg, args.device)
+        run(args.command, cfg)
     except (InputError, FileNotFoundError) as err:
         print(f"debm {args.command}: {err}", file=sys.stderr)
         return 2

@@ -117,15 +117,18 @@ class MLflowConfig(Section):
 
 
 class TrainRayConfig(Section):
-    """The Ray Train run of the EBM: workers (DDP), bank actors, failures tolerated."""
+    """A Ray Train run: DDP workers, their resources, failures tolerated, checkpoints kept."""
 
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
     workers: int = Field(1, ge=1, le=4096)
-    use_gpu: Optional[bool] = Field(None, description="null = when the cluster has GPUs")
+    use_gpu: Optional[bool] = Field(None, description="null = when the cluster has a GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)
-    bank_shards: int = Field(1, ge=1, le=4096, description="replay-buffer actors holding the bank")
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1 = no limit)")
     keep_checkpoints: int = Field(2, ge=1)
+
+
+class EBMRayConfig(TrainRayConfig):
+    bank_shards: int = Field(1, ge=1, le=4096, description="replay-buffer actors holding the bank")
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ class TrainEBMConfig(Section):
     output: URL = "runs/ebm"
     name: str = Field("ebm", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="run name: the same name and output resume the run")
-    ray: TrainRayConfig = Field(default_factory=lambda: TrainRayConfig())
+    ray: EBMRayConfig = Field(default_factory=lambda: EBMRayConfig())
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 
     @model_validator(mode="after")
@@ -173,6 +176,10 @@ class TrainClassifierConfig(Section):
     augment: bool = True
     seed: int = Field(0, ge=0, lt=2**32)
     output: URL = "runs/classifier"
+    name: str = Field("classifier", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="run name: the same name and output resume the run")
+    ray: TrainRayConfig = Field(default_factory=lambda: TrainRayConfig())
+    mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 
 
 class AttackSettings(Section):

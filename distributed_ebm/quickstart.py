@@ -8,15 +8,14 @@ from .config import QuickstartConfig
 from .distributed.evaluate import evaluate
 from .tracking import tracking_uri
 from .report import format_table, plot_curves
-from .training import train_ebm
+from .distributed.train import train_ebm_on_ray
 
 
-def quickstart(cfg: QuickstartConfig, device: str = "auto") -> list[dict]:
-    """Train (single process), then evaluate on the Ray engine (a local Ray unless RAY_ADDRESS is set)."""
-    train = cfg.train.model_copy(update={"output": storage.join(cfg.output, "ebm")})
-    print(f"1/3 training a small EBM ({train.iterations} iterations) -> {train.output}", flush=True)
-    train_ebm(train)
-    ebm_url = storage.join(train.output, "ebm.pt")
+def quickstart(cfg: QuickstartConfig) -> list[dict]:
+    """Train on Ray Train, then evaluate on the Ray Data engine (a local Ray unless RAY_ADDRESS is set)."""
+    train = cfg.train.model_copy(update={"output": cfg.output, "name": "ebm"})
+    print(f"1/3 training a small EBM ({train.iterations} iterations) -> {train.output}/ebm", flush=True)
+    ebm_url = train_ebm_on_ray(train)["ebm"]
     summaries = []
     for i, mode in enumerate(("pgd", "bpda_eot"), start=2):
         attack = cfg.attack.model_copy(update={

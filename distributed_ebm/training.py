@@ -222,17 +222,57 @@ def accuracy(clf: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu"
     return correct / len(data)
 
 
+def new_classifier(cfg: TrainClassifierConfig):
+    """The classifier at epoch 0, weights drawn from the run seed (global RNG untouched)."""
+    c = cfg.classifier
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return build_classifier(c.arch, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
+
+
+def classifier_optimizer(cfg: TrainClassifierConfig, model: nn.Module):
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestones, cfg.lr_gamma)
+
+
+def epoch_batches(cfg: TrainClassifierConfig, epoch: int, n: int, rank: int = 0, world: int = 1):
+    """Yield (rows, augmentation generator) of this worker's share of each batch of the epoch.
+
+    The order comes from (seed, epoch) and each share's augmentation from (seed, epoch, batch, rank),
+    so a resumed run repeats an uninterrupted one.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed((cfg.seed << 32) | epoch))
+    for b, i in enumerate(range(0, n, cfg.batch_size)):
+        rows = order[i:i + cfg.batch_size].tensor_split(world)[rank]
+        yield rows, torch.Generator().manual_seed(hash((cfg.seed, epoch, b, rank)) & 0x7FFFFFFFFFFFFFFF)
+
+
+def classifier_epoch(cfg: TrainClassifierConfig, model, opt, batch, epoch: int, rank: int = 0, world: int = 1,
+                     n: int = 0, on_step=None, device="cpu") -> dict:
+    """One epoch of natural training; `batch(rows)` gives (images in [-1, 1], labels)."""
+    model.train()
+    losses, t0 = [], time.time()
+    for rows, g in epoch_batches(cfg, epoch, n, rank, world):
+        x, y = batch(rows)
+        x = augment(x, g) if cfg.augment else x
+        m = classifier_update(model, opt, x.to(device), y.to(device))
+        losses.append(m["loss"])
+        if on_step:
+            on_step(m)
+    return {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "seconds": time.time() - t0}
+
+
+def classifier_state(cfg, epoch: int, clf, opt, sched, history: list) -> dict:
+    return {"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "history": history, "config": to_yaml(cfg)}
+
+
 def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool = True) -> dict:
     """Natural training (paper: SGD momentum 0.9, wd 2e-4, batch 100, lr 0.1 -> 0.01 -> 0.001), resumable per epoch."""
     data = load(cfg.data)
     test = load(cfg.test_data) if cfg.test_data is not None else None
-    c = cfg.classifier
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        clf = build_classifier(c.arch, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen).to(device)
-    opt = torch.optim.SGD(clf.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestones, cfg.lr_gamma)
-    g = torch.Generator().manual_seed(cfg.seed)
+    clf = new_classifier(cfg).to(device)
+    opt, sched = classifier_optimizer(cfg, clf)
     epoch, history = 0, []
     ckpt = storage.join(cfg.output, "checkpoint.pt")
     if storage.exists(ckpt):
@@ -240,26 +280,16 @@ def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool
         clf.load_state_dict(state["classifier"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        g.set_state(state["generator"])
         epoch, history = state["epoch"], state["history"]
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     bar = Progress(cfg.epochs * steps_per_epoch, "train-classifier", start=epoch * steps_per_epoch, enabled=show)
     while epoch < cfg.epochs:
-        clf.train()
-        t0 = time.time()
-        order = torch.randperm(len(data), generator=g)
-        for i in range(0, len(data), cfg.batch_size):
-            rows = order[i:i + cfg.batch_size]
-            x = augment(data.images[rows], g) if cfg.augment else data.images[rows]
-            m = classifier_update(clf, opt, x.to(device), data.labels[rows].to(device))
-            bar.update(1, loss=m["loss"], epoch=epoch)
+        row = classifier_epoch(cfg, clf, opt, lambda r: (data.images[r], data.labels[r]), epoch, n=len(data),
+                               on_step=lambda m: bar.update(1, loss=m["loss"]), device=device)
         sched.step()
         epoch += 1
-        history.append({"epoch": epoch, "train_loss": m["loss"], "seconds": time.time() - t0,
-                        "test_accuracy": accuracy(clf, test, device=device) if test is not None else None})
-        storage.save_torch({"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "generator": g.get_state(), "history": history, "config": to_yaml(cfg)}, ckpt)
+        history.append({**row, "test_accuracy": accuracy(clf, test, device=device) if test is not None else None})
+        storage.save_torch(classifier_state(cfg, epoch, clf, opt, sched, history), ckpt)
         save_classifier(clf, storage.join(cfg.output, "classifier.pt"), epoch=epoch)
     bar.close()
     return {"classifier": clf.eval(), "history": history}

@@ -172,3 +172,33 @@ def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):
     saved = storage.load_torch(storage.join(run_dir(cfg), "ebm.pt"))
     assert saved["iteration"] == failed_at - 1 and 1 < failed_at < 40
     assert all(torch.isfinite(p).all() for p in load_ebm(storage.join(run_dir(cfg), "ebm.pt")).parameters())
+
+
+def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
+    import mlflow
+    from distributed_ebm.config import TrainClassifierConfig
+    from distributed_ebm.distributed.train_classifier import train_classifier_on_ray
+    from distributed_ebm.nets import load_classifier
+
+    from .conftest import TEST_EXACT
+
+    def cfg(epochs):
+        return build(TrainClassifierConfig, {
+            "data": {"path": TEST_EXACT, "count": 100}, "test_data": {"path": TEST_EXACT, "indices": list(range(900, 950))},
+            "classifier": {"arch": "wrn", "wrn_depth": 10, "wrn_widen": 1, "weights": None},
+            "epochs": epochs, "batch_size": 50, "lr_milestones": [1], "output": str(tmp_path / "clf"), "name": "wrn",
+            "ray": {"workers": 2}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                               "artifact_location": str(tmp_path / "art"), "experiment": "clf"}})
+    first = train_classifier_on_ray(cfg(1))
+    assert first["epoch"] == 1
+    second = train_classifier_on_ray(cfg(2))
+    assert second["epoch"] == 2 and 0 <= second["test_accuracy"] <= 1
+    state = storage.load_torch(f"{second['checkpoint']}/state.pt")
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    clf = load_classifier("wrn", second["classifier"])
+    assert clf(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["clf"], output_format="list")  # one run, continued
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")]
+    assert steps == [1, 2]

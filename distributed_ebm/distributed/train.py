@@ -20,7 +20,6 @@ import time
 import numpy as np
 import ray
 import torch
-import torch.distributed as dist
 
 from .. import storage
 from ..config import TrainEBMConfig
@@ -33,41 +32,11 @@ from ..report import image_grid_png
 from ..training import (TrainingDiverged, check_sizes, ebm_update, iteration_draws, make_ebm_optimizer, new_ebm,
                         phase_at, temperature, training_state)
 from .bank_actor import BankShard, ShardedBank, shard_bounds
-from .cluster import available, connect
+from .cluster import connect
+from .trainer import all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
 METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")
-
-
-def run_dir(cfg: TrainEBMConfig) -> str:
-    return storage.join(cfg.output, cfg.name)
-
-
-def _storage_path(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)
-
-
-def _mean_over_workers(values: list[float], world: int) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return t.tolist()
-
-
-def _all_finite(world: int):
-    def agree(finite: bool) -> bool:
-        if world == 1:
-            return finite
-        flag = torch.tensor([1.0 if finite else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-    return agree
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def train_loop(config: dict) -> None:
@@ -105,16 +74,13 @@ def train_loop(config: dict) -> None:
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
         bank.load(None if bank_states is None else [{k: np.asarray(v) if torch.is_tensor(v) else v
                                                      for k, v in s.items()} for s in bank_states])
-    _barrier(world)
+    barrier(world)
 
-    logger = None
-    if rank == 0 and config.get("mlflow"):
-        from ..tracking import RunLogger
-        logger = RunLogger(**config["mlflow"])
+    logger = worker_logger(config, rank)
     bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=iteration, enabled=rank == 0, every=10.0)
     window = {k: 0.0 for k in METRICS}
     count, t_window = 0, time.time()
-    agree = _all_finite(world)
+    agree = all_workers(world)
     bank_size = config["bounds"][-1][1]
     started_at = iteration
     try:
@@ -143,7 +109,7 @@ def train_loop(config: dict) -> None:
             bar.update(1, energy_diff=m["energy_diff"], phase=phase)
             save = iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations
             if save or iteration % cfg.log_every == 0:
-                means = dict(zip(METRICS, _mean_over_workers([window[k] / count for k in METRICS], world)))
+                means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world)))
                 means.update(iteration=iteration, started_at=started_at, iterations_per_second=count / (time.time() - t_window),
                              bank_share=means["bank_seconds"] / means["step_seconds"], lr=optimizer.param_groups[0]["lr"],
                              sgd=float(phase == "sgd"))
@@ -180,7 +146,7 @@ def _report(cfg, config, metrics, save, rank, world, bank, model, sampler, optim
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
                 logger.file(f"positives-{it:09d}.png", image_grid_png(positives[:64].cpu()), "samples")
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        _barrier(world)  # nobody leases the next chains before the bank snapshot is taken
+        barrier(world)  # nobody leases the next chains before the bank snapshot is taken
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -198,13 +164,12 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
                   lo, hi, shape, cfg.bank_init, cfg.seed, storage.join(run_dir(cfg), "bank", f"shard-{k}.pt"),
                   pixels if cfg.bank_init == "data" else None)
               for k, (lo, hi) in enumerate(bounds)]
-    use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else available("GPU") >= cfg.ray.workers
     config = {"cfg": cfg.model_dump(mode="json"), "pixels": [pixels], "shards": shards, "bounds": bounds}
     diverged_url = storage.join(run_dir(cfg), DIVERGED)
     if storage.exists(diverged_url):  # a rerun (perhaps with other settings) tries again from the last checkpoint
         storage.filesystem(diverged_url)[0].rm(storage.filesystem(diverged_url)[1])
     try:
-        result = (_fit_tracked if cfg.mlflow.enabled else _fit)(cfg, config, use_gpu)
+        result = fit_tracked(train_loop, cfg, config, "train-ebm", lambda mlflow, _: _log_final_ebm(cfg, mlflow))
         books = ShardedBank(shards, bounds).books()
     finally:
         for s in shards:
@@ -218,35 +183,12 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
             "ebm": storage.join(run_dir(cfg), "ebm.pt"), "bank_books": books}
 
 
-def _fit(cfg: TrainEBMConfig, config: dict, use_gpu: bool):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _log_final_ebm(cfg: TrainEBMConfig, mlflow) -> None:
+    """The final EBM as an MLflow model (unless the run diverged)."""
+    ebm_url = storage.join(run_dir(cfg), "ebm.pt")
+    if storage.exists(ebm_url) and not storage.exists(storage.join(run_dir(cfg), DIVERGED)):
+        import mlflow.pytorch
 
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=_storage_path(cfg.output),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
-    return trainer.fit()
-
-
-def _fit_tracked(cfg: TrainEBMConfig, config: dict, use_gpu: bool):
-    """One MLflow run per training job (continued when the job resumes), final EBM logged as a model."""
-    from ..tracking import mlflow_run, tracking_uri
-
-    id_url = storage.join(run_dir(cfg), "mlflow_run_id")
-    run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
-    with mlflow_run(cfg.mlflow, f"train-ebm:{cfg.name}", cfg.model_dump(mode="json"),
-                    tags={"job": "train-ebm", "output": run_dir(cfg)}, run_id=run_id) as mlflow:
-        run_id = mlflow.active_run().info.run_id
-        storage.write_bytes(id_url, run_id.encode())
-        result = _fit(cfg, {**config, "mlflow": {"uri": tracking_uri(cfg.mlflow), "run_id": run_id}}, use_gpu)
-        ebm_url = storage.join(run_dir(cfg), "ebm.pt")
-        if not result.error and storage.exists(ebm_url) and not storage.exists(storage.join(run_dir(cfg), DIVERGED)):
-            import mlflow.pytorch
-            ebm = load_ebm(ebm_url)
-            example = np.zeros((1, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
-            mlflow.pytorch.log_model(ebm, name="ebm", input_example=example)
-    return result
+        ebm = load_ebm(ebm_url)
+        example = np.zeros((1, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
+        mlflow.pytorch.log_model(ebm, name="ebm", input_example=example)

@@ -1,0 +1,101 @@
+"""Natural classifier training on Ray Train, with the EBM run's machinery: DDP workers, a
+checkpoint per epoch (model, optimizer, schedule, history), restarts of failed workers, resume by
+name, one MLflow run with the final classifier as a model. Each worker takes its share of every
+batch; the epoch order and the augmentation come from the seed, so a resumed run repeats an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import ray
+import torch
+
+from .. import storage
+from ..config import TrainClassifierConfig
+from ..data import ImageSet, load, to_uint8
+from ..nets import load_classifier, save_classifier
+from ..progress import Progress
+from ..training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
+from .cluster import connect
+from .trainer import fit_tracked, mean_over_workers, run_dir, worker_logger
+
+
+def _images(pixels: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(pixels[rows.numpy()])).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+def classifier_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainClassifierConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    pixels, labels = ray.get(config["train"][0])
+    clf = new_classifier(cfg).to(device)
+    opt, sched = classifier_optimizer(cfg, clf)
+    epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        clf.load_state_dict(state["classifier"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        epoch, history = state["epoch"], state["history"]
+    model = ray.train.torch.prepare_model(clf) if world > 1 else clf
+    logger = worker_logger(config, rank)
+    test = None
+    if rank == 0 and config.get("test"):
+        tp, tl = ray.get(config["test"][0])
+        test = ImageSet(_images(tp, torch.arange(len(tp))), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
+    steps = -(-len(labels) // cfg.batch_size)
+    bar = Progress(cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps, enabled=rank == 0)
+    while epoch < cfg.epochs:
+        row = classifier_epoch(cfg, model, opt, lambda r: (_images(pixels, r), torch.from_numpy(labels[r.numpy()])),
+                               epoch, rank, world, len(labels), lambda m: bar.update(1, loss=m["loss"]), device)
+        sched.step()
+        epoch += 1
+        row["train_loss"] = mean_over_workers([row["train_loss"]], world)[0]
+        row["test_accuracy"] = accuracy(clf, test, device=device) if test is not None else None
+        history.append(row)
+        metrics = {k: v for k, v in row.items() if v is not None}
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(classifier_state(cfg, epoch, clf, opt, sched, history), os.path.join(d, "state.pt"))
+                save_classifier(clf, storage.join(run_dir(cfg), "classifier.pt"), epoch=epoch)
+                if logger:
+                    logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+    bar.close()
+
+
+def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
+    """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
+    data = load(cfg.data)
+    test = load(cfg.test_data) if cfg.test_data is not None else None
+    connect(cfg.ray.address)
+    config = {"cfg": cfg.model_dump(mode="json"),
+              "train": [ray.put((to_uint8(data.images), data.labels.numpy()))],
+              "test": [ray.put((to_uint8(test.images), test.labels.numpy()))] if test is not None else None}
+    url = storage.join(run_dir(cfg), "classifier.pt")
+
+    def log_final(mlflow, _result):
+        import mlflow.pytorch
+
+        c = cfg.classifier
+        clf = load_classifier(c.arch, url, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
+        mlflow.pytorch.log_model(clf, name="classifier", input_example=np.zeros((1, 3, 32, 32), dtype=np.float32))
+
+    result = fit_tracked(classifier_loop, cfg, config, "train-classifier", log_final)
+    if result.error:
+        raise result.error
+    return {**(result.metrics or {}), "classifier": url,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None}

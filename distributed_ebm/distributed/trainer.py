@@ -1,0 +1,87 @@
+"""What the EBM and the classifier Ray Train runs share: the TorchTrainer set-up, MLflow around it,
+and the collective helpers their worker loops use."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .. import storage
+from .cluster import available
+
+
+def run_dir(cfg) -> str:
+    """Where a run lives: Ray Train's folder for `name` under `output` (checkpoints, ebm.pt, ...)."""
+    return storage.join(cfg.output, cfg.name)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def mean_over_workers(values: list[float], world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t.tolist()
+
+
+def all_workers(world: int):
+    """`agree(flag) -> bool`: true only when the flag is true on every worker (so all stop or none)."""
+    def agree(flag: bool) -> bool:
+        if world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+    return agree
+
+
+def use_gpu(cfg) -> bool:
+    return cfg.ray.use_gpu if cfg.ray.use_gpu is not None else available("GPU") >= cfg.ray.workers
+
+
+def fit(loop, cfg, config: dict):
+    """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    trainer = TorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu(cfg),
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
+    return trainer.fit()
+
+
+def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
+    """`fit` inside one MLflow run per job (continued when the job resumes); rank 0 logs to it by
+    run id, and `log_final(mlflow, result)` adds the final model."""
+    if not cfg.mlflow.enabled:
+        return fit(loop, cfg, config)
+    from ..tracking import mlflow_run, tracking_uri
+
+    id_url = storage.join(run_dir(cfg), "mlflow_run_id")
+    run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
+    with mlflow_run(cfg.mlflow, f"{job}:{cfg.name}", cfg.model_dump(mode="json"),
+                    tags={"job": job, "output": run_dir(cfg)}, run_id=run_id) as mlflow:
+        run_id = mlflow.active_run().info.run_id
+        storage.write_bytes(id_url, run_id.encode())
+        result = fit(loop, cfg, {**config, "mlflow": {"uri": tracking_uri(cfg.mlflow), "run_id": run_id}})
+        if log_final and not result.error:
+            log_final(mlflow, result)
+    return result
+
+
+def worker_logger(config: dict, rank: int):
+    """Rank 0's MLflow logger, when the run is tracked."""
+    if rank != 0 or not config.get("mlflow"):
+        return None
+    from ..tracking import RunLogger
+    return RunLogger(**config["mlflow"])
