@@ -223,9 +223,9 @@ class QuickstartConfig(Section):
 
     train: TrainEBMConfig = Field(default_factory=lambda: TrainEBMConfig(
         ebm=EBMConfig(width=16), langevin=LangevinConfig(steps=20), iterations=400, batch_size=64,
-        bank_size=10_000, sgd_start=100_000, checkpoint_every=100))
+        bank_size=10_000, sgd_start=100_000, checkpoint_every=100, log_every=20, ray=EBMRayConfig(workers=2)))
     attack: AttackConfig = Field(default_factory=lambda: AttackConfig(
-        data=DataConfig(count=20), purify=LangevinConfig(steps=100), batch_size=20,
+        data=DataConfig(count=20), purify=LangevinConfig(steps=100), batch_size=10,
         attack=AttackSettings(steps=20, eot_attack=4, eot_defense=8), ebm="(set by quickstart)"))
     output: URL = "runs/quickstart"
 

@@ -27,16 +27,14 @@ def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_
     assert storage.read_bytes(out + "/accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_train_ebm_job_checkpoints_to_s3_and_resumes(s3_bucket, tmp_path):
-    out = f"{s3_bucket}/ebm"
+def test_train_ebm_command_runs_on_ray_and_resumes(ray_local, tmp_path, capsys):
     args = ["--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "ebm.width=4", "langevin.steps=2",
-            "batch_size=8", "bank_size=16", "checkpoint_every=2", f"output={out}"]
+            "batch_size=8", "bank_size=16", "checkpoint_every=2", "log_every=2", f"output={tmp_path}", "name=cli",
+            "mlflow.enabled=false"]
     assert main(["train-ebm", *args, "iterations=2"]) == 0
-    assert storage.load_torch(out + "/checkpoint.pt")["iteration"] == 2
     assert main(["train-ebm", *args, "iterations=4"]) == 0
-    state = storage.load_torch(out + "/checkpoint.pt")
-    assert state["iteration"] == 4 and state["bank"]["steps"].sum() == 4 * 8 * 2
-    assert load_ebm(out + "/ebm.pt").width == 4
+    assert f"EBM trained to iteration 4: {tmp_path}/cli/ebm.pt" in capsys.readouterr().out
+    assert storage.load_torch(f"{tmp_path}/cli/ebm.pt")["iteration"] == 4 and load_ebm(f"{tmp_path}/cli/ebm.pt").width == 4
 
 
 def test_job_file_reports_bad_input_in_one_line():

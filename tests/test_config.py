@@ -63,3 +63,17 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "distributed_ebm.cli", "train-ebm", "--print-config", "iterations=5"],
                          capture_output=True, text=True, check=True).stdout
     assert "iterations: 5" in out
+
+
+def test_every_job_config_validates():
+    from pathlib import Path
+
+    from distributed_ebm.cli import COMMANDS
+    kinds = {"train_ebm": "train-ebm", "train_classifier": "train-classifier", "attack": "attack", "quickstart": "quickstart"}
+    files = sorted(Path("jobs/configs").glob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        command = next(v for k, v in kinds.items() if f.stem.startswith(k))
+        load_config(COMMANDS[command][0], f)
+    # the quickstart file is the embedded default, spelled out
+    assert load_config(COMMANDS["quickstart"][0], "jobs/configs/quickstart.yaml") == load_config(COMMANDS["quickstart"][0])
