@@ -5,7 +5,6 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from distributed_ebm.config import TrainEBMConfig, build
 from distributed_ebm.data import select
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
 from distributed_ebm.nets import load_ebm
-from distributed_ebm.training import TrainingDiverged, iteration_draws, new_ebm, train_ebm
+from distributed_ebm.training import TrainingDiverged, new_ebm, train_ebm
 
 
 @pytest.fixture(scope="module")

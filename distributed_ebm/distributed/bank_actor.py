@@ -15,6 +15,7 @@ import torch
 
 from .. import storage
 from ..bank import ImageBank
+from ..data import to_unit_range
 
 
 class SlotBusy(RuntimeError):
@@ -31,9 +32,7 @@ def shard_bounds(size: int, shards: int) -> list[tuple[int, int]]:
 class BankShard:
     def __init__(self, lo: int, hi: int, shape, init: str, seed: int, backup_url: str, data=None):
         self.lo, self.hi, self.backup_url = lo, hi, backup_url
-        images = torch.from_numpy(np.asarray(data)).float() / 127.5 - 1 if data is not None else None
-        if images is not None:
-            images = images.permute(0, 3, 1, 2)
+        images = to_unit_range(data) if data is not None else None
         self.bank = ImageBank(hi - lo, tuple(shape), init, seed, images, offset=lo)
         self.holder = np.full(hi - lo, -1, dtype=np.int64)
         self.books = {"leases": 0, "returns": 0, "refused": 0, "unheld_returns": 0, "restored_from_backup": 0}
@@ -73,15 +72,14 @@ class BankShard:
         return {**self.books, "leased_now": int((self.holder != -1).sum())}
 
     def state(self) -> dict:
-        return {k: v.numpy() if torch.is_tensor(v) else v for k, v in self.bank.state_dict().items()}
+        return self.bank.state_dict()
 
     def load(self, state: dict | None) -> None:
         """Restore a checkpointed state (or the initial one for None); all leases are dropped."""
         if state is None:
             self.bank.reset()
         else:
-            self.bank.load_state_dict({k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
-                                       for k, v in state.items()})
+            self.bank.load_state_dict(state)
         self.holder[:] = -1
 
     def backup(self) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from .. import storage
 from ..config import TrainEBMConfig
-from ..data import ImageSet, load, to_uint8
+from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..langevin import langevin
 from ..nets import load_ebm, save_ebm
 from ..noise import ChainKeys
@@ -72,8 +72,7 @@ def train_loop(config: dict) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
-        bank.load(None if bank_states is None else [{k: np.asarray(v) if torch.is_tensor(v) else v
-                                                     for k, v in s.items()} for s in bank_states])
+        bank.load(bank_states)
     barrier(world)
 
     logger = worker_logger(config, rank)
@@ -98,8 +97,8 @@ def train_loop(config: dict) -> None:
             tb = time.time()
             bank.give_back(d.slots, negatives, lv.steps, d.restart, rank)
             bank_seconds += time.time() - tb
-            rows = torch.from_numpy(np.ascontiguousarray(pixels[d.rows.numpy()])).permute(0, 3, 1, 2).float()
-            positives = (rows / 127.5 - 1 + d.noise).to(device).contiguous(memory_format=torch.channels_last)
+            positives = (to_unit_range(pixels[d.rows.numpy()]) + d.noise).to(device)
+            positives = positives.contiguous(memory_format=torch.channels_last)
             m = ebm_update(model, optimizer, positives, negatives, temperature(cfg), agree)
             iteration += 1
             m.update(bank_age=age.float().mean().item(), bank_seconds=bank_seconds, step_seconds=time.time() - t0)
@@ -115,8 +114,7 @@ def train_loop(config: dict) -> None:
                              sgd=float(phase == "sgd"))
                 if logger:
                     logger.metrics({k: v for k, v in means.items() if k != "iteration"}, step=iteration)
-                _report(cfg, config, means, save, rank, world, bank, model, sampler, optimizer, phase,
-                        positives, logger)
+                _report(cfg, means, save, rank, world, bank, sampler, optimizer, phase, positives, logger)
                 window = {k: 0.0 for k in METRICS}
                 count, t_window = 0, time.time()
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
@@ -126,7 +124,8 @@ def train_loop(config: dict) -> None:
     bar.close()
 
 
-def _report(cfg, config, metrics, save, rank, world, bank, model, sampler, optimizer, phase, positives, logger):
+def _report(cfg, metrics, save, rank, world, bank, ebm, optimizer, phase, positives, logger):
+    """Every worker reports; at a checkpoint, rank 0 first writes model, optimizer, phase and the bank."""
     import ray.train
 
     if not save:
@@ -136,12 +135,11 @@ def _report(cfg, config, metrics, save, rank, world, bank, model, sampler, optim
         checkpoint = None
         if rank == 0:
             it = int(metrics["iteration"])
-            torch.save(training_state(it, phase, sampler, optimizer, cfg), os.path.join(d, "state.pt"))
-            for k, s in enumerate(bank.states()):
-                torch.save({k2: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
-                            for k2, v in s.items()}, os.path.join(d, f"bank-{k}.pt"))
+            torch.save(training_state(it, phase, ebm, optimizer, cfg), os.path.join(d, "state.pt"))
+            for k, shard_state in enumerate(bank.states()):
+                torch.save(shard_state, os.path.join(d, f"bank-{k}.pt"))
             bank.backup()  # what a restarted bank actor comes back from
-            save_ebm(sampler, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
+            save_ebm(ebm, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
             if logger:
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
                 logger.file(f"positives-{it:09d}.png", image_grid_png(positives[:64].cpu()), "samples")

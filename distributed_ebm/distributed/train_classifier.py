@@ -15,17 +15,12 @@ import torch
 
 from .. import storage
 from ..config import TrainClassifierConfig
-from ..data import ImageSet, load, to_uint8
+from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..nets import load_classifier, save_classifier
 from ..progress import Progress
 from ..training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
 from .cluster import connect
 from .trainer import fit_tracked, mean_over_workers, run_dir, worker_logger
-
-
-def _images(pixels: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(pixels[rows.numpy()])).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1
 
 
 def classifier_loop(config: dict) -> None:
@@ -53,11 +48,11 @@ def classifier_loop(config: dict) -> None:
     test = None
     if rank == 0 and config.get("test"):
         tp, tl = ray.get(config["test"][0])
-        test = ImageSet(_images(tp, torch.arange(len(tp))), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
+        test = ImageSet(to_unit_range(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
     steps = -(-len(labels) // cfg.batch_size)
     bar = Progress(cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps, enabled=rank == 0)
     while epoch < cfg.epochs:
-        row = classifier_epoch(cfg, model, opt, lambda r: (_images(pixels, r), torch.from_numpy(labels[r.numpy()])),
+        row = classifier_epoch(cfg, model, opt, lambda r: (to_unit_range(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])),
                                epoch, rank, world, len(labels), lambda m: bar.update(1, loss=m["loss"]), device)
         sched.step()
         epoch += 1
