@@ -124,10 +124,13 @@ def _run_in_thread(cfg, small):
     return thread, box
 
 
-def _wait_for_checkpoint(cfg, timeout=120):
+def _wait_for_checkpoint(cfg, timeout=180):
+    """Until Ray Train has persisted a checkpoint (its folder holds the state and the bank)."""
+    import glob
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if storage.exists(storage.join(run_dir(cfg), "ebm.pt")):
+        if glob.glob(os.path.join(run_dir(cfg), "checkpoint_*", "bank-1.pt")):
+            time.sleep(0.5)  # let the report that registers it return
             return
         time.sleep(0.2)
     raise AssertionError("no checkpoint appeared")
@@ -138,8 +141,8 @@ def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, sm
                                       **{"langevin.steps": 20, "mlflow.enabled": False}))
     thread, box = _run_in_thread(cfg, small)
     _wait_for_checkpoint(cfg)
-    workers = _pids(b"RayTrainWorker")
-    assert workers
+    workers = _pids(b"ray::RayTrainWorker")
+    assert workers, "no Ray Train worker process found"
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=300)
     assert "error" not in box, box.get("error")
