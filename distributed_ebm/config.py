@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -35,12 +36,17 @@ def _fraction(value: Any) -> Any:
 
 
 def _expand(value: Any) -> Any:
-    return expand_env(value) if isinstance(value, str) else value
+    """${VAR} expansion; a local relative path becomes absolute (from the working directory now),
+    so Ray workers, actors and Tune trials, whose working directories differ, find the same file."""
+    if not isinstance(value, str):
+        return value
+    value = expand_env(value)
+    return value if "://" in value or not value else os.path.abspath(value)
 
 
 Budget = Annotated[float, BeforeValidator(_fraction)]
 URL = Annotated[str, BeforeValidator(_expand)]
-"""A local path or fsspec URL (s3://...); ${VAR} and ${VAR:-default} are read from the environment."""
+"""A local path (made absolute) or fsspec URL (s3://...); ${VAR} and ${VAR:-default} come from the environment."""
 
 
 class Section(BaseModel):
@@ -218,6 +224,64 @@ class AttackConfig(Section):
         return self
 
 
+class SearchRange(Section):
+    """One searched parameter: [low, high], log-uniform by default, integers for `steps`."""
+
+    low: float
+    high: float
+    log: bool = True
+
+
+PURIFY_PARAMS = ("steps", "step_size", "noise")
+
+
+class TunePurificationConfig(Section):
+    """Ray Tune search over the purifier's settings, judged on held-out training images."""
+
+    attack: AttackConfig = Field(default_factory=lambda: AttackConfig(
+        ebm="runs/ebm-cpu/ebm.pt", purify=LangevinConfig(steps=200), batch_size=5,
+        attack=AttackSettings(steps=10, eot_attack=4, eot_defense=8)),
+        description="the evaluation every trial runs (a cheap BPDA+EOT), and the base of the best-settings file")
+    validation: DataConfig = Field(default_factory=lambda: DataConfig(
+        path="${DEBM_SHARED:-../shared}/datasets/cifar10/train-exact-4000.parquet", split="train",
+        random=200, subset_seed=0), description="held-out training images: never the test images")
+    space: dict[str, SearchRange] = Field(default_factory=lambda: {
+        "step_size": SearchRange(low=0.25, high=2.0), "noise": SearchRange(low=0.003, high=0.03),
+        "steps": SearchRange(low=50, high=1500)})
+    rungs: list[Annotated[int, Field(ge=1)]] = Field([25, 50, 100, 200], min_length=1,
+                                                     description="validation images at each ASHA rung (growing)")
+    trials: int = Field(16, ge=1, le=100_000)
+    reduction_factor: float = Field(2.0, gt=1.0, le=100.0)
+    objective: Literal["robust_with_floor", "robust", "natural"] = "robust_with_floor"
+    natural_floor: float = Field(0.7, ge=0.0, le=1.0)
+    max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null = as many as the actors fit")
+    seed: int = Field(0, ge=0, lt=2**32)
+    output: URL = "runs"
+    name: str = Field("tune-purification", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="search name: the same name and output resume the search")
+    mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
+
+    @model_validator(mode="after")
+    def _space_and_data(self):
+        if not self.space:
+            raise ValueError("space is empty: name at least one of " + ", ".join(PURIFY_PARAMS))
+        for name, r in self.space.items():
+            if name not in PURIFY_PARAMS:
+                raise ValueError(f"space.{name}: unknown parameter; searchable: {', '.join(PURIFY_PARAMS)}")
+            if r.low > r.high:
+                raise ValueError(f"space.{name}: low {r.low:g} > high {r.high:g}")
+            if r.log and r.low <= 0:
+                raise ValueError(f"space.{name}: a log-uniform range needs low > 0 (got {r.low:g})")
+            if name == "steps" and (r.low < 1 or r.low != int(r.low) or r.high != int(r.high)):
+                raise ValueError(f"space.steps: integer bounds >= 1 (got {r.low:g}..{r.high:g})")
+        if sorted(self.rungs) != self.rungs or len(set(self.rungs)) != len(self.rungs):
+            raise ValueError(f"rungs must grow strictly (got {self.rungs})")
+        if self.validation.split != "train" or self.validation.path == self.attack.data.path:
+            raise ValueError("validation: held-out images come from the training split, never from the test images "
+                             f"(split={self.validation.split}, path={self.validation.path})")
+        return self
+
+
 class QuickstartConfig(Section):
     """The README's end-to-end run: a small EBM, then the ResNet-20 undefended and defended."""
 
@@ -284,17 +348,35 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _section_of(cls: type[Section], key: str) -> type[Section] | None:
+    """The Section type of field `key` (also inside Optional[...]), or None for any other field."""
+    field = cls.model_fields.get(key)
+    if field is None:
+        return None
+    options = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Union else ()
+    for t in (field.annotation, *options):
+        if isinstance(t, type) and issubclass(t, Section):
+            return t
+    return None
+
+
+def _merge(cls: type[Section], base: dict, update: dict) -> dict:
+    """Lay `update` over `base`, section by section; any other value (a list, a free-form mapping
+    such as a search space) is replaced whole."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        sub = _section_of(cls, key)
+        if sub is not None and isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(sub, base[key], value)
+        else:
+            out[key] = value
     return out
 
 
 def build(cls: type[Section], tree: dict | None) -> Section:
     """Validate `tree` laid over the job's defaults (so a partial section keeps the rest)."""
     try:
-        return cls.model_validate(_merge(cls.model_construct().model_dump(), tree or {}))
+        return cls.model_validate(_merge(cls, cls.model_construct().model_dump(), tree or {}))
     except ValidationError as err:
         raise ConfigError(f"config error: {_describe(err)}") from None
 

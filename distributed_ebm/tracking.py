@@ -57,6 +57,21 @@ class RunLogger:
 
         self.client, self.run_id = MlflowClient(uri), run_id
 
+    @classmethod
+    def child(cls, uri: str, parent_run_id: str, experiment_id: str, name: str, params: dict) -> "RunLogger":
+        """The child run `name` of a parent run (found again when a resumed search restarts the trial)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        found = client.search_runs([experiment_id], filter_string=f"tags.trial = '{name}' and "
+                                   f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        if found:
+            return cls(uri, found[0].info.run_id)
+        run = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, "trial": name})
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, v)
+        return cls(uri, run.info.run_id)
+
     def metrics(self, values: dict, step: int) -> None:
         import time
 

@@ -1,5 +1,6 @@
 """The commands end to end, with results on a real S3-compatible endpoint (moto server, 127.0.0.1)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -44,4 +45,4 @@ def test_job_file_reports_bad_input_in_one_line():
     assert done.stderr.strip() == "debm attack: config error: data.count = 0: Input should be greater than or equal to 1"
     done = subprocess.run([sys.executable, "jobs/attack.py", "ebm=missing.pt", "attack.mode=defense", "data.count=2"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.strip() == "debm attack: missing.pt does not exist"
+    assert done.returncode == 2 and done.stderr.strip() == f"debm attack: {os.path.abspath('missing.pt')} does not exist"
