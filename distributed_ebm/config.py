@@ -338,13 +338,16 @@ def apply_override(tree: dict, item: str) -> None:
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
+        elif not loc:  # a check across keys: its message names them
+            parts.append(msg)
         else:
             shown = e.get("input")
             value = "" if isinstance(shown, dict) else f" = {shown!r}"
-            parts.append(f"{loc}{value}: {e['msg'].removeprefix('Value error, ')}")
+            parts.append(f"{loc}{value}: {msg}")
     return "; ".join(parts)
 
 

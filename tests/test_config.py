@@ -69,9 +69,10 @@ def test_every_job_config_validates():
     from pathlib import Path
 
     from distributed_ebm.cli import COMMANDS
-    kinds = {"train_ebm": "train-ebm", "train_classifier": "train-classifier", "attack": "attack", "quickstart": "quickstart"}
+    kinds = {"train_ebm": "train-ebm", "train_classifier": "train-classifier", "attack": "attack",
+             "quickstart": "quickstart", "tune": "tune"}
     files = sorted(Path("jobs/configs").glob("*.yaml"))
-    assert len(files) >= 7
+    assert len(files) >= 8
     for f in files:
         command = next(v for k, v in kinds.items() if f.stem.startswith(k))
         load_config(COMMANDS[command][0], f)

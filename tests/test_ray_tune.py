@@ -1,0 +1,90 @@
+"""The purifier search on a real local Ray (2 CPUs) with a real MLflow store."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from distributed_ebm import results, storage
+from distributed_ebm.config import ConfigError, TunePurificationConfig, build, load_config
+from distributed_ebm.data import load, to_uint8
+from distributed_ebm.distributed.tune import BEST, TRIALS, objective, tune_purification
+from distributed_ebm.distributed.trainer import run_dir
+from distributed_ebm.nets import save_ebm
+
+from .conftest import RESNET20, TEST_EXACT, tiny_ebm
+
+
+def test_objective_ranks_every_trial_below_the_floor_under_every_trial_above():
+    above = [objective("robust_with_floor", n, r, 0.7) for n, r in ((0.7, 0.0), (0.9, 0.3), (1.0, 1.0))]
+    below = [objective("robust_with_floor", n, r, 0.7) for n, r in ((0.69, 0.69), (0.1, 1.0), (0.0, 0.0))]
+    assert min(above) > max(below)
+    assert objective("robust", 0.1, 0.4, 0.7) == 0.4 and objective("natural", 0.1, 0.4, 0.7) == 0.1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("space={}", "space is empty: name at least one of steps, step_size, noise"),
+    ("space={noise: {low: 0.1, high: 0.01}}", "space.noise: low 0.1 > high 0.01"),
+    ("space={temperature: {low: 0.1, high: 1}}", "space.temperature: unknown parameter; searchable: steps, step_size, noise"),
+    ("space={noise: {low: 0, high: 1}}", "space.noise: a log-uniform range needs low > 0"),
+    ("validation.split=test", "validation: held-out images come from the training split, never from the test images"),
+    ("rungs=[10, 5]", "rungs must grow strictly"),
+])
+def test_bad_search_spaces_fail_before_any_trial(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TunePurificationConfig, None, [override])
+    assert message in str(err.value)
+
+
+def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray_local, tmp_path):
+    import mlflow
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), ebm)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = build(TunePurificationConfig, {
+        "attack": {"data": {"path": TEST_EXACT, "count": 2}, "classifier": {"weights": RESNET20}, "ebm": ebm,
+                   "purify": {"steps": 2}, "attack": {"steps": 2, "eot_attack": 2, "eot_defense": 3, "eps": "2/255"},
+                   "batch_size": 4, "ray": {"actors": 1}, "output": str(tmp_path / "best-run"),
+                   "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "best"}},
+        "validation": {"random": 8, "subset_seed": 1},
+        "space": {"noise": {"low": 0.001, "high": 3.0}, "steps": {"low": 1, "high": 4}},
+        "rungs": [2, 4, 8], "trials": 5, "max_concurrent": 1, "seed": 3,
+        "output": str(tmp_path / "search"), "name": "tiny",
+        "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "search"}})
+    best = tune_purification(cfg)
+    assert len(best["trials"]) == 5
+    assert best["stopped_early"] >= 1, best["trials"]
+    assert best["metrics"]["objective"] == max(t["objective"] for t in best["trials"] if t["rungs"] == 3)
+
+    # the validation images are training images, never test images: no test image among them
+    validation = load(cfg.validation)
+    test = load(build(TunePurificationConfig, {}).attack.data.model_copy(update={"path": TEST_EXACT}))
+    seen = set()
+    for trial in best["trials"]:
+        seen |= set(results.read_records(storage.join(run_dir(cfg), "trials", trial["trial"]),
+                                         ["index"]).column("index").to_pylist())
+    assert seen <= set(validation.ids.tolist())
+    test_pixels = {p.tobytes() for p in to_uint8(test.images)}
+    assert not any(p.tobytes() in test_pixels for p in to_uint8(validation.images))
+
+    # MLflow: the search's parent run and one child run per trial
+    mlflow.set_tracking_uri(uri)
+    (parent,) = mlflow.search_runs(experiment_names=["search"], filter_string="tags.job = 'tune-purification'",
+                                   output_format="list")
+    children = mlflow.search_runs(experiment_names=["search"],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", output_format="list")
+    assert sorted(c.data.tags["trial"] for c in children) == sorted(t["trial"] for t in best["trials"])
+    assert storage.exists(storage.join(run_dir(cfg), TRIALS))
+
+    # the best-settings file runs through jobs/attack.py as it is
+    file = best["file"]
+    tuned = yaml.safe_load(storage.read_bytes(file))
+    assert tuned["purify"]["steps"] == best["params"]["steps"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "jobs/attack.py", "--config", file], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = results.load_summary(str(tmp_path / "best-run"))
+    assert summary["images"] == 2 and summary["config"]["purify"]["noise"] == pytest.approx(best["params"]["noise"])
+    assert np.isfinite(summary["natural_accuracy"])
