@@ -4,6 +4,7 @@
     debm train-classifier --config jobs/configs/train_classifier_resnet20.yaml
     debm attack           --config jobs/configs/attack_bpda_eot.yaml  ebm=runs/ebm/ebm.pt attack.steps=10
     debm tune             --config jobs/configs/tune_purification.yaml
+    debm tune-training    --config jobs/configs/tune_training.yaml
     debm quickstart       (the README's end-to-end run)
     debm report           runs/attack-pgd runs/attack-bpda_eot   (the accuracy table of results folders)
 
@@ -15,13 +16,14 @@ import argparse
 import sys
 
 from .config import (AttackConfig, InputError, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
-                     TunePurificationConfig, load_config, to_yaml)
+                     TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml)
 
 COMMANDS = {
     "train-ebm": (TrainEBMConfig, "train the EBM (maximum likelihood, persistent bank)"),
     "train-classifier": (TrainClassifierConfig, "train a natural classifier"),
     "attack": (AttackConfig, "evaluate a defense: natural and robust accuracy under attack"),
     "tune": (TunePurificationConfig, "search the purifier's step size, noise and steps (Ray Tune, Optuna, ASHA)"),
+    "tune-training": (TuneTrainingConfig, "search the training sampler's step size, noise and steps"),
     "quickstart": (QuickstartConfig, "train a small EBM, then attack the ResNet-20 undefended and defended"),
 }
 
@@ -60,12 +62,13 @@ def run(command: str, cfg) -> None:
         summary = evaluate(cfg)
         print(format_table([summary]))
         print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
-    elif command == "tune":
-        from .distributed.tune import tune_purification
-        best = tune_purification(cfg)
+    elif command in ("tune", "tune-training"):
+        from .distributed.tune import tune_purification, tune_training
+        best = (tune_purification if command == "tune" else tune_training)(cfg)
         print(f"best of {len(best['trials'])} trials ({best['stopped_early']} stopped early by ASHA): "
               f"{best['params']} -> {best['metrics']}")
-        print(f"best settings: {best['file']}  (run: python jobs/attack.py --config {best['file']})")
+        job = "attack" if command == "tune" else "train_ebm"
+        print(f"best settings: {best['file']}  (run: python jobs/{job}.py --config {best['file']})")
     elif command == "quickstart":
         from .quickstart import quickstart
         quickstart(cfg)

@@ -69,6 +69,7 @@ class DataConfig(Section):
     indices: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="these dataset ids")
     random: Optional[int] = Field(None, ge=1, description="a seeded random subset of this size")
     subset_seed: int = Field(0, ge=0)
+    exclude: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="ids held out (before the subset)")
 
     @model_validator(mode="after")
     def _one_subset(self):
@@ -235,29 +236,28 @@ class SearchRange(Section):
 PURIFY_PARAMS = ("steps", "step_size", "noise")
 
 
-class TunePurificationConfig(Section):
-    """Ray Tune search over the purifier's settings, judged on held-out training images."""
+class SearchConfig(Section):
+    """What both Ray Tune searches share: the evaluation, held-out images, space, ASHA, objective."""
 
     attack: AttackConfig = Field(default_factory=lambda: AttackConfig(
         ebm="runs/ebm-cpu/ebm.pt", purify=LangevinConfig(steps=200), batch_size=5,
         attack=AttackSettings(steps=10, eot_attack=4, eot_defense=8)),
-        description="the evaluation every trial runs (a cheap BPDA+EOT), and the base of the best-settings file")
+        description="the evaluation every trial runs (a cheap BPDA+EOT)")
     validation: DataConfig = Field(default_factory=lambda: DataConfig(
         path="${DEBM_SHARED:-../shared}/datasets/cifar10/train-exact-4000.parquet", split="train",
         random=200, subset_seed=0), description="held-out training images: never the test images")
     space: dict[str, SearchRange] = Field(default_factory=lambda: {
         "step_size": SearchRange(low=0.25, high=2.0), "noise": SearchRange(low=0.003, high=0.03),
         "steps": SearchRange(low=50, high=1500)})
-    rungs: list[Annotated[int, Field(ge=1)]] = Field([25, 50, 100, 200], min_length=1,
-                                                     description="validation images at each ASHA rung (growing)")
+    rungs: list[Annotated[int, Field(ge=1)]] = Field([25, 50, 100, 200], min_length=1)
     trials: int = Field(16, ge=1, le=100_000)
     reduction_factor: float = Field(2.0, gt=1.0, le=100.0)
     objective: Literal["robust_with_floor", "robust", "natural"] = "robust_with_floor"
     natural_floor: float = Field(0.7, ge=0.0, le=1.0)
-    max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null = as many as the actors fit")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null = as many as fit")
     seed: int = Field(0, ge=0, lt=2**32)
     output: URL = "runs"
-    name: str = Field("tune-purification", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+    name: str = Field("tune", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="search name: the same name and output resume the search")
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 
@@ -280,6 +280,28 @@ class TunePurificationConfig(Section):
             raise ValueError("validation: held-out images come from the training split, never from the test images "
                              f"(split={self.validation.split}, path={self.validation.path})")
         return self
+
+
+class TunePurificationConfig(SearchConfig):
+    """Search the purifier's settings; `rungs` = validation images per ASHA rung; `attack` is also the
+    base of the best-settings file (its `data` are the images that file evaluates)."""
+
+    name: str = Field("tune-purification", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class TuneTrainingConfig(SearchConfig):
+    """Search the training sampler's settings; each trial is a Ray Train run of `train` with the
+    trial's Langevin settings, evaluated as a purifier (with `attack.purify`) after each rung;
+    `rungs` = training iterations per ASHA rung. The validation ids are held out of training."""
+
+    train: TrainEBMConfig = Field(default_factory=lambda: TrainEBMConfig(
+        ebm=EBMConfig(width=16), langevin=LangevinConfig(steps=20), batch_size=64, bank_size=10_000,
+        sgd_start=100_000, checkpoint_every=100, log_every=50, ray=EBMRayConfig(workers=1)))
+    space: dict[str, SearchRange] = Field(default_factory=lambda: {
+        "step_size": SearchRange(low=0.25, high=2.0), "noise": SearchRange(low=0.003, high=0.03),
+        "steps": SearchRange(low=10, high=100)})
+    rungs: list[Annotated[int, Field(ge=1)]] = Field([100, 200, 400], min_length=1)
+    name: str = Field("tune-training", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class QuickstartConfig(Section):

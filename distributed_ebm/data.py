@@ -141,4 +141,7 @@ def load(cfg: DataConfig) -> ImageSet:
             raise DataError(f"{cfg.name} images are {data.images.shape[-1]} pixels wide, data.image_size is {cfg.image_size}")
     if len(data) == 0:
         raise DataError(f"data file {cfg.path} holds no images")
+    if cfg.exclude:
+        held_out = set(cfg.exclude)
+        data = data.take([k for k, i in enumerate(data.ids.tolist()) if i not in held_out])
     return select(data, cfg.count, cfg.indices, cfg.random, cfg.subset_seed)

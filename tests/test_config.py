@@ -70,9 +70,9 @@ def test_every_job_config_validates():
 
     from distributed_ebm.cli import COMMANDS
     kinds = {"train_ebm": "train-ebm", "train_classifier": "train-classifier", "attack": "attack",
-             "quickstart": "quickstart", "tune": "tune"}
+             "quickstart": "quickstart", "tune_purification": "tune", "tune_training": "tune-training"}
     files = sorted(Path("jobs/configs").glob("*.yaml"))
-    assert len(files) >= 8
+    assert len(files) >= 9
     for f in files:
         command = next(v for k, v in kinds.items() if f.stem.startswith(k))
         load_config(COMMANDS[command][0], f)

@@ -10,7 +10,7 @@ import yaml
 from distributed_ebm import results, storage
 from distributed_ebm.config import ConfigError, TunePurificationConfig, build, load_config
 from distributed_ebm.data import load, to_uint8
-from distributed_ebm.distributed.tune import BEST, TRIALS, objective, tune_purification
+from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
 from distributed_ebm.distributed.trainer import run_dir
 from distributed_ebm.nets import save_ebm
 
@@ -88,3 +88,31 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
     summary = results.load_summary(str(tmp_path / "best-run"))
     assert summary["images"] == 2 and summary["config"]["purify"]["noise"] == pytest.approx(best["params"]["noise"])
     assert np.isfinite(summary["natural_accuracy"])
+
+    # running the search again restores it from its storage instead of starting new trials
+    again = tune_purification(cfg)
+    assert sorted(t["trial"] for t in again["trials"]) == sorted(t["trial"] for t in best["trials"])
+
+
+def test_training_sampler_search_holds_out_validation_and_writes_a_training_config(ray_local, tmp_path):
+    from distributed_ebm.config import TrainEBMConfig, TuneTrainingConfig
+    from distributed_ebm.distributed.tune import trial_training, tune_training
+
+    exact_train = TEST_EXACT.replace("test-exact-1000", "train-exact-4000")
+    cfg = build(TuneTrainingConfig, {
+        "train": {"data": {"path": exact_train, "random": 64}, "ebm": {"width": 4}, "langevin": {"steps": 2},
+                  "batch_size": 8, "bank_size": 16, "checkpoint_every": 2, "log_every": 2,
+                  "ray": {"workers": 1}},
+        "attack": {"classifier": {"weights": RESNET20}, "purify": {"steps": 2},
+                   "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 4, "ray": {"actors": 1}},
+        "validation": {"path": exact_train, "random": 4, "subset_seed": 1},
+        "space": {"noise": {"low": 0.001, "high": 0.1}, "steps": {"low": 1, "high": 3}},
+        "rungs": [2, 4], "trials": 2, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "tt",
+        "mlflow": {"enabled": False}})
+    best = tune_training(cfg)
+    assert len(best["trials"]) == 2 and all(t["natural_accuracy"] is not None for t in best["trials"])
+    validation_ids = set(load(cfg.validation).ids.tolist())
+    trained_on = set(load(trial_training(cfg, best["params"], "x", sorted(validation_ids)).data).ids.tolist())
+    assert trained_on and not trained_on & validation_ids
+    tuned = build(TrainEBMConfig, yaml.safe_load(storage.read_bytes(best["file"])))  # what jobs/train_ebm.py reads
+    assert tuned.langevin.steps == best["params"]["steps"] and tuned.iterations == cfg.train.iterations

@@ -1,25 +1,34 @@
-"""Ray Tune search over the purifier's step size, noise and steps, judged on held-out training images.
+"""Ray Tune searches, judged on held-out training images, never on the test images.
 
-Each trial runs the attack job's own evaluation engine (`evaluate`: Ray Data actors, resumable
-records) on a growing number of validation images, one ASHA rung per size, so weak settings stop
-early and the images a trial already attacked are not attacked again. Optuna proposes the
-settings. The objective ranks every trial whose natural accuracy reaches the floor above every
-trial that misses it. MLflow: a parent run for the search and a child run per trial. The best
-settings are written as a complete attack config that `jobs/attack.py` accepts as it is.
+- `tune_purification`: the purifier's step size, noise and steps. Each trial runs the attack
+  job's own evaluation engine (`evaluate`: Ray Data actors, resumable records) on a growing number
+  of validation images, one ASHA rung per size, so weak settings stop early and no image is
+  attacked twice.
+- `tune_training`: the training sampler's step size, noise and steps. Each trial is a driver that
+  fits the training job's TorchTrainer (`train_ebm_on_ray`, with the validation ids held out of
+  the training data) up to each rung's iteration count, resuming its own run, and evaluates the
+  EBM as a purifier after each rung.
+
+Optuna proposes, ASHA prunes. The objective ranks every trial whose natural accuracy reaches the
+floor above every trial that misses it. MLflow: a parent run per search, a child run per trial.
+The search state lives under output/name (local or S3); running the job again resumes it. The best
+settings are written as a config the attack (or training) job accepts as it is.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from .. import storage
-from ..config import AttackConfig, TunePurificationConfig, to_yaml
+from ..config import AttackConfig, InputError, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..data import load
 from .cluster import available, connect
 from .evaluate import evaluate, preflight
 from .trainer import run_dir
 
-BEST, TRIALS = "best_attack.yaml", "trials.json"
+BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
+REPORTED = ("objective", "natural_accuracy", "robust_accuracy", "images")
 
 
 def objective(kind: str, natural: float, robust: float, floor: float) -> float:
@@ -31,37 +40,81 @@ def objective(kind: str, natural: float, robust: float, floor: float) -> float:
     return robust if natural >= floor else natural - 1.0
 
 
-def trial_attack(cfg: TunePurificationConfig, params: dict, ids: list[int], output: str) -> AttackConfig:
-    """The attack config of one trial on these validation images."""
-    purify = cfg.attack.purify.model_copy(update={k: (int(round(v)) if k == "steps" else float(v))
-                                                   for k, v in params.items()})
-    data = cfg.validation.model_copy(update={"indices": ids, "count": None, "random": None})
-    return cfg.attack.model_copy(update={"purify": purify, "data": data, "output": output,
-                                         "mlflow": cfg.attack.mlflow.model_copy(update={"enabled": False})})
+def with_params(section, params: dict):
+    """A Langevin section with a trial's values (`steps` rounded to an integer)."""
+    return section.model_copy(update={k: (int(round(v)) if k == "steps" else float(v)) for k, v in params.items()})
 
 
-def run_trial(params: dict, setup: dict) -> None:
-    """A Tune trial: evaluate on each rung's validation images, report after each rung."""
+def trial_attack(cfg: SearchConfig, ids: list[int], output: str, purify=None, ebm: str | None = None) -> AttackConfig:
+    """The evaluation of one trial on these validation images (the trial logs to MLflow itself)."""
+    update = {"data": cfg.validation.model_copy(update={"indices": ids, "count": None, "random": None}),
+              "output": output, "mlflow": cfg.attack.mlflow.model_copy(update={"enabled": False})}
+    if purify is not None:
+        update["purify"] = purify
+    if ebm is not None:
+        update["ebm"] = ebm
+    return cfg.attack.model_copy(update=update)
+
+
+def _scores(cfg: SearchConfig, summary: dict, images: int) -> dict:
+    nat, rob = summary["natural_accuracy"], summary["robust_accuracy"]
+    return {"objective": objective(cfg.objective, nat, rob, cfg.natural_floor), "natural_accuracy": nat,
+            "robust_accuracy": rob, "images": images}
+
+
+def _child_logger(setup: dict, trial_id: str, params: dict):
+    if not setup.get("mlflow"):
+        return None
+    from ..tracking import RunLogger
+    return RunLogger.child(**setup["mlflow"], name=trial_id, params=params)
+
+
+def purification_trial(params: dict, setup: dict) -> None:
+    """Evaluate the trial's purifier on each rung's validation images; report after each rung."""
     from ray import tune
 
     cfg = TunePurificationConfig.model_validate(setup["cfg"])
     trial_id = tune.get_context().get_trial_id()
     out = storage.join(run_dir(cfg), "trials", trial_id)
-    logger = None
-    if setup.get("mlflow"):
-        from ..tracking import RunLogger
-        logger = RunLogger.child(**setup["mlflow"], name=trial_id, params=params)
+    logger = _child_logger(setup, trial_id, params)
+    purify = with_params(cfg.attack.purify, params)
     for rung, n in enumerate(cfg.rungs, start=1):
-        summary = evaluate(trial_attack(cfg, params, setup["ids"][:n], out), show=False)
-        nat, rob = summary["natural_accuracy"], summary["robust_accuracy"]
-        metrics = {"objective": objective(cfg.objective, nat, rob, cfg.natural_floor), "natural_accuracy": nat,
-                   "robust_accuracy": rob, "images": n, "image_steps_per_second": summary["image_steps_per_second"] or 0}
+        metrics = _scores(cfg, evaluate(trial_attack(cfg, setup["ids"][:n], out, purify), show=False), n)
         if logger:
             logger.metrics(metrics, step=rung)
         tune.report(metrics)
 
 
-def search_space(cfg: TunePurificationConfig) -> dict:
+def trial_training(cfg: TuneTrainingConfig, params: dict, output: str, held_out: list[int]) -> TrainEBMConfig:
+    """The training job of one trial: its Langevin settings, its own run, the validation ids held out."""
+    data = cfg.train.data.model_copy(update={"exclude": sorted(set(cfg.train.data.exclude or []) | set(held_out))})
+    return cfg.train.model_copy(update={
+        "langevin": with_params(cfg.train.langevin, params), "data": data, "output": output,
+        "mlflow": cfg.train.mlflow.model_copy(update={"enabled": False})})
+
+
+def training_trial(params: dict, setup: dict) -> None:
+    """Train with the trial's sampler up to each rung's iterations (resuming), then evaluate the EBM."""
+    from ray import tune
+
+    from .train import train_ebm_on_ray
+
+    cfg = TuneTrainingConfig.model_validate(setup["cfg"])
+    trial_id = tune.get_context().get_trial_id()
+    out = storage.join(run_dir(cfg), "trials", trial_id)
+    logger = _child_logger(setup, trial_id, params)
+    train = trial_training(cfg, params, out, setup["ids"]).model_copy(update={"name": f"ebm-{trial_id}"})
+    for rung, iterations in enumerate(cfg.rungs, start=1):
+        trained = train_ebm_on_ray(train.model_copy(update={"iterations": iterations}), show=False)
+        attack = trial_attack(cfg, setup["ids"], storage.join(out, f"eval-{iterations}"), ebm=trained["ebm"])
+        metrics = {**_scores(cfg, evaluate(attack, show=False), len(setup["ids"])), "iterations": iterations,
+                   "energy_diff": trained.get("energy_diff", float("nan"))}
+        if logger:
+            logger.metrics(metrics, step=rung)
+        tune.report(metrics)
+
+
+def search_space(cfg: SearchConfig) -> dict:
     from ray import tune
 
     space = {}
@@ -73,29 +126,20 @@ def search_space(cfg: TunePurificationConfig) -> dict:
     return space
 
 
-def tune_purification(cfg: TunePurificationConfig) -> dict:
-    """Run (or resume) the search; returns the best trial's settings and metrics, and the best-settings file."""
+def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job: str, write_best) -> dict:
+    """Optuna + ASHA over `trial`, resumable from output/name, inside a parent MLflow run."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    validation = load(cfg.validation)
-    ids = validation.ids.tolist()
-    if len(ids) < cfg.rungs[-1]:
-        from ..config import InputError
-        raise InputError(f"rungs go up to {cfg.rungs[-1]} images but validation holds {len(ids)}")
-    preflight(trial_attack(cfg, {}, ids[:1], storage.join(run_dir(cfg), "preflight")))  # weights, sizes
     connect(cfg.attack.ray.address)
-    per_trial = (cfg.attack.ray.actors or 1) * cfg.attack.ray.cpus_per_actor
-    concurrent = cfg.max_concurrent or max(1, int(available("CPU") // per_trial))
-    setup = {"cfg": cfg.model_dump(mode="json"), "ids": ids}
+    concurrent = cfg.max_concurrent or max(1, int(available("CPU") // per_trial_cpus))
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     path = storage.join(storage_path, cfg.name)
 
-    def tuner(mlflow_setup):
-        # a trial is a light driver (0.01 CPU); its evaluation's actors ask for their own resources
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup={**setup, "mlflow": mlflow_setup}),
-                                        {"cpu": 0.01})
+    def make_tuner(mlflow_setup):
+        # a trial is a light driver (0.01 CPU); the actors and workers it starts ask for their own resources
+        trainable = tune.with_resources(tune.with_parameters(trial, setup={**setup, "mlflow": mlflow_setup}), {"cpu": 0.01})
         if tune.Tuner.can_restore(path):  # a stopped search resumes
             return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         return tune.Tuner(
@@ -106,52 +150,77 @@ def tune_purification(cfg: TunePurificationConfig) -> dict:
                 scheduler=ASHAScheduler(max_t=len(cfg.rungs), grace_period=1, reduction_factor=cfg.reduction_factor)),
             run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path))
 
-    if cfg.mlflow.enabled:
-        from ..tracking import mlflow_run, tracking_uri
-        id_url = storage.join(run_dir(cfg), "mlflow_run_id")
-        run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
-        with mlflow_run(cfg.mlflow, f"tune:{cfg.name}", cfg.model_dump(mode="json"),
-                        tags={"job": "tune-purification"}, run_id=run_id) as mlflow:
-            parent = mlflow.active_run()
-            storage.write_bytes(id_url, parent.info.run_id.encode())
-            results = tuner({"uri": tracking_uri(cfg.mlflow), "parent_run_id": parent.info.run_id,
-                             "experiment_id": parent.info.experiment_id}).fit()
-            best = _finish(cfg, results)
-            mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
-            mlflow.log_metrics({f"best_{k}": v for k, v in best["metrics"].items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(_local_copy(best["file"]))
-    else:
-        best = _finish(cfg, tuner(None).fit())
+    if not cfg.mlflow.enabled:
+        return _finish(cfg, make_tuner(None).fit(), write_best)
+    from ..tracking import mlflow_run, tracking_uri
+
+    id_url = storage.join(run_dir(cfg), "mlflow_run_id")
+    run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
+    with mlflow_run(cfg.mlflow, f"{job}:{cfg.name}", cfg.model_dump(mode="json"), tags={"job": job},
+                    run_id=run_id) as mlflow:
+        parent = mlflow.active_run()
+        storage.write_bytes(id_url, parent.info.run_id.encode())
+        best = _finish(cfg, make_tuner({"uri": tracking_uri(cfg.mlflow), "parent_run_id": parent.info.run_id,
+                                        "experiment_id": parent.info.experiment_id}).fit(), write_best)
+        mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
+        mlflow.log_metrics({f"best_{k}": v for k, v in best["metrics"].items() if v is not None})
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(best["file"]))
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(best["file"]))
+            mlflow.log_artifact(local)
     return best
 
 
-def _local_copy(url: str) -> str:
-    import tempfile
-
-    path = os.path.join(tempfile.mkdtemp(), os.path.basename(url))
-    with open(path, "wb") as f:
-        f.write(storage.read_bytes(url))
-    return path
-
-
-def _finish(cfg: TunePurificationConfig, results) -> dict:
-    """Write trials.json and the best-settings attack config; return the best trial."""
-    rows = []
-    for r in results:
-        if r.metrics:
-            rows.append({"trial": r.metrics.get("trial_id"), "params": r.config,
-                         "rungs": r.metrics.get("training_iteration"),
-                         **{k: r.metrics.get(k) for k in ("objective", "natural_accuracy", "robust_accuracy", "images")}})
-    errors = [r.error for r in results if r.error]
+def _finish(cfg: SearchConfig, results, write_best) -> dict:
+    """Write trials.json and the best-settings file; return the best trial and every trial's last metrics."""
+    rows = [{"trial": r.metrics.get("trial_id"), "params": r.config, "rungs": r.metrics.get("training_iteration"),
+             **{k: r.metrics.get(k) for k in REPORTED}} for r in results if r.metrics]
     if not rows:
-        raise RuntimeError(f"no trial finished; first error: {errors[0] if errors else 'none'}")
+        errors = [r.error for r in results if r.error]
+        raise RuntimeError(f"no trial reported; first error: {errors[0] if errors else 'none'}")
     best = results.get_best_result(metric="objective", mode="max", scope="last")
-    best_attack = cfg.attack.model_copy(update={"purify": trial_attack(cfg, best.config, [0], "x").purify})
-    file = storage.join(run_dir(cfg), BEST)
-    storage.write_bytes(file, (f"# best purifier settings of search {cfg.name} (objective {cfg.objective}, "
-                               f"natural floor {cfg.natural_floor}); run with jobs/attack.py --config\n"
-                               + to_yaml(best_attack)).encode())
+    file = write_best(best.config)
     storage.write_bytes(storage.join(run_dir(cfg), TRIALS), json.dumps(rows, indent=2).encode())
-    return {"params": best.config, "metrics": {k: best.metrics.get(k) for k in
-                                               ("objective", "natural_accuracy", "robust_accuracy", "images")},
-            "file": file, "trials": rows, "stopped_early": sum(1 for r in rows if r["rungs"] < len(cfg.rungs))}
+    return {"params": best.config, "metrics": {k: best.metrics.get(k) for k in REPORTED}, "file": file,
+            "trials": rows, "stopped_early": sum(1 for r in rows if r["rungs"] < len(cfg.rungs))}
+
+
+def _write(cfg: SearchConfig, name: str, what: str, body) -> str:
+    file = storage.join(run_dir(cfg), name)
+    storage.write_bytes(file, (f"# best {what} of search {cfg.name} (objective {cfg.objective}, natural floor "
+                               f"{cfg.natural_floor})\n" + to_yaml(body)).encode())
+    return file
+
+
+def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
+    ids = load(cfg.validation).ids.tolist()
+    if len(ids) < needed:
+        raise InputError(f"the search needs {needed} validation images but validation holds {len(ids)}")
+    return ids
+
+
+def tune_purification(cfg: TunePurificationConfig) -> dict:
+    """Search the purifier; the best settings become a complete attack config (run it with jobs/attack.py)."""
+    ids = _validation_ids(cfg, cfg.rungs[-1])
+    preflight(trial_attack(cfg, ids[:1], storage.join(run_dir(cfg), "preflight")))  # weights, sizes: before any trial
+    per_trial = (cfg.attack.ray.actors or 1) * cfg.attack.ray.cpus_per_actor
+    return run_search(cfg, purification_trial, {"cfg": cfg.model_dump(mode="json"), "ids": ids}, per_trial,
+                      "tune-purification",
+                      lambda params: _write(cfg, BEST_ATTACK, "purifier settings; run: python jobs/attack.py --config THIS",
+                                            cfg.attack.model_copy(update={"purify": with_params(cfg.attack.purify, params)})))
+
+
+def tune_training(cfg: TuneTrainingConfig) -> dict:
+    """Search the training sampler; the best settings become a complete training config (jobs/train_ebm.py)."""
+    ids = _validation_ids(cfg, 1)
+    data = load(trial_training(cfg, {}, "x", ids).data)
+    from ..training import check_sizes
+    check_sizes(cfg.train, len(data), cfg.train.ray.workers)
+    c = cfg.attack.classifier
+    from ..nets import load_classifier
+    load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)  # before any trial
+    per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker
+    return run_search(cfg, training_trial, {"cfg": cfg.model_dump(mode="json"), "ids": ids}, per_trial, "tune-training",
+                      lambda params: _write(cfg, BEST_TRAINING, "training sampler; run: python jobs/train_ebm.py --config THIS",
+                                            cfg.train.model_copy(update={"langevin": with_params(cfg.train.langevin, params)})))
