@@ -116,3 +116,36 @@ def test_training_sampler_search_holds_out_validation_and_writes_a_training_conf
     assert trained_on and not trained_on & validation_ids
     tuned = build(TrainEBMConfig, yaml.safe_load(storage.read_bytes(best["file"])))  # what jobs/train_ebm.py reads
     assert tuned.langevin.steps == best["params"]["steps"] and tuned.iterations == cfg.train.iterations
+
+
+def test_a_stopped_search_resumes(ray_local, tmp_path):
+    import glob
+    import time
+
+    from ray import tune
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), ebm)
+    tree = {"attack": {"classifier": {"weights": RESNET20}, "ebm": ebm, "purify": {"steps": 2},
+                       "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 4, "ray": {"actors": 1}},
+            "validation": {"random": 4}, "space": {"noise": {"low": 0.001, "high": 0.1}},
+            "rungs": [2, 4], "trials": 4, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "stop",
+            "mlflow": {"enabled": False}}
+    file = tmp_path / "search.yaml"
+    file.write_text(yaml.safe_dump(tree))
+    cfg = build(TunePurificationConfig, tree)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    job = subprocess.Popen([sys.executable, "jobs/tune_purification.py", "--config", str(file)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = str(tmp_path / "search" / "stop")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tune.Tuner.can_restore(path) and len(glob.glob(f"{path}/trials/*")) >= 3):
+        time.sleep(0.5)
+    job.kill()  # stop the search mid-way (a third trial has started, so the first has long finished)
+    job.wait()
+    first = os.path.basename(min(glob.glob(f"{path}/trials/*"), key=os.path.getctime))
+    assert not storage.exists(storage.join(run_dir(cfg), TRIALS))
+    best = tune_purification(cfg)
+    finished = {t["trial"] for t in best["trials"]}
+    # the search went on from its saved state: the finished trial is kept, the total is still 4
+    # (a trial that was running at the kill may be replaced if the state was saved before it began)
+    assert len(finished) == 4 and first in finished
