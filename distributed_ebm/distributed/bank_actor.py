@@ -2,7 +2,7 @@
 
 A slot is leased to one worker at a time: `lease` refuses a slot that is already held, and the
 actor keeps the books (leases, returns, refusals) that the tests read. Leases of a crashed worker
-go back to the pool with `release`. Each shard backs itself up at every checkpoint; a shard that
+go back to the pool when the restarted run reloads the bank from its checkpoint (`load`). Each shard backs itself up at every checkpoint; a shard that
 dies is restarted by Ray (max_restarts=-1) and reloads its last backup, while the workers' calls
 are retried on the new actor (max_task_retries=-1), so the run goes on. Transfers are one call
 per shard per lease or return, as numpy arrays.
@@ -62,12 +62,6 @@ class BankShard:
         self.holder[local] = -1
         self.books["returns"] += len(slots)
 
-    def release(self, holder: int | None = None) -> int:
-        """Return the leases of one worker (or of all) to the pool; how many there were."""
-        held = self.holder != -1 if holder is None else self.holder == holder
-        self.holder[held] = -1
-        return int(held.sum())
-
     def books_and_leases(self) -> dict:
         return {**self.books, "leased_now": int((self.holder != -1).sum())}
 
@@ -115,9 +109,6 @@ class ShardedBank:
         states = states.detach().cpu().contiguous().numpy()
         ray.get([h.give_back.remote(slots[r].numpy(), states[r.numpy()], steps_taken, restart[r].numpy(), holder)
                  for h, r in self._split(slots)])
-
-    def release(self, holder: int | None = None) -> int:
-        return sum(ray.get([h.release.remote(holder) for h in self.shards]))
 
     def books(self) -> list[dict]:
         return ray.get([h.books_and_leases.remote() for h in self.shards])

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from .. import storage
 from ..config import AttackConfig, InputError, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..data import load
+from ..nets import load_classifier
+from ..training import check_sizes
 from .cluster import available, connect
 from .evaluate import evaluate, preflight
 from .trainer import run_dir
@@ -152,7 +153,7 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
 
     if not cfg.mlflow.enabled:
         return _finish(cfg, make_tuner(None).fit(), write_best)
-    from ..tracking import mlflow_run, tracking_uri
+    from ..tracking import log_url_artifacts, mlflow_run, tracking_uri
 
     id_url = storage.join(run_dir(cfg), "mlflow_run_id")
     run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
@@ -164,11 +165,7 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
                                         "experiment_id": parent.info.experiment_id}).fit(), write_best)
         mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
         mlflow.log_metrics({f"best_{k}": v for k, v in best["metrics"].items() if v is not None})
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(best["file"]))
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(best["file"]))
-            mlflow.log_artifact(local)
+        log_url_artifacts(mlflow, [best["file"]])
     return best
 
 
@@ -215,10 +212,8 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     """Search the training sampler; the best settings become a complete training config (jobs/train_ebm.py)."""
     ids = _validation_ids(cfg, 1)
     data = load(trial_training(cfg, {}, "x", ids).data)
-    from ..training import check_sizes
     check_sizes(cfg.train, len(data), cfg.train.ray.workers)
     c = cfg.attack.classifier
-    from ..nets import load_classifier
     load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker
     return run_search(cfg, training_trial, {"cfg": cfg.model_dump(mode="json"), "ids": ids}, per_trial, "tune-training",
