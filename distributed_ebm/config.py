@@ -192,7 +192,10 @@ class TrainClassifierConfig(Section):
 class AttackSettings(Section):
     """How the defense is attacked and counted (../shared/PAPER.md, 'The attack')."""
 
-    mode: Literal["bpda_eot", "pgd", "transfer", "defense"] = "bpda_eot"
+    mode: Literal["bpda_eot", "exact_eot", "pgd", "transfer", "defense"] = "bpda_eot"
+    optimizer: Literal["pgd", "apgd"] = Field("pgd", description="apgd: step size from 2 eps, halved on "
+                                              "stagnation, momentum 0.75 (step_size unused)")
+    loss: Literal["ce", "dlr"] = "ce"
     norm: Literal["linf", "l2"] = "linf"
     eps: Budget = Field(8 / 255, ge=0.0, le=1.0, description="radius in [0, 1] pixel units")
     step_size: Budget = Field(2 / 255, gt=0.0, le=1.0, description="in [0, 1] pixel units")
@@ -201,6 +204,19 @@ class AttackSettings(Section):
     eot_attack: int = Field(15, ge=1, le=100_000, description="chains per gradient and check")
     eot_defense: int = Field(150, ge=0, le=100_000, description="fresh chains to confirm a break; 0 = no confirmation")
     average: Literal["logits", "softmax"] = "logits"
+    segment: Optional[int] = Field(None, ge=1, le=100_000, description="exact_eot: Langevin steps per "
+                                   "checkpointed segment; null = round(sqrt(purify.steps))")
+    reevaluations: int = Field(0, ge=0, le=10_000, description="re-judge each final adversarial image this many "
+                               "times with fresh chains (eot_defense each): mean and worst case")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.reevaluations and self.mode == "pgd":
+            raise ValueError("attack.reevaluations needs a defended mode: the undefended classifier (mode pgd) "
+                             "is deterministic")
+        if self.reevaluations and self.eot_defense == 0:
+            raise ValueError("attack.reevaluations judges with attack.eot_defense chains: set eot_defense >= 1")
+        return self
 
 
 class AttackConfig(Section):
@@ -222,6 +238,9 @@ class AttackConfig(Section):
         if self.attack.mode != "pgd" and self.ebm is None and self.purify.step_size > 0:
             raise ValueError(f"attack.mode={self.attack.mode} purifies with an EBM: set ebm to a checkpoint URL "
                              "(or purify.step_size=0 for noise-only chains)")
+        if self.attack.loss == "dlr" and self.classifier.num_classes < 3:
+            raise ValueError(f"attack.loss=dlr needs at least 3 classes (classifier.num_classes="
+                             f"{self.classifier.num_classes})")
         return self
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exact_chain import differentiable_langevin
 from .langevin import langevin, prepare_energy
 from .noise import ChainKeys
 
@@ -20,6 +21,20 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (aggregated logit
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Difference of logits ratio (Croce & Hein 2020): -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3).
+
+    Invariant to shifting and scaling the logits, so it also works on log-mean-softmax outputs.
+    """
+    top = logits.sort(dim=1, descending=True).values
+    z_y = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).max(dim=1).values
+    return -(z_y - others) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+LOSSES: dict[str, Loss] = {"ce": cross_entropy, "dlr": dlr}
 
 
 class Purifier:
@@ -59,17 +74,17 @@ class EOTDefense:
         return mean if self.average == "logits" else mean.log()
 
     def _purified_chunks(self, x, ids, seed, call, replicates):
-        """Yield (image row of each chain, purified chains), `chunk_size` chains at a time."""
+        """Yield (chain numbers, image row of each chain, purified chains), `chunk_size` chains at a time."""
         keys = ChainKeys.replicated(seed, ids, replicates, call)
         total = x.shape[0] * replicates
         for start in range(0, total, self.chunk_size):
             rows = torch.arange(start, min(start + self.chunk_size, total))
             owner = rows // replicates
-            yield owner, self.purifier(x[owner], keys[rows])
+            yield rows, owner, self.purifier(x[owner], keys[rows])
 
     def _mean_outputs(self, chunks, n: int) -> torch.Tensor:
         mean = None
-        for owner, xp in chunks:
+        for _, owner, xp in chunks:
             with torch.no_grad():
                 out = self._per_replicate(self.classifier(xp))
             if mean is None:
@@ -82,12 +97,15 @@ class EOTDefense:
         return self._aggregate(self._mean_outputs(self._purified_chunks(x, ids, seed, call, replicates), x.shape[0]) / replicates)
 
     def logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int,
-                        replicates: int, loss: Loss = cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
-        """EOT-averaged logits and the BPDA gradient of loss(averaged logits) with respect to x.
+                        replicates: int, loss: Loss = cross_entropy, exact: bool = False,
+                        segment: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """EOT-averaged logits and the gradient of loss(averaged logits) with respect to x.
 
-        BPDA takes the purifier's Jacobian as the identity, so the gradient is the sum over
-        replicates of the loss gradient at each purified image (no graph through the chain).
-        Two passes per chunk (outputs, then vector-Jacobian products), so memory stays bounded.
+        BPDA (exact=False) takes the purifier's Jacobian as the identity: the gradient is the sum
+        over replicates of the loss gradient at each purified image (no graph through the chain).
+        exact=True back-propagates through every Langevin step of every replicate, with the same
+        keyed noise, checkpointed every `segment` steps (`exact_chain`). Two passes per chunk
+        (outputs, then vector-Jacobian products), so memory stays bounded by `chunk_size` chains.
         """
         chunks = list(self._purified_chunks(x, ids, seed, call, replicates))
         mean = self._mean_outputs(chunks, x.shape[0]) / replicates
@@ -95,10 +113,17 @@ class EOTDefense:
             m = mean.detach().requires_grad_(True)
             (g_mean,) = torch.autograd.grad(loss(self._aggregate(m), labels).sum(), m)
         grad = torch.zeros_like(x)
+        p = self.purifier
+        through_chain = exact and not p.is_identity and p.ebm is not None and p.step_size != 0
+        keys = ChainKeys.replicated(seed, ids, replicates, call) if through_chain else None
         with torch.enable_grad():
-            for owner, xp in chunks:
-                xp = xp.detach().requires_grad_(True)
+            for rows, owner, xp in chunks:
+                if through_chain:  # the noise-only chain's Jacobian is the identity: BPDA is exact there
+                    x0 = x[owner].detach().requires_grad_(True)
+                    xp = differentiable_langevin(p.ebm, x0, keys[rows], p.steps, p.step_size, p.noise, segment)
+                else:
+                    x0 = xp = xp.detach().requires_grad_(True)
                 surrogate = (self._per_replicate(self.classifier(xp)) * g_mean[owner]).sum() / replicates
-                (g,) = torch.autograd.grad(surrogate, xp)
+                (g,) = torch.autograd.grad(surrogate, x0)
                 grad.index_add_(0, owner.to(grad.device), g.to(grad.dtype).contiguous())
         return self._aggregate(mean), grad

@@ -18,10 +18,14 @@ def describe(summary: dict) -> tuple[str, str]:
     else:
         system = f"{clf} + EBM (K={p['steps']}, s={p['step_size']:g}, sigma={p['noise']:g})"
     budget = f"{a['norm']} eps={a['eps'] * 255:.3g}/255" if a["norm"] == "linf" else f"l2 eps={a['eps']:g}"
+    optimizer = "APGD" if a.get("optimizer") == "apgd" else "PGD"
+    loss = "-DLR" if a.get("loss") == "dlr" else ""
+    chains = f"{a['eot_attack']}/{a['eot_defense']} chains"
     attack = {
-        "pgd": f"PGD {budget}, {a['steps']} steps",
-        "bpda_eot": f"BPDA+EOT {budget}, {a['steps']} steps, {a['eot_attack']}/{a['eot_defense']} chains",
-        "transfer": f"transfer PGD {budget}, {a['steps']} steps",
+        "pgd": f"{optimizer}{loss} {budget}, {a['steps']} steps",
+        "bpda_eot": f"BPDA+EOT {optimizer}{loss} {budget}, {a['steps']} steps, {chains}",
+        "exact_eot": f"exact-gradient EOT {optimizer}{loss} {budget}, {a['steps']} steps, {chains}",
+        "transfer": f"transfer {optimizer}{loss} {budget}, {a['steps']} steps",
         "defense": "none (natural only)",
     }[a["mode"]]
     return system, attack
@@ -33,11 +37,17 @@ def _pct(value: float, ci) -> str:
 
 def format_table(summaries: list[dict]) -> str:
     """Natural and robust accuracy, in percent with 95% Wilson intervals."""
-    rows = [("system", "images", "natural % [95% CI]", "robust % [95% CI]", "attack")]
+    reeval = any("reevaluations" in s for s in summaries)
+    rows = [("system", "images", "natural % [95% CI]", "robust % [95% CI]")
+            + (("R-eval mean %", "worst of R % [95% CI]") if reeval else ()) + ("attack",)]
     for s in summaries:
         system, attack = describe(s)
         robust = "-" if s["config"]["attack"]["mode"] == "defense" else _pct(s["robust_accuracy"], s["robust_ci95"])
-        rows.append((system, str(s["images"]), _pct(s["natural_accuracy"], s["natural_ci95"]), robust, attack))
+        row = (system, str(s["images"]), _pct(s["natural_accuracy"], s["natural_ci95"]), robust)
+        if reeval:
+            row += ((f"{100 * s['reeval_mean_accuracy']:5.1f} (R={s['reevaluations']})",
+                     _pct(s["worst_case_accuracy"], s["worst_case_ci95"])) if "reevaluations" in s else ("-", "-"))
+        rows.append(row + (attack,))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

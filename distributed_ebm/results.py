@@ -70,13 +70,16 @@ def read_records(output: str, columns=None) -> pa.Table:
 def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     """Summary of the records of the selected images `ids` (accuracies, 95% intervals, curve,
     throughput of the images computed by this run, `new_ids`), written with its plot."""
-    table = read_records(cfg.output, ["index", "natural_correct", "broken_at", "image_steps"])
+    columns = ["index", "natural_correct", "broken_at", "image_steps"]
+    table = read_records(cfg.output, columns + (["reeval_correct"] if cfg.attack.reevaluations else []))
     table = table.filter(pc.is_in(table.column("index"), pa.array(sorted(ids), type=pa.int64())))
     missing = len(ids) - table.num_rows
     if missing:
         raise RuntimeError(f"{missing} selected images have no record under {cfg.output}/records")
     points = evaluation_points(cfg.attack)
-    summary = summarize(table.column("natural_correct").to_pylist(), table.column("broken_at").to_pylist(), points)
+    reeval = table.column("reeval_correct").to_pylist() if cfg.attack.reevaluations else None
+    summary = summarize(table.column("natural_correct").to_pylist(), table.column("broken_at").to_pylist(), points,
+                        reeval)
     steps = table.column("image_steps").to_pylist()
     fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
     summary.update({

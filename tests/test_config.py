@@ -32,7 +32,7 @@ def test_overrides_fractions_and_env(tmp_path, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("attack.eps=2", "attack.eps = 2: Input should be less than or equal to 1"),
     ("data.bogus=1", "data.bogus: unknown key"),
-    ("attack.mode=foo", "attack.mode = 'foo': Input should be 'bpda_eot', 'pgd', 'transfer' or 'defense'"),
+    ("attack.mode=foo", "attack.mode = 'foo': Input should be 'bpda_eot', 'exact_eot', 'pgd', 'transfer' or 'defense'"),
     ("purify.steps=-1", "purify.steps = -1: Input should be greater than or equal to 0"),
     ("batch_size=many", "batch_size = 'many': Input should be a valid integer"),
     ("data.indices=[]", "data: indices is empty"),

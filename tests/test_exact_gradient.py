@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_ebm.attacks.exact import differentiable_langevin
+from distributed_ebm.exact_chain import differentiable_langevin
 from distributed_ebm.langevin import langevin
 from distributed_ebm.nets import EBM
 from distributed_ebm.noise import ChainKeys

@@ -8,17 +8,29 @@ confirmation prediction is wrong too; once broken it stays broken and leaves the
 Modes (`AttackSettings.mode`):
 - bpda_eot: gradients and checks from `eot_attack` purified replicates (BPDA: identity Jacobian
   through the purifier), confirmation by `eot_defense` fresh replicates, every point checked.
+- exact_eot: as bpda_eot, but the gradient goes through every Langevin step of every replicate
+  (Hessian-vector products of the EBM, checkpointed every `segment` steps; `exact_chain`).
 - pgd: plain PGD on the undefended classifier; checks are its own predictions, every point.
 - transfer: PGD on the undefended classifier; the defense judges the clean image and the last iterate.
 - defense: the defense judges the clean image only (natural accuracy of the defended classifier).
 
-Randomness is keyed by (seed, image id, call), with call = 2 * point for a check and
-2 * point + 1 for its confirmation, so an image's result does not depend on its batch.
+The iterates move by fixed-step PGD or by APGD (`optimizer`), ascending the cross-entropy or
+the DLR loss (`loss`) of the (EOT-averaged) output.
+
+Stochastic-defense reporting (`reevaluations` = R > 0): after the attack, each image's final
+adversarial image (the one at its break, else the last iterate; the clean image if the clean
+image was already misclassified) is judged R more times by the defense with fresh chains
+(`eot_defense` each); the summary gives the mean accuracy over the R judgements and the
+worst case (the share of images judged correctly all R times) beside the protocol's figure.
+
+Randomness is keyed by (seed, image id, call), with call = 2 * point for a check, 2 * point + 1
+for its confirmation and 2 * points + r for re-evaluation r, so an image's result does not
+depend on its batch.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttackSettings
-from ..defense import EOTDefense, Purifier
-from .pgd import ascent_step, project, random_start, to_signed_units
+from ..defense import LOSSES, EOTDefense, Purifier
+from .apgd import APGD, FixedStep
+from .pgd import random_start, to_signed_units
 
 NEVER = -1
 
@@ -43,6 +56,7 @@ class ImageRecord:
     final_pred: int  # prediction at the break, or at the last evaluation if never broken
     image_steps: int  # Langevin image-steps spent on this image (its share of the compute)
     adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the image at the break, or the last iterate
+    reeval_correct: list = field(default_factory=list)  # one flag per re-evaluation of adv_image
 
     @property
     def robust(self) -> bool:
@@ -60,11 +74,11 @@ def evaluation_points(settings: AttackSettings) -> int:
     return 1 if settings.mode == "defense" else settings.steps + 2
 
 
-def _classifier_logits_and_grad(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+def _classifier_logits_and_grad(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor, loss):
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = classifier(x)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x)
+        (grad,) = torch.autograd.grad(loss(logits, labels).sum(), x)
     return logits.detach(), grad
 
 
@@ -87,24 +101,28 @@ class Attack:
         self.defense = EOTDefense(classifier, purifier, chunk_size, settings.average) if purifier else None
         self.s, self.seed, self.on_point = settings, seed, on_point
         self.eps, self.alpha = to_signed_units(settings.eps), to_signed_units(settings.step_size)
+        self.loss = LOSSES[settings.loss]
 
     @property
     def points(self) -> int:
         return evaluation_points(self.s)
 
     def _checked(self, point: int) -> bool:
-        if self.s.mode in ("pgd", "bpda_eot"):
+        if self.s.mode in ("pgd", "bpda_eot", "exact_eot"):
             return True
         return point == 0 or (self.s.mode == "transfer" and point == self.points - 1)
 
     def _eot(self, x, ids, call, replicates, labels=None):
-        """EOT logits (and the BPDA gradient when labels are given); charges the chains' cost to the images."""
-        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps
+        """EOT logits (and the attack's gradient when labels are given); charges the chains' cost to
+        the images (an exact gradient runs each chain three times: outputs, forward, recomputation)."""
+        exact = labels is not None and self.s.mode == "exact_eot"
+        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * (3 if exact else 1)
         for i in ids.tolist():
             self._cost[self._row[i]] += replicates * steps
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
-        return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates)
+        return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
+                                            loss=self.loss, exact=exact, segment=self.s.segment)
 
     def _judge(self, point, x, labels, ids, check_logits=None):
         """(broken mask, prediction) at a checked point, with the paper's confirmation."""
@@ -121,11 +139,24 @@ class Attack:
         return wrong, pred
 
     def _gradient(self, point, x, labels, ids):
-        """(logits for the check or None, ascent gradient) at iterate x."""
-        if self.s.mode == "bpda_eot":
+        """(logits of what is attacked, ascent gradient) at iterate x."""
+        if self.s.mode in ("bpda_eot", "exact_eot"):
             return self._eot(x, ids, 2 * point, self.s.eot_attack, labels)
-        logits, grad = _classifier_logits_and_grad(self.classifier, x, labels)
-        return (logits if self.s.mode == "pgd" else None), grad
+        return _classifier_logits_and_grad(self.classifier, x, labels, self.loss)
+
+    def _updater(self, x_nat):
+        if self.s.optimizer == "apgd":
+            return APGD(x_nat, self.s.norm, self.eps, self.s.steps)
+        return FixedStep(x_nat, self.s.norm, self.eps, self.alpha)
+
+    def _reevaluate(self, adv, labels, ids) -> list[list[bool]]:
+        """Judge every final adversarial image `reevaluations` times with fresh chains."""
+        flags = [[] for _ in range(len(ids))]
+        for r in range(self.s.reevaluations):
+            correct = (self._eot(adv, ids, 2 * self.points + r, self.s.eot_defense).argmax(1) == labels).tolist()
+            for k, c in enumerate(correct):
+                flags[k].append(bool(c))
+        return flags
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[ImageRecord]:
@@ -147,36 +178,43 @@ class Attack:
         if self.s.mode != "defense" and len(active):
             x_nat = images[active]
             x = random_start(x_nat, ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start else x_nat.clone()
+            update = self._updater(x_nat)
+            judged_by_attack = self.s.mode in ("pgd", "bpda_eot", "exact_eot")
             for t in range(self.s.steps + 1):
                 point, last = t + 1, t == self.s.steps
-                check = self._checked(point)
                 y, i = labels[active], ids[active]
                 if last:
-                    logits, grad = (None if self.s.mode != "pgd" else self.classifier(x)), None
-                    if self.s.mode == "bpda_eot":
+                    logits, grad = None, None
+                    if self.s.mode == "pgd":
+                        logits = self.classifier(x)
+                    elif self.s.mode in ("bpda_eot", "exact_eot"):
                         logits = self._eot(x, i, 2 * point, self.s.eot_attack)
                 else:
                     logits, grad = self._gradient(point, x, y, i)
-                if check:
-                    wrong, pred = self._judge(point, x, y, i, logits)
+                loss = self.loss(logits, y) if grad is not None else None
+                if self._checked(point):
+                    wrong, pred = self._judge(point, x, y, i, logits if judged_by_attack else None)
                     w = wrong.cpu()
                     broken_at[active[w]] = point
                     final_pred[active] = pred.cpu()
                     adv[active[w]] = x[wrong]
                     keep = ~wrong
-                    active, x, x_nat = active[~w], x[keep], x_nat[keep]
-                    grad = grad[keep] if grad is not None else None
+                    active, x = active[~w], x[keep]
+                    update.keep(keep)
+                    grad, loss = (grad[keep], loss[keep]) if grad is not None else (None, None)
                 if not len(active):
                     break
                 if grad is not None:
-                    x = project(ascent_step(x, grad, self.s.norm, self.alpha), x_nat, self.s.norm, self.eps)
+                    x = update.step(x, grad, loss)
                 self._report(point)
             adv[active] = x
+        reeval = self._reevaluate(adv, labels, ids) if self.s.reevaluations else [[] for _ in range(n)]
         self._report(self.points - 1)
 
         natural_pred = natural_pred.tolist()
         return [ImageRecord(int(ids[k]), int(labels[k]), natural_pred[k], natural_pred[k] == int(labels[k]),
-                            int(broken_at[k]), int(final_pred[k]), self._cost[k], adv[k].float().cpu().numpy())
+                            int(broken_at[k]), int(final_pred[k]), self._cost[k], adv[k].float().cpu().numpy(),
+                            reeval[k])
                 for k in range(n)]
 
     def _report(self, point: int) -> None:
@@ -202,12 +240,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(natural_correct: list[bool], broken_at: list[int], points: int) -> dict:
-    """Natural and robust accuracy (with 95% Wilson intervals) and the accuracy curve."""
+def summarize(natural_correct: list[bool], broken_at: list[int], points: int,
+              reeval_correct: list[list[bool]] | None = None) -> dict:
+    """Natural and robust accuracy (with 95% Wilson intervals) and the accuracy curve; with
+    re-evaluations, also their mean accuracy, each one's accuracy, and the worst case (images
+    judged correctly every time)."""
     n = len(broken_at)
     natural = int(sum(bool(c) for c in natural_correct))
     robust = int(sum(b == NEVER for b in broken_at))
-    return {
+    summary = {
         "images": n,
         "natural_accuracy": natural / n if n else float("nan"),
         "natural_ci95": wilson_interval(natural, n),
@@ -215,3 +256,14 @@ def summarize(natural_correct: list[bool], broken_at: list[int], points: int) ->
         "robust_ci95": wilson_interval(robust, n),
         "accuracy_curve": accuracy_curve(list(broken_at), points),
     }
+    if reeval_correct and n and len(reeval_correct[0]):
+        flags = np.asarray(reeval_correct, dtype=bool)  # images x R
+        worst = int(flags.all(axis=1).sum())
+        summary.update({
+            "reevaluations": int(flags.shape[1]),
+            "reeval_accuracies": flags.mean(axis=0).tolist(),
+            "reeval_mean_accuracy": float(flags.mean()),
+            "worst_case_accuracy": worst / n,
+            "worst_case_ci95": wilson_interval(worst, n),
+        })
+    return summary
