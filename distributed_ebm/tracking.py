@@ -111,6 +111,10 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
         metrics = {k: summary[k] for k in ("natural_accuracy", "robust_accuracy", "images", "seconds", "image_steps")}
         metrics.update({"natural_ci95_low": summary["natural_ci95"][0], "natural_ci95_high": summary["natural_ci95"][1],
                         "robust_ci95_low": summary["robust_ci95"][0], "robust_ci95_high": summary["robust_ci95"][1]})
+        if "reevaluations" in summary:
+            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "worst_case_accuracy")})
+            for r, acc in enumerate(summary["reeval_accuracies"]):
+                mlflow.log_metric("reeval_accuracy", acc, step=r)
         if summary.get("image_steps_per_second") is not None:
             metrics["image_steps_per_second"] = summary["image_steps_per_second"]
         mlflow.log_metrics(metrics)

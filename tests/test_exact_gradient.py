@@ -79,3 +79,47 @@ def test_no_gradient_reaches_the_ebm(setup):
     out = differentiable_langevin(ebm, x.clone().requires_grad_(True), keys, 4, segment=2)
     F.mse_loss(out, torch.zeros_like(out)).backward()
     assert all(p.grad is None and p.requires_grad for p in ebm.parameters())
+
+
+@pytest.mark.parametrize("average", ["logits", "softmax"])
+def test_exact_eot_gradient_equals_autograd_through_every_replicate(setup, average):
+    """The defense's exact gradient (chunked, checkpointed) = one autograd graph through all
+    replicate chains and the averaged loss; BPDA's is different for a smooth EBM."""
+    from distributed_ebm.defense import EOTDefense, Purifier
+    ebm, x, keys, _ = setup
+    torch.manual_seed(2)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).double()
+    y, ids, h, steps = torch.tensor([1, 3]), torch.tensor([4, 7]), 3, 4
+    defense = EOTDefense(clf, Purifier(ebm, steps, 1.0, 0.01), chunk_size=4, average=average)
+    logits, exact = defense.logits_and_grad(x, y, ids, seed=9, call=5, replicates=h, exact=True, segment=2)
+    _, bpda = defense.logits_and_grad(x, y, ids, seed=9, call=5, replicates=h)
+
+    xr = x.clone().requires_grad_(True)
+    chains = differentiable_langevin(ebm, xr.repeat_interleave(h, 0), ChainKeys.replicated(9, ids, h, 5), steps,
+                                     1.0, 0.01, segment=steps)
+    z = clf(chains).view(2, h, -1)
+    agg = z.mean(1) if average == "logits" else z.softmax(-1).mean(1).log()
+    (ref,) = torch.autograd.grad(F.cross_entropy(agg, y, reduction="sum"), xr)
+    assert torch.allclose(logits, agg.detach(), atol=1e-12)
+    assert torch.allclose(exact, ref, atol=1e-12, rtol=1e-9)
+    assert not torch.allclose(bpda, ref, rtol=1e-3)
+
+
+def test_checkpointed_memory_grows_with_sqrt_steps_and_segment_not_with_steps():
+    """Allocator peaks (CPU: PyTorch's allocator books through the profiler) of one exact gradient."""
+    from distributed_ebm.memory import peak_allocated_bytes
+    torch.manual_seed(0)
+    ebm = EBM(width=4)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    keys = ChainKeys.replicated(0, torch.arange(4), 1)
+
+    def peak(steps, segment):
+        def work():
+            xr = x.clone().requires_grad_(True)
+            differentiable_langevin(ebm, xr, keys, steps, segment=segment).sum().backward()
+        return peak_allocated_bytes(work)
+
+    k16, k64, k256 = peak(16, 4), peak(64, 8), peak(256, 16)  # segment = sqrt(K)
+    assert k64 < 2.6 * k16 and k256 < 2.6 * k64, (k16, k64, k256)  # sqrt(4) = 2 per 4x steps
+    assert peak(64, 64) > 3 * k64  # the unrolled chain grows with K
+    assert peak(64, 4) < peak(64, 16)  # one segment's graph outweighs the stored states

@@ -42,18 +42,28 @@ def _cfg(tmp_path, ebm_url, out, **kw):
 
 
 def _same(a, b):
-    cols = ["index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "image_steps"]
+    cols = ["index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "image_steps",
+            "reeval_correct"]
     for c in cols:
         assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
     assert np.allclose(np.array(a.column("adv_image").to_pylist()), np.array(b.column("adv_image").to_pylist()), atol=1e-9)
 
 
-def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url):
-    single = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "single")), show=False)
-    piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray")), show=False)
+STRONGER = {"attack.mode": "exact_eot", "attack.optimizer": "apgd", "attack.loss": "dlr", "attack.segment": 1,
+            "attack.reevaluations": 2}
+
+
+@pytest.mark.parametrize("settings", [{}, STRONGER], ids=["bpda_eot", "exact_apgd_dlr_reeval"])
+def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url, settings):
+    single = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "single"), **settings), show=False)
+    piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray"), **settings), show=False)
     _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
     assert {r for r in results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()} - {-1}, "some breaks"
-    for k in ("natural_accuracy", "robust_accuracy", "accuracy_curve", "image_steps"):
+    keys = ["natural_accuracy", "robust_accuracy", "accuracy_curve", "image_steps"]
+    if settings:
+        keys += ["reeval_accuracies", "reeval_mean_accuracy", "worst_case_accuracy"]
+        assert piped["reevaluations"] == 2
+    for k in keys:
         assert piped[k] == single[k]
     assert len(results.list_parts(str(tmp_path / "ray"))) >= 3  # several batches, several actors' files
 
