@@ -36,6 +36,11 @@ def resnet20():
     return load_classifier("resnet20", RESNET20)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: the whole workflow through `ray job submit` on real Ray, S3 and MLflow "
+                                       "servers (tests/test_e2e_cluster.py, a few minutes)")
+
+
 def tiny_ebm(width: int = 4, seed: int = 0, scale: float = 1.0):
     """A small random EBM; `scale` multiplies its energy so gradients matter at s = 1."""
     from distributed_ebm.nets import EBM
