@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. attack.steps=10")
     r = sub.add_parser("report", help="print the accuracy table of one or more attack results folders")
     r.add_argument("urls", nargs="+", metavar="URL", help="attack output folders (local or s3://)")
+    r.add_argument("--plot", metavar="URL", help="also write their accuracy curves, in one PNG, here")
     return p
 
 
@@ -77,10 +78,13 @@ def run(command: str, cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "report":
-        from .report import format_table
+        from .report import format_table, plot_curves
         from .results import load_summary
         try:
-            print(format_table([load_summary(url) for url in args.urls]))
+            summaries = [load_summary(url) for url in args.urls]
+            print(format_table(summaries))
+            if args.plot:
+                plot_curves(summaries, args.plot)
         except FileNotFoundError as err:
             print(f"debm report: {err} (is it an attack output folder?)", file=sys.stderr)
             return 2

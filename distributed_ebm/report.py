@@ -18,14 +18,15 @@ def describe(summary: dict) -> tuple[str, str]:
     else:
         system = f"{clf} + EBM (K={p['steps']}, s={p['step_size']:g}, sigma={p['noise']:g})"
     budget = f"{a['norm']} eps={a['eps'] * 255:.3g}/255" if a["norm"] == "linf" else f"l2 eps={a['eps']:g}"
-    optimizer = "APGD" if a.get("optimizer") == "apgd" else "PGD"
-    loss = "-DLR" if a.get("loss") == "dlr" else ""
+    apgd = a.get("optimizer") == "apgd"
+    optimizer = ("APGD" if apgd else "PGD") + ("-DLR" if a.get("loss") == "dlr" else "")
+    extra = f" {optimizer}" if apgd or a.get("loss") == "dlr" else ""
     chains = f"{a['eot_attack']}/{a['eot_defense']} chains"
     attack = {
-        "pgd": f"{optimizer}{loss} {budget}, {a['steps']} steps",
-        "bpda_eot": f"BPDA+EOT {optimizer}{loss} {budget}, {a['steps']} steps, {chains}",
-        "exact_eot": f"exact-gradient EOT {optimizer}{loss} {budget}, {a['steps']} steps, {chains}",
-        "transfer": f"transfer {optimizer}{loss} {budget}, {a['steps']} steps",
+        "pgd": f"{optimizer} {budget}, {a['steps']} steps",
+        "bpda_eot": f"BPDA+EOT{extra} {budget}, {a['steps']} steps, {chains}",
+        "exact_eot": f"exact-gradient EOT{extra} {budget}, {a['steps']} steps, {chains}",
+        "transfer": f"transfer {optimizer} {budget}, {a['steps']} steps",
         "defense": "none (natural only)",
     }[a["mode"]]
     return system, attack

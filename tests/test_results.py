@@ -9,7 +9,7 @@ from distributed_ebm.nets import EBM, load_ebm
 
 
 def test_committed_ebm_gives_the_natural_accuracy_results_md_states(tmp_path):
-    stated = re.search(r"natural-accuracy check: (\d+)/(\d+) images", Path("RESULTS.md").read_text())
+    stated = re.search(r"natural-accuracy check: (\d+)/(\d+) images", Path("RESULTS.md").read_text(), re.IGNORECASE)
     assert stated, "RESULTS.md states the natural-accuracy check"
     correct, images = map(int, stated.groups())
     cfg = load_config(AttackConfig, "jobs/configs/results/defended_bpda_eot.yaml",
