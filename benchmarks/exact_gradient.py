@@ -22,11 +22,7 @@ from distributed_ebm.exact_chain import default_segment
 from distributed_ebm.memory import peak_allocated_bytes
 from distributed_ebm.nets import EBM
 from distributed_ebm.nets.classifiers import build_classifier
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from langevin import sync  # benchmarks/langevin.py, beside this script
 
 
 def main() -> None:
