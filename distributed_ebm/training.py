@@ -1,8 +1,8 @@
 """Single-process training: the EBM by maximum likelihood with a persistent bank, and natural classifiers.
 
-The update functions (`ebm_update`, `classifier_update`) are what the Ray Train workers call too;
-the loops here add data, checkpoints (resumable: a rerun with the same output continues) and
-progress around them.
+The EBM iteration (`EBMIteration`) and `classifier_update` are what the Ray Train workers and the
+standalone GPU entry run too; the loops here add data, checkpoints (resumable: a rerun with the same
+output continues) and progress around them.
 """
 from __future__ import annotations
 
@@ -114,8 +114,72 @@ def training_state(iteration: int, phase: str, ebm: nn.Module, optimizer, cfg) -
             "optimizer": optimizer.state_dict(), "config": to_yaml(cfg)}
 
 
+class LocalBank:
+    """An in-process `ImageBank` behind the bank actors' calls (`lease`, `give_back`), so `EBMIteration`
+    runs the same code against either."""
+
+    def __init__(self, bank: ImageBank):
+        self.bank = bank
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def lease(self, slots: torch.Tensor, restart: torch.Tensor, call: int, holder: int = 0):
+        return self.bank.read(slots, restart, call), self.bank.steps[slots - self.bank.offset].clone()
+
+    def give_back(self, slots, states, steps_taken: int, restart, holder: int = 0) -> None:
+        self.bank.write(slots, states, steps_taken, restart)
+
+
+class EBMIteration:
+    """The paper's training iteration on one worker's share of the batch: the one implementation that the
+    single-process loop, the standalone (GPU) entry and every Ray Train worker run.
+
+    Iteration t leases its chains from `bank` (an `ImageBank` via `LocalBank`, or the Ray bank actors),
+    advances them K Langevin steps, gives them back, and takes one step of `optimizer` on `model` (the EBM,
+    or its DDP wrapper) with positives `images(rows)` + data noise; Adam becomes SGD at `sgd_start`.
+    """
+
+    def __init__(self, cfg: TrainEBMConfig, model: nn.Module, bank, images, data_size: int, shape, bank_size: int,
+                 rank: int = 0, world: int = 1, device: str | torch.device = "cpu",
+                 all_finite=lambda finite: finite):
+        self.cfg, self.model, self.bank, self.images = cfg, model, bank, images
+        self.sampler = model.module if hasattr(model, "module") else model  # the chains need no DDP
+        self.data_size, self.shape, self.bank_size = data_size, tuple(shape), bank_size
+        self.rank, self.world, self.device, self.all_finite = rank, world, torch.device(device), all_finite
+        self.positives = None
+        self.resume(0, phase_at(cfg, 0))
+
+    def resume(self, iteration: int, phase: str, optimizer_state: dict | None = None) -> None:
+        """Continue at `iteration` in `phase` (the optimizer rebuilt, then its saved state loaded)."""
+        self.iteration, self.phase = iteration, phase
+        self.optimizer = make_ebm_optimizer(self.model, self.cfg, phase)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def step(self) -> dict:
+        cfg, lv, t = self.cfg, self.cfg.langevin, self.iteration
+        t0 = time.time()
+        if phase_at(cfg, t) != self.phase:
+            self.resume(t, phase_at(cfg, t))
+        d = iteration_draws(cfg, t, self.bank_size, self.data_size, self.shape).part(self.rank, self.world)
+        tb = time.time()
+        start, age = self.bank.lease(d.slots, d.restart, t, self.rank)
+        bank_seconds = time.time() - tb
+        keys = ChainKeys(cfg.seed, d.slots, torch.zeros_like(d.slots), call=t)
+        negatives = langevin(self.sampler, start.to(self.device), keys, lv.steps, lv.step_size, lv.noise)
+        tb = time.time()
+        self.bank.give_back(d.slots, negatives, lv.steps, d.restart, self.rank)
+        bank_seconds += time.time() - tb
+        positives = (self.images(d.rows) + d.noise).to(self.device).contiguous(memory_format=torch.channels_last)
+        metrics = ebm_update(self.model, self.optimizer, positives, negatives, temperature(cfg), self.all_finite)
+        self.iteration, self.positives = t + 1, positives
+        return {**metrics, "bank_age": age.float().mean().item(), "bank_seconds": bank_seconds,
+                "step_seconds": time.time() - t0, "lr": self.optimizer.param_groups[0]["lr"]}
+
+
 class EBMTraining:
-    """The paper's loop in one process: draw chains from the bank, K Langevin steps, write back, update."""
+    """The paper's loop in one process: `EBMIteration` on the whole batch with the bank in memory."""
 
     def __init__(self, cfg: TrainEBMConfig, data: ImageSet, device: str | torch.device = "cpu"):
         check_sizes(cfg, len(data))
@@ -123,25 +187,15 @@ class EBMTraining:
         self.ebm = new_ebm(cfg).to(self.device)
         size = cfg.bank_size or len(data)
         self.bank = ImageBank(size, tuple(data.images.shape[1:]), cfg.bank_init, cfg.seed, data.images)
-        self.iteration = 0
-        self.phase = phase_at(cfg, 0)
-        self.optimizer = make_ebm_optimizer(self.ebm, cfg, self.phase)
+        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.images[rows], len(data),
+                                 data.images.shape[1:], size, device=self.device)
+
+    iteration = property(lambda self: self.loop.iteration)
+    phase = property(lambda self: self.loop.phase)
+    optimizer = property(lambda self: self.loop.optimizer)
 
     def step(self) -> dict:
-        cfg, lv, t = self.cfg, self.cfg.langevin, self.iteration
-        if phase_at(cfg, t) != self.phase:
-            self.phase = phase_at(cfg, t)
-            self.optimizer = make_ebm_optimizer(self.ebm, cfg, self.phase)
-        d = iteration_draws(cfg, t, len(self.bank), len(self.data), self.data.images.shape[1:])
-        start = self.bank.read(d.slots, d.restart, call=t).to(self.device)
-        age = self.bank.steps[d.slots].float().mean().item()
-        keys = ChainKeys(cfg.seed, d.slots, torch.zeros_like(d.slots), call=t)
-        negatives = langevin(self.ebm, start, keys, lv.steps, lv.step_size, lv.noise)
-        positives = (self.data.images[d.rows] + d.noise).to(self.device).contiguous(memory_format=torch.channels_last)
-        metrics = ebm_update(self.ebm, self.optimizer, positives, negatives, temperature(cfg))
-        self.bank.write(d.slots, negatives, lv.steps, d.restart)
-        self.iteration += 1
-        return {**metrics, "bank_age": age, "lr": self.optimizer.param_groups[0]["lr"]}
+        return self.loop.step()
 
     def state_dict(self) -> dict:
         return {**training_state(self.iteration, self.phase, self.ebm, self.optimizer, self.cfg),
@@ -149,9 +203,7 @@ class EBMTraining:
 
     def load_state_dict(self, state: dict) -> None:
         self.ebm.load_state_dict(state["ebm"])
-        self.iteration, self.phase = state["iteration"], state["phase"]
-        self.optimizer = make_ebm_optimizer(self.ebm, self.cfg, self.phase)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.loop.resume(state["iteration"], state["phase"], state["optimizer"])
         self.bank.load_state_dict(state["bank"])
 
 

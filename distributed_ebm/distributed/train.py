@@ -24,13 +24,10 @@ import torch
 from .. import storage
 from ..config import TrainEBMConfig
 from ..data import ImageSet, load, to_uint8, to_unit_range
-from ..langevin import langevin
 from ..nets import load_ebm, save_ebm
-from ..noise import ChainKeys
 from ..progress import Progress
 from ..report import image_grid_png
-from ..training import (TrainingDiverged, check_sizes, ebm_update, iteration_draws, make_ebm_optimizer, new_ebm,
-                        phase_at, temperature, training_state)
+from ..training import EBMIteration, TrainingDiverged, check_sizes, new_ebm, training_state
 from .bank_actor import BankShard, ShardedBank, shard_bounds
 from .cluster import connect
 from .trainer import all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
@@ -50,13 +47,11 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     pixels = ray.get(config["pixels"][0])  # uint8 N x H x W x C, shared in the object store
     bank = ShardedBank(config["shards"], config["bounds"])
-    lv = cfg.langevin
     shape = (pixels.shape[3], pixels.shape[1], pixels.shape[2])
 
     ebm = new_ebm(cfg).to(device)
-    iteration, bank_states = 0, None
     checkpoint = ray.train.get_checkpoint()
-    state = None
+    state, bank_states = None, None
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
@@ -64,63 +59,44 @@ def train_loop(config: dict) -> None:
                 bank_states = [torch.load(os.path.join(d, f"bank-{k}.pt"), weights_only=True)
                                for k in range(len(config["shards"]))]
         ebm.load_state_dict(state["ebm"])
-        iteration = state["iteration"]
     model = ray.train.torch.prepare_model(ebm) if world > 1 else ebm
-    sampler = model.module if hasattr(model, "module") else model
-    phase = phase_at(cfg, iteration)
-    optimizer = make_ebm_optimizer(model, cfg, phase)
+    loop = EBMIteration(cfg, model, bank, lambda rows: to_unit_range(pixels[rows.numpy()]), len(pixels), shape,
+                        config["bounds"][-1][1], rank, world, device, all_workers(world))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        loop.resume(state["iteration"], state["phase"], state["optimizer"])
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
         bank.load(bank_states)
     barrier(world)
 
     logger = worker_logger(config, rank)
-    bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=iteration, enabled=rank == 0, every=10.0)
+    bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=loop.iteration, enabled=rank == 0, every=10.0)
     window = {k: 0.0 for k in METRICS}
     count, t_window = 0, time.time()
-    agree = all_workers(world)
-    bank_size = config["bounds"][-1][1]
-    started_at = iteration
+    started_at = loop.iteration
     try:
-        while iteration < cfg.iterations:
-            t0 = time.time()
-            if phase_at(cfg, iteration) != phase:
-                phase = phase_at(cfg, iteration)
-                optimizer = make_ebm_optimizer(model, cfg, phase)
-            d = iteration_draws(cfg, iteration, bank_size, len(pixels), shape).part(rank, world)
-            tb = time.time()
-            start, age = bank.lease(d.slots, d.restart, iteration, rank)
-            bank_seconds = time.time() - tb
-            keys = ChainKeys(cfg.seed, d.slots, torch.zeros_like(d.slots), call=iteration)
-            negatives = langevin(sampler, start.to(device), keys, lv.steps, lv.step_size, lv.noise)
-            tb = time.time()
-            bank.give_back(d.slots, negatives, lv.steps, d.restart, rank)
-            bank_seconds += time.time() - tb
-            positives = (to_unit_range(pixels[d.rows.numpy()]) + d.noise).to(device)
-            positives = positives.contiguous(memory_format=torch.channels_last)
-            m = ebm_update(model, optimizer, positives, negatives, temperature(cfg), agree)
-            iteration += 1
-            m.update(bank_age=age.float().mean().item(), bank_seconds=bank_seconds, step_seconds=time.time() - t0)
+        while loop.iteration < cfg.iterations:
+            m = loop.step()
+            iteration = loop.iteration
             for k in METRICS:
                 window[k] += m[k]
             count += 1
-            bar.update(1, energy_diff=m["energy_diff"], phase=phase)
+            bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase)
             save = iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations
             if save or iteration % cfg.log_every == 0:
                 means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world)))
                 means.update(iteration=iteration, started_at=started_at, iterations_per_second=count / (time.time() - t_window),
-                             bank_share=means["bank_seconds"] / means["step_seconds"], lr=optimizer.param_groups[0]["lr"],
-                             sgd=float(phase == "sgd"))
+                             bank_share=means["bank_seconds"] / means["step_seconds"], lr=m["lr"],
+                             sgd=float(loop.phase == "sgd"))
                 if logger:
                     logger.metrics({k: v for k, v in means.items() if k != "iteration"}, step=iteration)
-                _report(cfg, means, save, rank, world, bank, sampler, optimizer, phase, positives, logger)
+                _report(cfg, means, save, rank, world, bank, loop.sampler, loop.optimizer, loop.phase, loop.positives,
+                        logger)
                 window = {k: 0.0 for k in METRICS}
                 count, t_window = 0, time.time()
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
         if rank == 0:  # the run ends cleanly, so Ray Train does not retry a deterministic failure
             storage.write_bytes(storage.join(run_dir(cfg), DIVERGED),
-                                f"{err} at iteration {iteration + 1}".encode())
+                                f"{err} at iteration {loop.iteration + 1}".encode())
     bar.close()
 
 
