@@ -6,6 +6,7 @@ output continues) and progress around them.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -151,11 +152,12 @@ class EBMIteration:
         self.resume(0, phase_at(cfg, 0))
 
     def resume(self, iteration: int, phase: str, optimizer_state: dict | None = None) -> None:
-        """Continue at `iteration` in `phase` (the optimizer rebuilt, then its saved state loaded)."""
+        """Continue at `iteration` in `phase` (the optimizer rebuilt, then a copy of its saved state loaded:
+        torch's optimizers keep the given tensors and update them in place)."""
         self.iteration, self.phase = iteration, phase
         self.optimizer = make_ebm_optimizer(self.model, self.cfg, phase)
         if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
 
     def step(self) -> dict:
         cfg, lv, t = self.cfg, self.cfg.langevin, self.iteration
