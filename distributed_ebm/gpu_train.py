@@ -13,6 +13,7 @@ checkpoint with `--resume`: the bank, which cannot travel, is re-burned first.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import sys
@@ -58,7 +59,7 @@ class Session:
     """One session of training: build or resume, re-burn, train until the deadline, save."""
 
     def __init__(self, cfg: StandaloneTrainConfig, data: ImageSet, out: str, device: torch.device,
-                 resume: dict | None = None, minutes: float | None = None, log=print):
+                 resume: dict | None = None, minutes: float | None = None, log=print, started: float | None = None):
         check_sizes(cfg, len(data))
         self.cfg, self.data, self.out, self.device, self.log = cfg, data, out, device, log
         self.fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
@@ -69,7 +70,7 @@ class Session:
                                  shape, len(self.bank), device=device)
         self.history = {"iteration": [], **{k: [] for k in HISTORY_KEYS}, "bank_energy": []}
         self.sessions: list[dict] = []
-        self.t0 = time.monotonic()
+        self.t0, self.saved_at = started or time.monotonic(), None  # the session's minutes count from t0
         self.record = {"session": 1, "start_iteration": 0, "end_iteration": 0, "device": device_name(device),
                        "torch": str(torch.__version__), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                            timespec="seconds"), "minutes_budget": minutes, "seconds": 0.0, "train_seconds": 0.0,
@@ -82,7 +83,7 @@ class Session:
         check_fingerprint(tr["fingerprint"], self.fingerprint, "the checkpoint")
         self.ebm.load_state_dict(state["state_dict"])
         self.loop.resume(state["iteration"], tr["phase"], tr["optimizer"])
-        self.history, self.sessions = tr["history"], tr["sessions"]
+        self.history, self.sessions = copy.deepcopy(tr["history"]), copy.deepcopy(tr["sessions"])
         self.record.update(session=len(self.sessions) + 1, start_iteration=state["iteration"],
                            end_iteration=state["iteration"])
         t, it = time.monotonic(), state["iteration"]
@@ -128,12 +129,13 @@ class Session:
                 self.save(loop.iteration - start_it, t - t_train)
                 save_cost = 1.5 * (time.monotonic() - t) + 2.0
         bar.close()
-        self.save(loop.iteration - start_it, time.monotonic() - t_train)
+        if self.saved_at != loop.iteration:
+            self.save(loop.iteration - start_it, time.monotonic() - t_train)
         return self.record
 
     def save(self, trained: int, train_seconds: float) -> None:
         """Checkpoint, this session's sample grid, curves and card into `out`, each file atomically."""
-        it = self.loop.iteration
+        it = self.saved_at = self.loop.iteration
         self.history["bank_energy"].append({"iteration": it, **energy_stats(self.ebm, self.bank.states, self.device, 1000)})
         grid = f"samples-s{self.record['session']:02d}.png"
         rows = torch.linspace(0, len(self.bank) - 1, min(GRID, len(self.bank))).round().long()
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cudnn.allow_tf32 = False  # float32 gradients in the chains, as on the CPU
         print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
               f"{args.minutes} min", flush=True)
-        session = Session(cfg, data, args.out, device, state, args.minutes, log=lambda s: print(s, flush=True))
+        session = Session(cfg, data, args.out, device, state, args.minutes, lambda s: print(s, flush=True), started)
         record = session.run(iterations, started + 60 * args.minutes)
     except (InputError, FileNotFoundError) as err:
         print(f"train_ebm_gpu: {err}", file=sys.stderr)

@@ -134,10 +134,11 @@ def test_changed_settings_or_data_refuse_to_resume(first, tiny, tmp_path, capsys
 
 
 def test_budget_stops_in_time_with_a_checkpoint(tiny, tmp_path):
-    deadline = time.monotonic() + 17  # 15 s are held back for the final save until a save is measured
     s = Session(_cfg(iterations=10_000), tiny, str(tmp_path), CPU, log=lambda m: None)
+    deadline = time.monotonic() + 17  # 15 s are held back for the final save until a save is measured
     s.run(10_000, deadline, show=False)
-    assert time.monotonic() < deadline + 2 and s.loop.iteration < 10_000
+    assert s.loop.iteration < 10_000
+    assert time.monotonic() < deadline + 5  # the save fits the reserve (+ slack for a crowded CI machine)
     assert load_compact(str(tmp_path / CKPT))["iteration"] == s.loop.iteration
 
 
@@ -181,3 +182,16 @@ def test_job_runs_without_ray_mlflow_or_s3fs_and_resumes(tmp_path, capsys):
     assert load_ebm(str(out / CKPT)).width == 4
     card = (out / "README.md").read_text()
     assert "**Status: 4 of 4 iterations (100.0%)**" in card and "| 2 |" in card
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_session_matches_the_cpu(tiny, tmp_path):
+    """The same 4 iterations on CUDA and on the CPU (SGD: updates linear in the gradient, so only float
+    rounding differs; the chains' noise is keyed and identical on both devices)."""
+    cfg = _cfg(sgd_start=0, sgd_lr=0.01, iterations=4)
+    runs = [Session(cfg, tiny, str(tmp_path / d), torch.device(d), log=lambda m: None) for d in ("cpu", "cuda")]
+    for s in runs:
+        s.run(4, show=False)
+    for (name, p), q in zip(runs[0].ebm.named_parameters(), runs[1].ebm.parameters()):
+        assert torch.allclose(p, q.cpu(), atol=1e-5), name
+    assert torch.allclose(runs[0].bank.states, runs[1].bank.states, atol=1e-4)
