@@ -166,6 +166,9 @@ class TrainEBMConfig(Section):
     def _sizes(self):
         if self.ebm.image_size != self.data.image_size:
             raise ValueError(f"ebm.image_size {self.ebm.image_size} differs from data.image_size {self.data.image_size}")
+        if self.batch_size % self.ray.workers:
+            raise ValueError(f"batch_size = {self.batch_size} does not split evenly over ray.workers = {self.ray.workers} "
+                             "(each worker takes batch_size / ray.workers chains)")
         return self
 
 

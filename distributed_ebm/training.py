@@ -155,8 +155,9 @@ class EBMTraining:
         self.bank.load_state_dict(state["bank"])
 
 
-def check_sizes(cfg: TrainEBMConfig, data_size: int, world: int = 1) -> None:
-    """Fail early, naming the field, on sizes that cannot train."""
+def check_sizes(cfg: TrainEBMConfig, data_size: int) -> None:
+    """Fail early, naming the field, on sizes that cannot train with these data (the config itself
+    checks that batch_size splits over ray.workers)."""
     if temperature(cfg) <= 0:
         raise InputError("langevin.noise must be > 0 for training: the loss is scaled by noise^2 / 2")
     if data_size < cfg.batch_size:
@@ -164,8 +165,6 @@ def check_sizes(cfg: TrainEBMConfig, data_size: int, world: int = 1) -> None:
     size = cfg.bank_size or data_size
     if size < cfg.batch_size:
         raise InputError(f"bank_size = {size} is smaller than batch_size = {cfg.batch_size}")
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size = {cfg.batch_size} does not split evenly over {world} workers")
 
 
 def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> EBMTraining:

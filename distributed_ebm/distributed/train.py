@@ -152,7 +152,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
-    check_sizes(cfg, len(data), cfg.ray.workers)
+    check_sizes(cfg, len(data))
     connect(cfg.ray.address)
     pixels = ray.put(to_uint8(data.images))
     size = cfg.bank_size or len(data)
