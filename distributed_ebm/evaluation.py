@@ -2,6 +2,7 @@
 
 The reference the Ray engine (`distributed.evaluate`) is measured against: same `Attack`, same
 per-batch record files, same summary. Resumes like it: images with records are skipped.
+Images, labels and ids of a batch go to the attack's device together (the engine's device rule).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
     for batch in batches(todo, cfg.batch_size):
-        records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids)
+        records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids.to(device))
         results.write_part(cfg.output, records)
         bar.update(len(records), broken=sum(not r.robust for r in records))
     bar.close()
