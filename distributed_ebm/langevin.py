@@ -16,6 +16,7 @@ the EBM's forward and backward under bf16 autocast; the chain state stays in its
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -79,6 +80,13 @@ def _step(energy, x, keys, t, step_size, noise, amp, use_grad) -> None:
 
 
 GRAPH_MIN_STEPS = 8  # shorter chains run eagerly: capturing costs about 4 eager steps
+GRAPHS_WORK = True  # False after a capture failed in this process (then every chain runs eagerly)
+
+
+def _graph_failed(exc: Exception) -> None:
+    global GRAPHS_WORK
+    GRAPHS_WORK = False
+    warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running the Langevin loop eagerly")
 
 
 def langevin(energy: nn.Module | None, x: torch.Tensor, keys: ChainKeys, steps: int,
@@ -98,9 +106,15 @@ def langevin(energy: nn.Module | None, x: torch.Tensor, keys: ChainKeys, steps: 
     use_grad = energy is not None and step_size != 0
     if graph is None:
         graph = x.device.type == "cuda" and steps >= GRAPH_MIN_STEPS and x.shape[0] > 0
-    if graph:
-        return _graphed(energy if use_grad else None, x.shape, x.dtype, x.device, keys.seed,
-                        step_size, noise, amp).run(x, keys, start_step, steps)
+    if graph and GRAPHS_WORK:
+        try:
+            runner = _graphed(energy if use_grad else None, x.shape, x.dtype, x.device, keys.seed, step_size, noise, amp)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # capture unsupported here: the eager loop gives the same chain
+            _graph_failed(exc)
+        else:
+            return runner.run(x, keys, start_step, steps)
     with frozen(energy) if use_grad else contextlib.nullcontext():
         for t in range(start_step, start_step + steps):
             _step(energy, x, keys, t, step_size, noise, amp, use_grad)

@@ -13,6 +13,7 @@ host and device and never synchronises: a captured CUDA graph can replay it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +108,17 @@ class ChainKeys:
     def normal(self, step, shape, device=None, dtype=torch.float32) -> torch.Tensor:
         """N(0, 1) draws by Box-Muller, shape (len(self), *shape); on CUDA by the fused kernel."""
         device = torch.device(device) if device is not None else self.ids.device
+        global _FUSED
         if device.type == "cuda" and _fused_available():
-            from .philox_triton import normal as fused_normal
+            try:
+                from .philox_triton import normal as fused_normal
 
-            return fused_normal(self.to(device), step, shape, dtype)
+                return fused_normal(self.to(device), step, shape, dtype)
+            except Exception as exc:  # e.g. no C compiler for Triton's launcher: the tensor path is exact too
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                warnings.warn(f"fused Triton noise unavailable ({type(exc).__name__}: {exc}); using the tensor path")
+                _FUSED = False
         return self.normal_reference(step, shape, device, dtype)
 
     def normal_reference(self, step, shape, device=None, dtype=torch.float32) -> torch.Tensor:
