@@ -44,14 +44,19 @@ LOSSES: dict[str, Loss] = {"ce": cross_entropy, "dlr": dlr}
 
 
 class Purifier:
-    """T(x): `steps` Langevin steps of `ebm` started at the input itself (paper: 1500, s = 1, sigma = 0.01)."""
+    """T(x): `steps` Langevin steps of `ebm` started at the input itself (paper: 1500, s = 1, sigma = 0.01).
 
-    def __init__(self, ebm: nn.Module | None, steps: int = 1500, step_size: float = 1.0, noise: float = 0.01):
+    amp: autocast dtype of the EBM's forward and backward (torch.bfloat16 for `precision: bf16`);
+    the chains stay in the input's dtype.
+    """
+
+    def __init__(self, ebm: nn.Module | None, steps: int = 1500, step_size: float = 1.0, noise: float = 0.01,
+                 amp: torch.dtype | None = None):
         self.ebm = prepare_energy(ebm.eval()) if ebm is not None else None
-        self.steps, self.step_size, self.noise = steps, step_size, noise
+        self.steps, self.step_size, self.noise, self.amp = steps, step_size, noise, amp
 
     def __call__(self, x: torch.Tensor, keys: ChainKeys) -> torch.Tensor:
-        return langevin(self.ebm, x, keys, self.steps, self.step_size, self.noise)
+        return langevin(self.ebm, x, keys, self.steps, self.step_size, self.noise, amp=self.amp)
 
     @property
     def is_identity(self) -> bool:

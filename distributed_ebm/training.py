@@ -18,7 +18,7 @@ from . import storage
 from .bank import ImageBank
 from .config import InputError, TrainClassifierConfig, TrainEBMConfig, to_yaml
 from .data import ImageSet, load
-from .langevin import langevin, prepare_energy
+from .langevin import cuda_defaults, langevin, prepare_energy
 from .nets import EBM, build_classifier, save_classifier, save_ebm
 from .noise import ChainKeys
 from .progress import Progress
@@ -120,6 +120,7 @@ class EBMTraining:
     def __init__(self, cfg: TrainEBMConfig, data: ImageSet, device: str | torch.device = "cpu"):
         check_sizes(cfg, len(data))
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
+        cuda_defaults(self.device)
         self.ebm = new_ebm(cfg).to(self.device)
         size = cfg.bank_size or len(data)
         self.bank = ImageBank(size, tuple(data.images.shape[1:]), cfg.bank_init, cfg.seed, data.images)
