@@ -41,7 +41,7 @@ PAPER = {"images": 500, "attack_steps": 50, "eot_attack": 15, "purify_steps": 15
 
 FULL = dict(noise_chains=2000, chain=(64, 50), attack=dict(images=5, steps=3, purify=100, eot=(5, 10)),
             exact=(4, 12, 3), train=dict(batch=100, steps=100, bank=1000, iterations=20),
-            batches=(150, 1500, 15000), bench_steps=20, engine=dict(images=10, cap_s=90))
+            batches=(150, 1500, 15000), bench_steps=20, engine=dict(images=100, cap_s=90))
 QUICK = dict(noise_chains=8, chain=(2, 3), attack=dict(images=1, steps=1, purify=3, eot=(2, 2)),
              exact=(2, 3, 1), train=dict(batch=4, steps=2, bank=8, iterations=1),
              batches=(4,), bench_steps=2, engine=dict(images=1, cap_s=3, purify=3))

@@ -181,7 +181,8 @@ def _pool(device):
 
 def _graphed(energy, shape, dtype, device, seed, step_size, noise, amp) -> _GraphedStep:
     """The captured step for this configuration (captured on first use; least recently used dropped)."""
-    key = (id(energy), tuple(shape), dtype, device, seed, step_size, noise, amp)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # baked in at capture
+    key = (id(energy), tuple(shape), dtype, device, seed, step_size, noise, amp, tf32)
     hit = _GRAPHS.get(key)
     if hit is not None and (energy is None or hit.energy is energy):
         _GRAPHS.move_to_end(key)

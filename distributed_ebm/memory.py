@@ -13,9 +13,13 @@ import torch
 
 
 def auto_chunk_size(purifier, classifier, image_shape, device, dtype=torch.float32, probe: int = 32,
-                    share: float = 0.6, default: int = 1024) -> int:
+                    share: float = 0.4, default: int = 1024) -> int:
     """Most chains per forward pass: `default` off CUDA; on CUDA as many as fit `share` of the free
-    memory, from the measured footprint of `probe` chains (two Langevin steps plus the classifier)."""
+    memory, from the measured footprint of `probe` chains (two Langevin steps plus the classifier).
+
+    `share` is under one half because the captured chain's memory pool and the classifier's
+    eager forward do not share memory (the measured peak covers the larger of the two).
+    """
     device = torch.device(device)
     if device.type != "cuda" or purifier is None:
         return default

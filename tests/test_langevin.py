@@ -110,3 +110,30 @@ def test_cuda_graph_chain_matches_the_eager_chain_and_the_cpu():
     assert (graphed - eager).abs().max() < 1e-4
     assert (graphed.cpu() - cpu).abs().max() < 1e-3
     assert (again - langevin(ebm_cuda, x_cuda, keys.with_call(3), 12, graph=False)).abs().max() < 1e-4
+
+
+def test_chunk_size_default_off_cuda_and_measured_on_cuda():
+    from distributed_ebm.defense import Purifier
+    from distributed_ebm.memory import auto_chunk_size
+    from distributed_ebm.nets import build_classifier
+
+    purifier, clf = Purifier(tiny_ebm(), 10), build_classifier("resnet20")
+    assert auto_chunk_size(purifier, clf, (3, 32, 32), "cpu") == 1024
+    assert auto_chunk_size(None, clf, (3, 32, 32), "cpu") == 1024
+
+
+@pytest.mark.gpu
+def test_chunk_size_from_free_cuda_memory_fits():
+    from distributed_ebm.defense import Purifier
+    from distributed_ebm.memory import auto_chunk_size
+    from distributed_ebm.nets import EBM, build_classifier
+
+    purifier = Purifier(EBM(32).cuda(), 10)
+    clf = build_classifier("resnet20").cuda().to(memory_format=torch.channels_last)
+    n = auto_chunk_size(purifier, clf, (3, 32, 32), "cuda")
+    free, _ = torch.cuda.mem_get_info()
+    assert 1024 < n < free  # a card holds far more than the CPU default
+    n = min(n, 20_000)
+    x = torch.zeros(n, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        clf(purifier(x, ChainKeys.replicated(0, torch.arange(n), 1)))  # one forward of that many chains fits
