@@ -77,6 +77,7 @@ def differentiable_langevin(energy: nn.Module, x: torch.Tensor, keys: ChainKeys,
     """
     if len(keys) != x.shape[0]:
         raise ValueError(f"{len(keys)} chain keys for {x.shape[0]} chains")
+    keys = keys.to(x.device)  # once: no host-to-device copy per step
     segment = default_segment(steps) if segment is None else segment
     if segment < 1:
         raise ValueError(f"segment must be at least 1 (got {segment})")

@@ -29,6 +29,7 @@ from .compact import (check_fingerprint, data_fingerprint, energy_stats, load_co
                       settings_fingerprint)
 from .config import InputError, TrainEBMConfig, load_config, to_yaml
 from .data import ImageSet, load
+from .langevin import cuda_defaults
 from .progress import Progress
 from .report import image_grid_png
 from .training import EBMIteration, LocalBank, TrainingDiverged, check_sizes, new_ebm
@@ -62,6 +63,7 @@ class Session:
                  resume: dict | None = None, minutes: float | None = None, log=print, started: float | None = None):
         check_sizes(cfg, len(data))
         self.cfg, self.data, self.out, self.device, self.log = cfg, data, out, device, log
+        cuda_defaults(device)  # as every trainer: TF32 convolutions on CUDA
         self.fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
         self.ebm = new_ebm(cfg).to(device)
         shape = tuple(data.images.shape[1:])
@@ -197,9 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             state = load_compact(args.resume)
             check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
         data = load(cfg.data)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
-            torch.backends.cudnn.allow_tf32 = False  # float32 gradients in the chains, as on the CPU
         print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
               f"{args.minutes} min", flush=True)
         session = Session(cfg, data, args.out, device, state, args.minutes, lambda s: print(s, flush=True), started)

@@ -61,12 +61,12 @@ def train_loop(config: dict) -> None:
         ebm.load_state_dict(state["ebm"])
     model = ray.train.torch.prepare_model(ebm) if world > 1 else ebm
     loop = EBMIteration(cfg, model, bank, lambda rows: to_unit_range(pixels[rows.numpy()]), len(pixels), shape,
-                        config["bounds"][-1][1], rank, world, device, all_workers(world))
+                        config["bounds"][-1][1], rank, world, device, all_workers(world, device))
     if state is not None:
         loop.resume(state["iteration"], state["phase"], state["optimizer"])
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
         bank.load(bank_states)
-    barrier(world)
+    barrier(world, device)
 
     logger = worker_logger(config, rank)
     bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=loop.iteration, enabled=rank == 0, every=10.0)
@@ -83,14 +83,14 @@ def train_loop(config: dict) -> None:
             bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase)
             save = iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations
             if save or iteration % cfg.log_every == 0:
-                means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world)))
+                means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world, device)))
                 means.update(iteration=iteration, started_at=started_at, iterations_per_second=count / (time.time() - t_window),
                              bank_share=means["bank_seconds"] / means["step_seconds"], lr=m["lr"],
                              sgd=float(loop.phase == "sgd"))
                 if logger:
                     logger.metrics({k: v for k, v in means.items() if k != "iteration"}, step=iteration)
-                _report(cfg, means, save, rank, world, bank, loop.sampler, loop.optimizer, loop.phase, loop.positives,
-                        logger)
+                _report(cfg, means, save, rank, world, device, bank, loop.sampler, loop.optimizer, loop.phase,
+                        loop.positives, logger)
                 window = {k: 0.0 for k in METRICS}
                 count, t_window = 0, time.time()
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
@@ -100,7 +100,7 @@ def train_loop(config: dict) -> None:
     bar.close()
 
 
-def _report(cfg, metrics, save, rank, world, bank, ebm, optimizer, phase, positives, logger):
+def _report(cfg, metrics, save, rank, world, device, bank, ebm, optimizer, phase, positives, logger):
     """Every worker reports; at a checkpoint, rank 0 first writes model, optimizer, phase and the bank."""
     import ray.train
 
@@ -120,7 +120,7 @@ def _report(cfg, metrics, save, rank, world, bank, ebm, optimizer, phase, positi
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
                 logger.file(f"positives-{it:09d}.png", image_grid_png(positives[:64].cpu()), "samples")
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        barrier(world)  # nobody leases the next chains before the bank snapshot is taken
+        barrier(world, device)  # nobody leases the next chains before the bank snapshot is taken
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -128,7 +128,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
-    check_sizes(cfg, len(data), cfg.ray.workers)
+    check_sizes(cfg, len(data))
     connect(cfg.ray.address)
     pixels = ray.put(to_uint8(data.images))
     size = cfg.bank_size or len(data)
