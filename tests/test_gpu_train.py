@@ -186,12 +186,12 @@ def test_job_runs_without_ray_mlflow_or_s3fs_and_resumes(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_session_matches_the_cpu(tiny, tmp_path):
-    """The same 4 iterations on CUDA and on the CPU (SGD: updates linear in the gradient, so only float
-    rounding differs; the chains' noise is keyed and identical on both devices)."""
+    """The same 4 iterations on CUDA and on the CPU (SGD: updates linear in the gradient; the chains' noise
+    is keyed and identical on both devices, so only rounding differs: TF32 convolutions on CUDA)."""
     cfg = _cfg(sgd_start=0, sgd_lr=0.01, iterations=4)
     runs = [Session(cfg, tiny, str(tmp_path / d), torch.device(d), log=lambda m: None) for d in ("cpu", "cuda")]
     for s in runs:
         s.run(4, show=False)
     for (name, p), q in zip(runs[0].ebm.named_parameters(), runs[1].ebm.parameters()):
         assert torch.allclose(p, q.cpu(), atol=1e-5), name
-    assert torch.allclose(runs[0].bank.states, runs[1].bank.states, atol=1e-4)
+    assert torch.allclose(runs[0].bank.states, runs[1].bank.states, atol=1e-3)
