@@ -1,0 +1,41 @@
+"""Faults without silent damage: where Ray connects, and how the jobs fail when they cannot go on."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .conftest import REPO
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def test_an_unreachable_address_fails_within_seconds_naming_it(tmp_path):
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "jobs/attack.py", "--config", "jobs/configs/attack_pgd_undefended.yaml",
+                           "data.count=2", "ray.address=127.0.0.1:1", f"output={tmp_path}/out", "mlflow.enabled=false"],
+                          capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
+    assert time.time() - t0 < 60
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("debm attack: ray.address=127.0.0.1:1: no Ray cluster answers there"), line
+
+
+def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_cluster():
+    # what an earlier `ray start` leaves behind, pointing at nothing: ray.init() alone would try to join it
+    # (a short temp dir: Ray's socket paths must stay under 107 bytes)
+    temp = Path(tempfile.mkdtemp(prefix="debm"))
+    (temp / "ray").mkdir(parents=True)
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    script = ("import ray; from distributed_ebm.distributed.cluster import connect; "
+              "connect(None); print('cpus', ray.cluster_resources().get('CPU')); ray.shutdown()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                          env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0"), cwd=REPO)
+    shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0 and "cpus " in done.stdout, done.stderr[-2000:]
