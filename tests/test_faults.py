@@ -7,6 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -39,3 +41,21 @@ def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_clu
                           env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0"), cwd=REPO)
     shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0 and "cpus " in done.stdout, done.stderr[-2000:]
+
+
+def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(tmp_path):
+    from distributed_ebm.config import AttackConfig, InputError, load_config
+    from distributed_ebm.evaluation import run_attack
+    from distributed_ebm.results import read_records
+
+    def cfg(*extra):
+        return load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
+                           ["data.count=2", "attack.steps=2", f"output={tmp_path}/out", "mlflow.enabled=false", *extra])
+    run_attack(cfg(), show=False)
+    # settings that cannot change a record may differ: more images, another batch size
+    assert run_attack(cfg("data.count=3", "batch_size=1", "chunk_size=7"), show=False)["images"] == 3
+    with pytest.raises(InputError) as err:
+        run_attack(cfg("data.count=4", "attack.steps=3", "attack.eps=0.01"), show=False)
+    assert str(err.value).startswith(f"{tmp_path}/out/records was written with other settings: "
+                                     "attack.eps (0.03137254901960784 there, 0.01 now), attack.steps (2 there, 3 now);")
+    assert read_records(f"{tmp_path}/out").num_rows == 3  # nothing was attacked
