@@ -59,3 +59,24 @@ def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(t
     assert str(err.value).startswith(f"{tmp_path}/out/records was written with other settings: "
                                      "attack.eps (0.03137254901960784 there, 0.01 now), attack.steps (2 there, 3 now);")
     assert read_records(f"{tmp_path}/out").num_rows == 3  # nothing was attacked
+
+
+@pytest.mark.slow
+def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(tmp_path):
+    import json
+    temp = Path(tempfile.mkdtemp(prefix="debm"))  # Ray's socket paths must stay short
+    try:
+        done = subprocess.run([sys.executable, "tests/two_node_capacity.py", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=420, cwd=REPO,
+                              env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+                                       RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1"))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, done.stderr[-3000:]
+    got = json.loads(lines[-1])
+    assert got["finished"], "still waiting for the lost node's resources"
+    assert got["seconds_after_kill"] < 120
+    assert got["error"].startswith("CapacityLost: 2 workers (1 CPU each, ray.workers) could not be placed within "
+                                   "ray.startup_timeout_s=5 s (a lost node, or too few free resources); the last "
+                                   "checkpoint is in "), got["error"]

@@ -243,4 +243,4 @@ def test_too_few_resources_fail_within_the_startup_timeout_saying_why(ray_local,
     assert not thread.is_alive(), "still waiting for resources after 90 s"
     assert time.time() - t0 < 60
     assert re.match(r"4 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s; "
-                    r"the cluster now has \d+ CPU, 0 GPU; the last checkpoint is in ", str(box.get("error"))), box
+                    r"\(a lost node, or too few free resources\); the last checkpoint is in ", str(box.get("error"))), box

@@ -76,9 +76,8 @@ def fit(loop, cfg, config: dict):
             raise
         need = f"{cfg.ray.cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu(cfg) else "")
         raise CapacityLost(f"{cfg.ray.workers} workers ({need} each, ray.workers) could not be placed within "
-                           f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s; the cluster now has "
-                           f"{available('CPU'):g} CPU, {available('GPU'):g} GPU; the last checkpoint is in "
-                           f"{run_dir(cfg)}") from None
+                           f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s (a lost node, or too few free "
+                           f"resources); the last checkpoint is in {run_dir(cfg)}") from None
     finally:
         if before is None:
             os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
