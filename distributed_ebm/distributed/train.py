@@ -30,7 +30,6 @@ from ..langevin import langevin
 from ..nets import load_ebm, save_ebm
 from ..noise import ChainKeys
 from ..progress import Progress
-from ..provenance import train_settings
 from ..report import image_grid_png
 from ..training import (TrainingDiverged, check_sizes, ebm_update, iteration_draws, make_ebm_optimizer, new_ebm,
                         phase_at, temperature, training_state)
@@ -161,7 +160,7 @@ def _report(cfg, metrics, save, rank, world, bank, ebm, optimizer, phase, positi
         if rank == 0:
             bank.save(storage.join(run_dir(cfg), name))
             state = training_state(it, phase, ebm, optimizer, cfg)
-            state["settings"] = train_settings(cfg)
+            state["settings"] = provenance.train_settings(cfg)
             torch.save(state, os.path.join(d, "state.pt"))
             if logger:
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
@@ -178,7 +177,7 @@ def check_resume(cfg: TrainEBMConfig) -> None:
     """A run resumed with settings that change results fails here, before any work, naming them."""
     fs, path = storage.filesystem(run_dir(cfg))
     fs.invalidate_cache()
-    current = train_settings(cfg)
+    current = provenance.train_settings(cfg)
     for folder in sorted(fs.glob(f"{path}/checkpoint_*")):
         url = storage.join(run_dir(cfg), os.path.basename(folder), "state.pt")
         if storage.exists(url):
