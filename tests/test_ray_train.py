@@ -242,5 +242,5 @@ def test_too_few_resources_fail_within_the_startup_timeout_saying_why(ray_local,
     thread.join(timeout=90)  # Ray Train's default: retry the start-up forever
     assert not thread.is_alive(), "still waiting for resources after 90 s"
     assert time.time() - t0 < 60
-    assert re.match(r"4 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s; "
+    assert re.match(r"4 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s "
                     r"\(a lost node, or too few free resources\); the last checkpoint is in ", str(box.get("error"))), box
