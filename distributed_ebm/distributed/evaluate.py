@@ -4,7 +4,8 @@ Rows (index, image, label) form a Ray Dataset in many blocks; `map_batches` runs
 (one per GPU, or per `cpus_per_actor` CPUs) which loads the classifier and the EBM once and
 runs the single-process `Attack` on each batch, writing the batch's records atomically under
 `output/records/`. Each image's randomness is keyed by (seed, image id), so the result for an
-image does not depend on its batch or on which actor ran it. A rerun skips images with records;
+image does not depend on its batch or on which actor ran it. A rerun skips images with records
+(and refuses records written with other settings, before any work);
 a killed actor is restarted by Ray and its batch retried, so a crash loses at most the batches
 in flight. Bad input fails in `preflight`, before any actor starts.
 """
