@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import (AttackConfig, InputError, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
+from .config import (AttackConfig, InputError, JobFailed, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
                      TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml)
 
 COMMANDS = {
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as err:
         print(f"debm {args.command}: {err}", file=sys.stderr)
         return 2
+    except JobFailed as err:
+        print(f"debm {args.command}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,10 @@ class InputError(ValueError):
     """Bad input from a user (config, data, checkpoint): the message says what and where."""
 
 
+class JobFailed(RuntimeError):
+    """A job that cannot go on for a reason outside its input (e.g. lost capacity): one line, exit 1."""
+
+
 class ConfigError(InputError):
     """A config that cannot run; the message is one line naming the key."""
 
@@ -132,6 +136,8 @@ class TrainRayConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1 = no limit)")
     keep_checkpoints: int = Field(2, ge=1)
+    startup_timeout_s: float = Field(60.0, gt=0, le=86_400, description="how long a (re)started run waits for "
+                                    "its workers' resources before it fails (e.g. after losing a node)")
 
 
 class EBMRayConfig(TrainRayConfig):

@@ -19,6 +19,7 @@ from .langevin import cuda_defaults
 from .memory import auto_chunk_size
 from .nets import load_classifier, load_ebm
 from .progress import Progress
+from .provenance import attack_settings
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -61,8 +62,10 @@ def batches(data: ImageSet, size: int):
         yield data.take(torch.arange(i, min(i + size, len(data))))
 
 
-def pending(data: ImageSet, output: str) -> ImageSet:
-    """The images without a record under output (all of them on a first run)."""
+def pending(data: ImageSet, output: str, settings: dict) -> ImageSet:
+    """The images without a record under output (all of them on a first run); the records there must
+    have been written with the same settings."""
+    results.check_settings(output, settings)
     done = results.done_ids(output)
     keep = [k for k, i in enumerate(data.ids.tolist()) if i not in done]
     return data.take(keep)
@@ -73,12 +76,13 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     device = pick_device(device)
     data = data if data is not None else load(cfg.data)
     attack = build_attack(cfg, device)
-    todo = pending(data, cfg.output)
+    settings = attack_settings(cfg)
+    todo = pending(data, cfg.output, settings)
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
     for batch in batches(todo, cfg.batch_size):
         records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids.to(device))
-        results.write_part(cfg.output, records)
+        results.write_part(cfg.output, records, settings)
         bar.update(len(records), broken=sum(not r.robust for r in records))
     bar.close()
     return results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))

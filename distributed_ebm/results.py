@@ -4,7 +4,9 @@
     OUTPUT/summary.json, OUTPUT/accuracy.png                         written by `finalize`
 
 Each part is written atomically, so a part is complete or absent: a crash loses at most the
-batches in flight, and a rerun skips every image that has a record (`done_ids`).
+batches in flight, and a rerun skips every image that has a record (`done_ids`). Each part carries
+the settings that wrote it (provenance.py) in its parquet metadata; `check_settings` refuses a rerun
+with other settings before any work.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
+from . import provenance, storage
 from .attacks import ImageRecord, evaluation_points, summarize
+from .config import InputError
 from .report import plot_curves
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
@@ -28,10 +31,15 @@ def part_url(output: str, ids: list[int]) -> str:
     return storage.join(output, "records", f"part-{min(ids):09d}-{max(ids):09d}-{digest}.parquet")
 
 
-def write_part(output: str, records: list[ImageRecord]) -> str:
+SETTINGS = b"debm.settings"
+
+
+def write_part(output: str, records: list[ImageRecord], settings: dict) -> str:
     url = part_url(output, [r.index for r in records])
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist([r.to_row() for r in records]), sink)
+    table = pa.Table.from_pylist([r.to_row() for r in records])
+    pq.write_table(table.replace_schema_metadata({SETTINGS: json.dumps(settings).encode(),
+                                                  b"debm.fingerprint": provenance.fingerprint(settings).encode()}), sink)
     storage.write_bytes(url, sink.getvalue().to_pybytes())
     return url
 
@@ -47,6 +55,18 @@ def list_parts(output: str) -> list[str]:
 
 def _read(url: str, columns=None) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=columns)
+
+
+def check_settings(output: str, settings: dict) -> None:
+    """Every existing part must have been written with these settings (else one line naming the differences)."""
+    for url in list_parts(output):
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        if SETTINGS not in meta:
+            raise InputError(f"{url} records no settings (written before provenance was kept): "
+                             "use another output")
+        provenance.check(json.loads(meta[SETTINGS]), settings, f"{output}/records")
 
 
 def done_ids(output: str) -> set[int]:

@@ -1,4 +1,5 @@
 """EBM training on Ray Train with bank actors, on a real local Ray (2 CPUs), S3 endpoint and MLflow store."""
+import glob
 import os
 import re
 import signal
@@ -119,17 +120,16 @@ def _run_in_thread(cfg, small):
             box["out"] = train_ebm_on_ray(cfg, data=small)
         except BaseException as err:  # noqa: BLE001 - reported by the test
             box["error"] = err
-    thread = threading.Thread(target=target)
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, box
 
 
 def _wait_for_checkpoint(cfg, timeout=180):
     """Until Ray Train has persisted a checkpoint (its folder holds the state and the bank)."""
-    import glob
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if glob.glob(os.path.join(run_dir(cfg), "checkpoint_*", "bank-1.pt")):
+        if glob.glob(os.path.join(run_dir(cfg), "checkpoint_*", "state.pt")):
             time.sleep(0.5)  # let the report that registers it return
             return
         time.sleep(0.2)
@@ -150,18 +150,45 @@ def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, sm
     assert out["iteration"] == 60 and out["started_at"] > 0  # restarted from a checkpoint, not from 0
 
 
-def test_killed_bank_actor_comes_back_from_the_checkpoint(ray_local, tmp_path, small):
+def _final(out):
+    """The final EBM's parameters and the whole bank of a finished run."""
+    state = storage.load_torch(f"{out['checkpoint']}/state.pt")
+    bank = torch.cat([storage.load_torch(f"{out['checkpoint']}/bank-{k}.pt")["states"] for k in range(2)])
+    return state["ebm"], bank
+
+
+def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_local, tmp_path, small):
     import ray
-    cfg = build(TrainEBMConfig, _tree(tmp_path, "killb", iterations=60, checkpoint_every=10, log_every=5,
-                                      **{"langevin.steps": 20, "mlflow.enabled": False}))
+    tree = _tree(tmp_path, "killb", iterations=40, checkpoint_every=10, log_every=5,
+                 **{"langevin.steps": 20, "mlflow.enabled": False})
+    cfg = build(TrainEBMConfig, tree)
     thread, box = _run_in_thread(cfg, small)
     _wait_for_checkpoint(cfg)
     ray.kill(ray.get_actor("debm-bank-killb-1"), no_restart=False)
     thread.join(timeout=300)
     assert "error" not in box, box.get("error")
     out = box["out"]
-    assert out["iteration"] == 60 and out["started_at"] == 0  # the run itself never restarted
-    assert out["bank_books"][1]["restored_from_backup"] == 1 and out["bank_books"][0]["restored_from_backup"] == 0
+    assert out["iteration"] == 40 and out["started_at"] > 0  # the run restarted from a checkpoint
+    straight = train_ebm_on_ray(build(TrainEBMConfig, {**tree, "name": "straight"}), data=small)
+    assert straight["started_at"] == 0
+    (ebm, bank), (ebm0, bank0) = _final(out), _final(straight)
+    assert torch.equal(bank, bank0)
+    assert all(torch.equal(ebm[k], ebm0[k]) for k in ebm0)
+    # ebm.pt is the newest checkpoint's model; no folder beyond the registered checkpoints
+    assert all(torch.equal(p, ebm[k]) for k, p in load_ebm(out["ebm"]).state_dict().items())
+    folders = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir(cfg), "checkpoint_0*")))
+    assert folders == ["checkpoint_000000030", "checkpoint_000000040"]
+
+
+def test_resume_with_other_settings_fails_before_any_work_naming_them(ray_local, tmp_path, small):
+    from distributed_ebm.config import InputError
+    tree = _tree(tmp_path, "prov", iterations=3, **{"mlflow.enabled": False})
+    train_ebm_on_ray(build(TrainEBMConfig, tree), data=small)
+    with pytest.raises(InputError, match=r"prov was written with other settings: langevin.step_size \(1.0 there, "
+                                         r"0.5 now\), seed \(0 there, 1 now\); use another output"):
+        train_ebm_on_ray(build(TrainEBMConfig, {**tree, "seed": 1, "iterations": 6,
+                                                "langevin": {"steps": 3, "step_size": 0.5}}), data=small)
+    assert storage.load_torch(storage.join(run_dir(build(TrainEBMConfig, tree)), "ebm.pt"))["iteration"] == 3
 
 
 def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):
@@ -204,3 +231,16 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     (run,) = mlflow.search_runs(experiment_names=["clf"], output_format="list")  # one run, continued
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")]
     assert steps == [1, 2]
+
+
+def test_too_few_resources_fail_within_the_startup_timeout_saying_why(ray_local, tmp_path, small):
+    # 4 one-CPU workers on a 2-CPU cluster: what a run that lost a node meets when Ray Train restarts it
+    cfg = build(TrainEBMConfig, _tree(tmp_path, "cap", **{"ray.workers": 4, "ray.startup_timeout_s": 3,
+                                                          "mlflow.enabled": False}))
+    t0 = time.time()
+    thread, box = _run_in_thread(cfg, small)
+    thread.join(timeout=90)  # Ray Train's default: retry the start-up forever
+    assert not thread.is_alive(), "still waiting for resources after 90 s"
+    assert time.time() - t0 < 60
+    assert re.match(r"4 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s "
+                    r"\(a lost node, or too few free resources\); the last checkpoint is in ", str(box.get("error"))), box

@@ -1,11 +1,14 @@
 """The persistent bank as shared replay-buffer actors: N slots sharded over M `BankShard` actors.
 
 A slot is leased to one worker at a time: `lease` refuses a slot that is already held, and the
-actor keeps the books (leases, returns, refusals) that the tests read. Leases of a crashed worker
-go back to the pool when the restarted run reloads the bank from its checkpoint (`load`). Each shard backs itself up at every checkpoint; a shard that
-dies is restarted by Ray (max_restarts=-1) and reloads its last backup, while the workers' calls
-are retried on the new actor (max_task_retries=-1), so the run goes on. Transfers are one call
-per shard per lease or return, as numpy arrays.
+actor keeps the books (leases, returns, refusals) that the tests read. The bank and the model move
+together: at a checkpoint each shard writes its own part straight into the checkpoint folder (all
+shards in parallel, once), and a (re)started run has each shard load its part from the checkpoint
+it resumes from, which also drops every lease, a crashed worker's too. A shard that dies is
+restarted by Ray but comes back *lost*: its chains since the checkpoint are gone, so it refuses
+leases and returns (`ShardLost`) until the run reloads it. The worker's call fails, Ray Train
+restarts the run from the last checkpoint (counted against `ray.max_failures`), and model and bank
+resume together, as after a worker's death. Transfers are one call per shard per lease or return.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ class SlotBusy(RuntimeError):
     """A slot was asked for while another worker holds it."""
 
 
+class ShardLost(RuntimeError):
+    """A restarted shard has lost its chains since the checkpoint: the run must restart from it."""
+
+
 def shard_bounds(size: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) slot ranges, as even as possible."""
     edges = np.linspace(0, size, shards + 1).round().astype(int)
@@ -30,17 +37,21 @@ def shard_bounds(size: int, shards: int) -> list[tuple[int, int]]:
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class BankShard:
-    def __init__(self, lo: int, hi: int, shape, init: str, seed: int, backup_url: str, data=None):
-        self.lo, self.hi, self.backup_url = lo, hi, backup_url
+    def __init__(self, lo: int, hi: int, shape, init: str, seed: int, data=None):
+        self.lo, self.hi = lo, hi
         images = to_unit_range(data) if data is not None else None
         self.bank = ImageBank(hi - lo, tuple(shape), init, seed, images, offset=lo)
         self.holder = np.full(hi - lo, -1, dtype=np.int64)
-        self.books = {"leases": 0, "returns": 0, "refused": 0, "unheld_returns": 0, "restored_from_backup": 0}
-        if storage.exists(backup_url):  # a restarted actor: come back from the last checkpoint
-            self.bank.load_state_dict(storage.load_torch(backup_url))
-            self.books["restored_from_backup"] = 1
+        self.books = {"leases": 0, "returns": 0, "refused": 0, "unheld_returns": 0}
+        self.lost = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def _alive(self) -> None:
+        if self.lost:
+            raise ShardLost(f"bank shard [{self.lo}, {self.hi}) was restarted and lost its chains since the "
+                            "last checkpoint; the run restarts from that checkpoint")
 
     def lease(self, slots: np.ndarray, restart: np.ndarray, call: int, holder: int):
+        self._alive()
         slots, restart = np.array(slots), np.array(restart)  # Ray's arrays are read-only
         local = slots - self.lo
         busy = self.holder[local] != -1
@@ -54,6 +65,7 @@ class BankShard:
         return x.numpy(), self.bank.steps[local].numpy().copy()
 
     def give_back(self, slots: np.ndarray, states: np.ndarray, steps_taken: int, restart: np.ndarray, holder: int):
+        self._alive()
         slots, restart = np.array(slots), np.array(restart)
         local = slots - self.lo
         self.books["unheld_returns"] += int((self.holder[local] != holder).sum())  # e.g. after a restart
@@ -65,19 +77,19 @@ class BankShard:
     def books_and_leases(self) -> dict:
         return {**self.books, "leased_now": int((self.holder != -1).sum())}
 
-    def state(self) -> dict:
-        return self.bank.state_dict()
+    def save(self, url: str) -> None:
+        """Write this shard's part of the bank (at a checkpoint, straight to storage)."""
+        self._alive()
+        storage.save_torch(self.bank.state_dict(), url)
 
-    def load(self, state: dict | None) -> None:
-        """Restore a checkpointed state (or the initial one for None); all leases are dropped."""
-        if state is None:
+    def load(self, url: str | None) -> None:
+        """Come back from a checkpoint's part (or the initial bank for None); all leases are dropped."""
+        if url is None:
             self.bank.reset()
         else:
-            self.bank.load_state_dict(state)
+            self.bank.load_state_dict(storage.load_torch(url))
         self.holder[:] = -1
-
-    def backup(self) -> None:
-        storage.save_torch(self.bank.state_dict(), self.backup_url)
+        self.lost = False
 
     def sample(self, n: int) -> np.ndarray:
         return self.bank.states[:n].numpy()
@@ -113,14 +125,17 @@ class ShardedBank:
     def books(self) -> list[dict]:
         return ray.get([h.books_and_leases.remote() for h in self.shards])
 
-    def states(self) -> list[dict]:
-        return ray.get([h.state.remote() for h in self.shards])
+    @staticmethod
+    def part(folder: str, k: int) -> str:
+        return storage.join(folder, f"bank-{k}.pt")
 
-    def load(self, states: list[dict] | None) -> None:
-        ray.get([h.load.remote(None if states is None else s) for h, s in zip(self.shards, states or [None] * len(self.shards))])
+    def save(self, folder: str) -> None:
+        """Every shard writes its part into `folder`, in parallel."""
+        ray.get([h.save.remote(self.part(folder, k)) for k, h in enumerate(self.shards)])
 
-    def backup(self) -> None:
-        ray.get([h.backup.remote() for h in self.shards])
+    def load(self, folder: str | None) -> None:
+        """Every shard loads its part from the checkpoint `folder` (None: the initial bank)."""
+        ray.get([h.load.remote(folder and self.part(folder, k)) for k, h in enumerate(self.shards)])
 
     def sample(self, n: int) -> np.ndarray:
         return ray.get(self.shards[0].sample.remote(n))

@@ -1,8 +1,23 @@
-"""Connecting to Ray: the cluster at RAY_ADDRESS / the configured address, or a new local one."""
+"""Connecting to Ray: the cluster the user named (`ray.address` or RAY_ADDRESS), or a new local one.
+
+Without a named address `ray.init()` would join whatever cluster an earlier `ray start` recorded
+on the machine; we start our own instead (address="local"). A named host:port is probed first, so
+an unreachable address fails within `CONNECT_TIMEOUT_S` with one line instead of ray.init's
+minutes-long wait for the GCS.
+"""
 from __future__ import annotations
 
 import json
 import os
+import socket
+
+from ..config import InputError
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ClusterUnreachable(InputError):
+    """The named Ray address does not answer."""
 
 
 def _set_by_job() -> set[str]:
@@ -15,15 +30,40 @@ def _set_by_job() -> set[str]:
         return set()
 
 
-def connect(address: str | None = None):
+def target(address: str | None) -> tuple[str, str]:
+    """(address for ray.init, where it came from): the configured one, RAY_ADDRESS, or "local"."""
+    if address:
+        return address, "ray.address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return "local", ""
+
+
+def probe(address: str, source: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, naming the address, when nothing listens at a host:port address ("auto"/"local" pass)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterUnreachable(f"{source}={address}: no Ray cluster answers there "
+                                 f"({err.strerror or err} within {timeout_s:g} s)") from None
+
+
+def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
     """ray.init once per process; environment variables (AWS_*, MLFLOW_*) reach the workers."""
     import ray
 
     if not ray.is_initialized():
+        where, source = target(address)
+        if source:
+            probe(where, source, timeout_s)
         by_job = _set_by_job()
         forward = {k: v for k, v in os.environ.items() if k not in by_job and
                    (k.startswith(("AWS_", "MLFLOW_", "DEBM_")) or k in ("OMP_NUM_THREADS",))}
-        ray.init(address=address, runtime_env={"env_vars": forward} if forward else None,
+        ray.init(address=where, runtime_env={"env_vars": forward} if forward else None,
                  log_to_driver=True, ignore_reinit_error=True)
     return ray
 

@@ -4,7 +4,8 @@ Rows (index, image, label) form a Ray Dataset in many blocks; `map_batches` runs
 (one per GPU, or per `cpus_per_actor` CPUs) which loads the classifier and the EBM once and
 runs the single-process `Attack` on each batch, writing the batch's records atomically under
 `output/records/`. Each image's randomness is keyed by (seed, image id), so the result for an
-image does not depend on its batch or on which actor ran it. A rerun skips images with records;
+image does not depend on its batch or on which actor ran it. A rerun skips images with records
+(and refuses records written with other settings, before any work);
 a killed actor is restarted by Ray and its batch retried, so a crash loses at most the batches
 in flight. Bad input fails in `preflight`, before any actor starts.
 """
@@ -20,6 +21,7 @@ from ..config import AttackConfig, InputError
 from ..data import ImageSet, load
 from ..evaluation import build_attack, dtype_of, pending, pick_device
 from ..progress import Progress
+from ..provenance import attack_settings
 from ..tracking import log_attack
 from .cluster import available, connect
 
@@ -27,12 +29,13 @@ from .cluster import available, connect
 class AttackActor:
     """Holds the classifier and the EBM; attacks one batch of rows per call."""
 
-    def __init__(self, cfg: dict, threads: int | None = None):
+    def __init__(self, cfg: dict, settings: dict, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.cfg = AttackConfig.model_validate(cfg)
         self.device = pick_device("auto")  # Ray sets CUDA_VISIBLE_DEVICES for an actor with a GPU
         self.attack = build_attack(self.cfg, self.device)
+        self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray hands out read-only arrays: copy them into tensors of our own
@@ -40,7 +43,7 @@ class AttackActor:
         labels = torch.tensor(batch["label"], dtype=torch.int64).to(self.device)
         ids = torch.tensor(batch["index"], dtype=torch.int64).to(self.device)
         records = self.attack(images, labels, ids)
-        results.write_part(self.cfg.output, records)
+        results.write_part(self.cfg.output, records, self.settings)
         return {"index": np.array(batch["index"], dtype=np.int64), "broken": np.array([not r.robust for r in records]),
                 "image_steps": np.array([r.image_steps for r in records], dtype=np.int64)}
 
@@ -68,7 +71,8 @@ def plan_actors(cfg: AttackConfig, batches: int) -> tuple[int, float, float]:
 def evaluate(cfg: AttackConfig, data: ImageSet | None = None, show: bool = True) -> dict:
     """Attack every selected image that has no record yet on a Ray actor pool; summarize all records."""
     data = preflight(cfg, data)
-    todo = pending(data, cfg.output)
+    settings = attack_settings(cfg)
+    todo = pending(data, cfg.output, settings)
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
     if len(todo):
@@ -79,7 +83,7 @@ def evaluate(cfg: AttackConfig, data: ImageSet | None = None, show: bool = True)
                 for i, y, x in zip(todo.ids, todo.labels, todo.images)]
         ds = ray.data.from_items(rows, override_num_blocks=batches)
         out = ds.map_batches(
-            AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "threads": max(1, int(cpus))},
+            AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings, "threads": max(1, int(cpus))},
             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
             # Ray Data's actor pools restart a dead actor and retry its batch (max_restarts and
             # max_task_retries default to -1 there); the test kills one to hold it to that.

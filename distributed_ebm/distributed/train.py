@@ -7,8 +7,10 @@ draws (chains, restarts, data rows, data noise) come from (seed, t) and the chai
 (seed, slot, t), so a run is the same for any number of workers and resumes exactly.
 
 Checkpoints every `checkpoint_every` iterations hold the model, the optimizer and its phase, the
-iteration and the whole bank; Ray Train restarts a run whose worker died from the last one
-(`ray.max_failures`), and running the job again with the same `name` and `output` resumes it.
+iteration, the result-changing settings and the whole bank (each shard writes its part). Ray Train
+restarts a run whose worker or bank shard died from the newest registered checkpoint
+(`ray.max_failures`); running the job again with the same `name` and `output` resumes it, unless
+settings that change results differ. `ebm.pt` is written once a checkpoint is registered.
 A non-finite loss stops the run with a clear message and leaves the last checkpoint as it was.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from .. import storage
+from .. import provenance, storage
 from ..config import TrainEBMConfig
 from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..nets import load_ebm, save_ebm
@@ -50,14 +52,11 @@ def train_loop(config: dict) -> None:
     shape = (pixels.shape[3], pixels.shape[1], pixels.shape[2])
 
     ebm = new_ebm(cfg).to(device)
+    state, folder = None, None
     checkpoint = ray.train.get_checkpoint()
-    state, bank_states = None, None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-            if rank == 0:
-                bank_states = [torch.load(os.path.join(d, f"bank-{k}.pt"), weights_only=True)
-                               for k in range(len(config["shards"]))]
+    if checkpoint:  # read from storage directly: the bank parts in the folder are the shards' business
+        folder = storage.join(run_dir(cfg), os.path.basename(checkpoint.path.rstrip("/")))
+        state = storage.load_torch(storage.join(folder, "state.pt"))
         ebm.load_state_dict(state["ebm"])
     model = ray.train.torch.prepare_model(ebm) if world > 1 else ebm
     loop = EBMIteration(cfg, model, bank, lambda rows: to_unit_range(pixels[rows.numpy()]), len(pixels), shape,
@@ -65,7 +64,8 @@ def train_loop(config: dict) -> None:
     if state is not None:
         loop.resume(state["iteration"], state["phase"], state["optimizer"])
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
-        bank.load(bank_states)
+        bank.load(folder)
+        _tidy(cfg, loop.iteration, ebm)
     barrier(world, device)
 
     logger = worker_logger(config, rank)
@@ -100,28 +100,65 @@ def train_loop(config: dict) -> None:
     bar.close()
 
 
+def checkpoint_name(iteration: int) -> str:
+    return f"checkpoint_{iteration:09d}"
+
+
+def _tidy(cfg, iteration: int, ebm) -> None:
+    """On (re)start, from the newest registered checkpoint: remove the folders of later checkpoints a
+    crash left unregistered (Ray Train never resumes from them), and make ebm.pt this checkpoint's model."""
+    fs, path = storage.filesystem(run_dir(cfg))
+    fs.invalidate_cache()
+    for folder in fs.glob(f"{path}/checkpoint_*"):
+        tail = os.path.basename(folder).removeprefix("checkpoint_")
+        if tail.isdigit() and int(tail) > iteration:
+            fs.rm(folder, recursive=True)
+    ebm_url = storage.join(run_dir(cfg), "ebm.pt")
+    if iteration and (not storage.exists(ebm_url) or storage.load_torch(ebm_url).get("iteration") != iteration):
+        save_ebm(ebm, ebm_url, iteration=iteration)
+    elif not iteration and storage.exists(ebm_url):
+        fs.rm(storage.filesystem(ebm_url)[1])
+
+
 def _report(cfg, metrics, save, rank, world, device, bank, ebm, optimizer, phase, positives, logger):
-    """Every worker reports; at a checkpoint, rank 0 first writes model, optimizer, phase and the bank."""
+    """Every worker reports. At a checkpoint the shards write their parts of the bank into the checkpoint's
+    folder, rank 0 adds the model, optimizer, phase and settings, and once Ray Train has registered the
+    checkpoint, writes ebm.pt: ebm.pt is always the newest registered checkpoint's model."""
     import ray.train
+    from ray.train import CheckpointConsistencyMode
 
     if not save:
         ray.train.report(metrics)
         return
+    it = int(metrics["iteration"])
+    name = checkpoint_name(it)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            it = int(metrics["iteration"])
-            torch.save(training_state(it, phase, ebm, optimizer, cfg), os.path.join(d, "state.pt"))
-            for k, shard_state in enumerate(bank.states()):
-                torch.save(shard_state, os.path.join(d, f"bank-{k}.pt"))
-            bank.backup()  # what a restarted bank actor comes back from
-            save_ebm(ebm, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
+            bank.save(storage.join(run_dir(cfg), name))
+            state = training_state(it, phase, ebm, optimizer, cfg)
+            state["settings"] = provenance.train_settings(cfg)
+            torch.save(state, os.path.join(d, "state.pt"))
             if logger:
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
                 logger.file(f"positives-{it:09d}.png", image_grid_png(positives[:64].cpu()), "samples")
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        barrier(world, device)  # nobody leases the next chains before the bank snapshot is taken
-        ray.train.report(metrics, checkpoint=checkpoint)
+        barrier(world, device)  # nobody leases the next chains before the bank is saved
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if rank == 0:
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        save_ebm(ebm, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
+
+
+def check_resume(cfg: TrainEBMConfig) -> None:
+    """A run resumed with settings that change results fails here, before any work, naming them."""
+    fs, path = storage.filesystem(run_dir(cfg))
+    fs.invalidate_cache()
+    current = provenance.train_settings(cfg)
+    for folder in sorted(fs.glob(f"{path}/checkpoint_*")):
+        url = storage.join(run_dir(cfg), os.path.basename(folder), "state.pt")
+        if storage.exists(url):
+            provenance.check(storage.load_torch(url).get("settings", {}), current, run_dir(cfg))
 
 
 def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bool = True) -> dict:
@@ -129,14 +166,14 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
     check_sizes(cfg, len(data))
+    check_resume(cfg)
     connect(cfg.ray.address)
     pixels = ray.put(to_uint8(data.images))
     size = cfg.bank_size or len(data)
     bounds = shard_bounds(size, cfg.ray.bank_shards)
     shape = tuple(data.images.shape[1:])
     shards = [BankShard.options(num_cpus=0, name=f"debm-bank-{cfg.name}-{k}").remote(
-                  lo, hi, shape, cfg.bank_init, cfg.seed, storage.join(run_dir(cfg), "bank", f"shard-{k}.pt"),
-                  pixels if cfg.bank_init == "data" else None)
+                  lo, hi, shape, cfg.bank_init, cfg.seed, pixels if cfg.bank_init == "data" else None)
               for k, (lo, hi) in enumerate(bounds)]
     config = {"cfg": cfg.model_dump(mode="json"), "pixels": [pixels], "shards": shards, "bounds": bounds}
     diverged_url = storage.join(run_dir(cfg), DIVERGED)

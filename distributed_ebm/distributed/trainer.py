@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .. import storage
+from ..config import JobFailed
 from .cluster import available
 
 
@@ -62,10 +63,18 @@ def use_gpu(cfg) -> bool:
     return cfg.ray.use_gpu if cfg.ray.use_gpu is not None else available("GPU") >= cfg.ray.workers
 
 
+class CapacityLost(JobFailed):
+    """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources)."""
+
+
 def fit(loop, cfg, config: dict):
-    """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers.
+    A worker group that cannot be placed within `ray.startup_timeout_s` fails the run (CapacityLost)
+    instead of Ray Train's default of retrying start-up forever."""
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     trainer = TorchTrainer(
@@ -73,9 +82,25 @@ def fit(loop, cfg, config: dict):
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu(cfg),
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
-    return trainer.fit()
+    # Ray Train hands this variable on to its controller, which waits that long for the workers
+    before = os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(cfg.ray.startup_timeout_s)
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+            raise
+        need = f"{cfg.ray.cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu(cfg) else "")
+        raise CapacityLost(f"{cfg.ray.workers} workers ({need} each, ray.workers) could not be placed within "
+                           f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s (a lost node, or too few free "
+                           f"resources); the last checkpoint is in {run_dir(cfg)}") from None
+    finally:
+        if before is None:
+            os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
+        else:
+            os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = before
 
 
 def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):

@@ -1,0 +1,82 @@
+"""Faults without silent damage: where Ray connects, and how the jobs fail when they cannot go on."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def test_an_unreachable_address_fails_within_seconds_naming_it(tmp_path):
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "jobs/attack.py", "--config", "jobs/configs/attack_pgd_undefended.yaml",
+                           "data.count=2", "ray.address=127.0.0.1:1", f"output={tmp_path}/out", "mlflow.enabled=false"],
+                          capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
+    assert time.time() - t0 < 60
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("debm attack: ray.address=127.0.0.1:1: no Ray cluster answers there"), line
+
+
+def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_cluster():
+    # what an earlier `ray start` leaves behind, pointing at nothing: ray.init() alone would try to join it
+    # (a short temp dir: Ray's socket paths must stay under 107 bytes)
+    temp = Path(tempfile.mkdtemp(prefix="debm"))
+    (temp / "ray").mkdir(parents=True)
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    script = ("import ray; from distributed_ebm.distributed.cluster import connect; "
+              "connect(None); print('cpus', ray.cluster_resources().get('CPU')); ray.shutdown()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                          env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0"), cwd=REPO)
+    shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0 and "cpus " in done.stdout, done.stderr[-2000:]
+
+
+def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(tmp_path):
+    from distributed_ebm.config import AttackConfig, InputError, load_config
+    from distributed_ebm.evaluation import run_attack
+    from distributed_ebm.results import read_records
+
+    def cfg(*extra):
+        return load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
+                           ["data.count=2", "attack.steps=2", f"output={tmp_path}/out", "mlflow.enabled=false", *extra])
+    run_attack(cfg(), show=False)
+    # settings that cannot change a record may differ: more images, another batch size
+    assert run_attack(cfg("data.count=3", "batch_size=1", "chunk_size=7"), show=False)["images"] == 3
+    with pytest.raises(InputError) as err:
+        run_attack(cfg("data.count=4", "attack.steps=3", "attack.eps=0.01"), show=False)
+    assert str(err.value).startswith(f"{tmp_path}/out/records was written with other settings: "
+                                     "attack.eps (0.03137254901960784 there, 0.01 now), attack.steps (2 there, 3 now);")
+    assert read_records(f"{tmp_path}/out").num_rows == 3  # nothing was attacked
+
+
+@pytest.mark.slow
+def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(tmp_path):
+    import json
+    temp = Path(tempfile.mkdtemp(prefix="debm"))  # Ray's socket paths must stay short
+    try:
+        done = subprocess.run([sys.executable, "tests/two_node_capacity.py", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=420, cwd=REPO,
+                              env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+                                       RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1"))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, done.stderr[-3000:]
+    got = json.loads(lines[-1])
+    assert got["finished"], "still waiting for the lost node's resources"
+    assert got["seconds_after_kill"] < 120
+    assert got["error"].startswith("CapacityLost: 2 workers (1 CPU each, ray.workers) could not be placed within "
+                                   "ray.startup_timeout_s=5 s (a lost node, or too few free resources); the last "
+                                   "checkpoint is in "), got["error"]
