@@ -1,4 +1,4 @@
-"""Shared fixtures. Paths into ../shared come from the job configs (${DEBM_SHARED:-../shared}),
+"""Shared fixtures. Paths into ../shared come from the job configs (${oc.env:DEBM_SHARED,../shared}),
 which resolve relative paths from the repository root, as the jobs do."""
 from __future__ import annotations
 
