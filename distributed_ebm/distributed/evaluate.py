@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .. import results, storage
-from ..config import AttackConfig, InputError
-from ..data import ImageSet, load
+from ..config import AttackConfig
+from ..data import ImageSet
 from ..evaluation import build_attack, dtype_of, pending, pick_device
 from ..progress import Progress
 from ..tracking import log_attack
@@ -46,14 +46,10 @@ class AttackActor:
 
 
 def preflight(cfg: AttackConfig, data: ImageSet | None = None) -> ImageSet:
-    """Everything that can be checked before an actor starts: data, subset, weights, EBM image size."""
-    data = data if data is not None else load(cfg.data)
-    if len(data) == 0:
-        raise InputError("the selected subset holds no image")
-    if data.images.shape[-1] != cfg.data.image_size:
-        raise InputError(f"images are {data.images.shape[-1]} pixels wide, data.image_size is {cfg.data.image_size}")
-    build_attack(cfg, "cpu")  # loads the classifier and the EBM: missing files, wrong architecture or size
-    return data
+    """Everything that can be checked before Ray starts (`preflight.attack`)."""
+    from .. import preflight as checks
+
+    return checks.attack(cfg, data)
 
 
 def plan_actors(cfg: AttackConfig, batches: int) -> tuple[int, float, float]:

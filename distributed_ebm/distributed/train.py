@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from .. import storage
+from .. import preflight, storage
 from ..config import TrainEBMConfig
 from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..langevin import langevin
@@ -29,7 +29,7 @@ from ..nets import load_ebm, save_ebm
 from ..noise import ChainKeys
 from ..progress import Progress
 from ..report import image_grid_png
-from ..training import (TrainingDiverged, check_sizes, ebm_update, iteration_draws, make_ebm_optimizer, new_ebm,
+from ..training import (TrainingDiverged, ebm_update, iteration_draws, make_ebm_optimizer, new_ebm,
                         phase_at, temperature, training_state)
 from .bank_actor import BankShard, ShardedBank, shard_bounds
 from .cluster import connect
@@ -152,7 +152,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
-    check_sizes(cfg, len(data), cfg.ray.workers)
+    preflight.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     pixels = ray.put(to_uint8(data.images))
     size = cfg.bank_size or len(data)

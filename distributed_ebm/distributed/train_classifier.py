@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from .. import storage
+from .. import preflight, storage
 from ..config import TrainClassifierConfig
 from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..nets import load_classifier, save_classifier
@@ -76,6 +76,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
     data = load(cfg.data)
     test = load(cfg.test_data) if cfg.test_data is not None else None
+    preflight.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     config = {"cfg": cfg.model_dump(mode="json"),
               "train": [ray.put((to_uint8(data.images), data.labels.numpy()))],
