@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verbose:
         os.environ["DEBM_VERBOSE"] = "1"
+    elif os.environ.get("DEBM_VERBOSE") != "1":
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines (database set-up ...)
     try:
         cfg = parse(args.command, args.config, args.overrides)
         if args.print_config:

@@ -67,10 +67,11 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     attack = build_attack(cfg, device)
     todo = pending(data, cfg.output)
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
-    t0 = time.time()
+    t0, broken = time.time(), 0  # broken: this run's images, counted across batches
     for batch in batches(todo, cfg.batch_size):
         records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids)
         results.write_part(cfg.output, records)
-        bar.update(len(records), broken=sum(not r.robust for r in records))
+        broken += sum(not r.robust for r in records)
+        bar.update(len(records), broken=broken)
     bar.close()
     return results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))

@@ -80,8 +80,10 @@ def evaluate(cfg: AttackConfig, data: ImageSet | None = None, show: bool = True)
             # Ray Data's actor pools restart a dead actor and retry its batch (max_restarts and
             # max_task_retries default to -1 there); the test kills one to hold it to that.
             compute=ray.data.ActorPoolStrategy(size=actors))
+        broken = 0  # this run's images, counted across batches
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            bar.update(len(batch["index"]), broken=int(batch["broken"].sum()))
+            broken += int(batch["broken"].sum())
+            bar.update(len(batch["index"]), broken=broken)
     bar.close()
     summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
     log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)])

@@ -27,13 +27,12 @@ from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..langevin import langevin
 from ..nets import load_ebm, save_ebm
 from ..noise import ChainKeys
-from ..progress import Progress
 from ..report import image_grid_png
 from ..training import (TrainingDiverged, ebm_update, iteration_draws, make_ebm_optimizer, new_ebm,
                         phase_at, temperature, training_state)
 from .bank_actor import BankShard, ShardedBank, shard_bounds
 from .cluster import connect
-from .trainer import all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .trainer import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
 METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")
@@ -76,7 +75,7 @@ def train_loop(config: dict) -> None:
     barrier(world)
 
     logger = worker_logger(config, rank)
-    bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=iteration, enabled=rank == 0, every=10.0)
+    bar = WorkerProgress(config, rank, cfg.iterations, f"train-ebm:{cfg.name}", start=iteration)
     window = {k: 0.0 for k in METRICS}
     count, t_window = 0, time.time()
     agree = all_workers(world)
@@ -188,5 +187,6 @@ def _log_final_ebm(cfg: TrainEBMConfig, mlflow) -> None:
         import mlflow.pytorch
 
         ebm = load_ebm(ebm_url)
-        example = np.zeros((1, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
+        # a batch of 2, so MLflow's torch.export keeps the batch dimension dynamic (1 would pin it)
+        example = np.zeros((2, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
         mlflow.pytorch.log_model(ebm, name="ebm", input_example=example)

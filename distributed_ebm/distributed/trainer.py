@@ -3,6 +3,8 @@ and the collective helpers their worker loops use."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -44,10 +46,74 @@ def use_gpu(cfg) -> bool:
     return cfg.ray.use_gpu if cfg.ray.use_gpu is not None else available("GPU") >= cfg.ray.workers
 
 
+class ProgressBoard:
+    """A tiny actor: rank 0 posts where the run is; the driver reads it for its one progress line
+    (the workers' own output stays in Ray's log files)."""
+
+    def __init__(self):
+        self.last = None
+
+    def post(self, state: tuple) -> None:
+        self.last = state
+
+    def read(self):
+        return self.last
+
+
+class WorkerProgress:
+    """`update(n, **metrics)` on every worker; rank 0 posts to the board at most once a second."""
+
+    def __init__(self, config: dict, rank: int, total: int, name: str, start: int):
+        self.board = config.get("board") if rank == 0 else None
+        self.total, self.name, self.start, self.done = total, name, start, start
+        self.metrics, self.posted = {}, 0.0
+
+    def update(self, n: int = 1, **metrics) -> None:
+        self.done += n
+        self.metrics = metrics
+        if self.board is not None and (time.time() - self.posted >= 1.0 or self.done >= self.total):
+            self.posted = time.time()
+            self.board.post.remote((self.done, self.start, self.total, self.name, metrics))
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.post.remote((self.done, self.start, self.total, self.name, self.metrics))
+
+
+def _follow(board, stop: threading.Event) -> None:
+    """The driver's progress line: what rank 0 last posted, every 2 seconds until the run ends."""
+    import ray
+
+    from ..progress import Progress
+
+    bar = None
+    while True:
+        stopped = stop.wait(2.0)
+        try:
+            last = ray.get(board.read.remote(), timeout=10)
+        except Exception:  # the board is gone or slow: skip this tick
+            last = None
+        if last:
+            done, start, total, name, metrics = last
+            if bar is None:
+                bar = Progress(total, name, start=start)
+            if done > bar.done:
+                bar.update(done - bar.done, **metrics)
+        if stopped:
+            break
+    if bar is not None:
+        bar.close()
+
+
 def fit(loop, cfg, config: dict):
-    """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers."""
+    """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers.
+    The driver prints the run's progress (rank 0 posts it to a `ProgressBoard`)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    config = {**config, "board": board}
 
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     trainer = TorchTrainer(
@@ -57,7 +123,15 @@ def fit(loop, cfg, config: dict):
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
-    return trainer.fit()
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(board, stop), daemon=True)
+    follower.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        follower.join()
+        ray.kill(board)
 
 
 def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
