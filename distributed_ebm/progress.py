@@ -18,10 +18,13 @@ def _clock(seconds: float) -> str:
 class Progress:
     """`update(n, **metrics)`; prints at most every `every` seconds when stderr is not a terminal."""
 
-    def __init__(self, total: int, name: str, start: int = 0, enabled: bool = True, every: float = 10.0, unit: str = "it"):
+    def __init__(self, total: int, name: str, start: int = 0, enabled: bool = True, every: float = 10.0, unit: str = "it",
+                 t0: float | None = None):
+        """`t0`: when the work began, if before now (a driver following a worker's progress)."""
         self.total, self.name, self.done, self.unit = total, name, start, unit
         self.enabled, self.every = enabled, every
-        self.t0 = self.last = time.time()
+        self.last = time.time()
+        self.t0 = t0 if t0 is not None else self.last
         self.start = start
         self.bar = tqdm(total=total, initial=start, desc=name, unit=unit, dynamic_ncols=True) \
             if enabled and sys.stderr.isatty() else None

@@ -66,18 +66,18 @@ class WorkerProgress:
     def __init__(self, config: dict, rank: int, total: int, name: str, start: int):
         self.board = config.get("board") if rank == 0 else None
         self.total, self.name, self.start, self.done = total, name, start, start
-        self.metrics, self.posted = {}, 0.0
+        self.metrics, self.posted, self.t0 = {}, 0.0, time.time()
 
     def update(self, n: int = 1, **metrics) -> None:
         self.done += n
         self.metrics = metrics
         if self.board is not None and (time.time() - self.posted >= 1.0 or self.done >= self.total):
             self.posted = time.time()
-            self.board.post.remote((self.done, self.start, self.total, self.name, metrics))
+            self.board.post.remote((self.done, self.start, self.total, self.name, metrics, self.t0))
 
     def close(self) -> None:
         if self.board is not None:
-            self.board.post.remote((self.done, self.start, self.total, self.name, self.metrics))
+            self.board.post.remote((self.done, self.start, self.total, self.name, self.metrics, self.t0))
 
 
 def _follow(board, stop: threading.Event) -> None:
@@ -94,9 +94,9 @@ def _follow(board, stop: threading.Event) -> None:
         except Exception:  # the board is gone or slow: skip this tick
             last = None
         if last:
-            done, start, total, name, metrics = last
-            if bar is None:
-                bar = Progress(total, name, start=start)
+            done, start, total, name, metrics, t0 = last
+            if bar is None:  # the rate counts from the worker's start, not from the first look
+                bar = Progress(total, name, start=start, t0=t0)
             if done > bar.done:
                 bar.update(done - bar.done, **metrics)
         if stopped:
