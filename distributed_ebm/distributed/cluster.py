@@ -38,6 +38,7 @@ def connect(address: str | None = None):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we chose it
         print(f"Ray: {address or os.environ.get('RAY_ADDRESS') or 'a new local Ray'}; its logs: {_logs_dir()}"
               + ("" if verbose else " (--verbose prints them here)"), file=sys.stderr, flush=True)
     return ray
