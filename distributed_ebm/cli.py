@@ -8,11 +8,13 @@
     debm quickstart       (the README's end-to-end run)
     debm report           runs/attack-pgd runs/attack-bpda_eot   (the accuracy table of results folders)
 
-Every command validates its config before any work; a bad one prints one line and exits with 2.
+Every command validates its config and checks every input it will touch before any work; a bad
+one prints one line and exits with 2. Ray's own logs stay in its session folder unless --verbose.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import (AttackConfig, InputError, JobFailed, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
@@ -35,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", help="YAML config (defaults: the paper's settings)")
         s.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+        s.add_argument("--verbose", action="store_true", help="also print Ray's, Ray Train's and Ray Data's own logs")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. attack.steps=10")
     r = sub.add_parser("report", help="print the accuracy table of one or more attack results folders")
     r.add_argument("urls", nargs="+", metavar="URL", help="attack output folders (local or s3://)")
@@ -78,9 +81,12 @@ def run(command: str, cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "report":
+        from . import storage
         from .report import format_table, plot_curves
         from .results import load_summary
         try:
+            if args.plot:
+                storage.check_destination(args.plot, "--plot")
             summaries = [load_summary(url) for url in args.urls]
             print(format_table(summaries))
             if args.plot:
@@ -88,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as err:
             print(f"debm report: {err} (is it an attack output folder?)", file=sys.stderr)
             return 2
+        except InputError as err:
+            print(f"debm report: {err}", file=sys.stderr)
+            return 2
         return 0
+    if args.verbose:
+        os.environ["DEBM_VERBOSE"] = "1"
+    elif os.environ.get("DEBM_VERBOSE") != "1":
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines (database set-up ...)
     try:
         cfg = parse(args.command, args.config, args.overrides)
         if args.print_config:

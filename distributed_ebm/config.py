@@ -2,18 +2,18 @@
 
 Every number of the paper is a default here, never a constant in the code. A bad value fails
 with one line that names the key and the allowed range (`ConfigError`), before anything runs.
-Strings may use `${VAR}` or `${VAR:-default}` to take paths from the environment.
+Files and overrides are read and merged by OmegaConf (interpolation: `${other.key}`, and
+`${oc.env:VAR}` / `${oc.env:VAR,default}` from the environment); pydantic validates the result.
+OmegaConf is imported only by `load_config`, so the method core imports without it.
 """
 from __future__ import annotations
 
 import os
 import re
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class InputError(ValueError):
@@ -40,21 +40,29 @@ def _fraction(value: Any) -> Any:
 
 
 def _expand(value: Any) -> Any:
-    """${VAR} expansion; a local relative path becomes absolute (from the working directory now),
-    so Ray workers, actors and Tune trials, whose working directories differ, find the same file."""
+    """A local relative path becomes absolute (from the working directory now), so Ray workers,
+    actors and Tune trials, whose working directories differ, find the same file."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if not isinstance(value, str):
         return value
-    value = expand_env(value)
     return value if "://" in value or not value else os.path.abspath(value)
+
+
+def shared(path: str) -> str:
+    """A file of the shared data and weights: under $DEBM_SHARED, else ../shared."""
+    return f"{os.environ.get('DEBM_SHARED', '../shared')}/{path}"
 
 
 Budget = Annotated[float, BeforeValidator(_fraction)]
 URL = Annotated[str, BeforeValidator(_expand)]
-"""A local path (made absolute) or fsspec URL (s3://...); ${VAR} and ${VAR:-default} come from the environment."""
+"""A local path (made absolute) or fsspec URL (s3://...)."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    # strict: `true` is not the integer 1, "3" is not a number; nan and inf are never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, strict=True,
+                              allow_inf_nan=False)
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -63,7 +71,7 @@ class DataConfig(Section):
     """Where images come from and which of them to use."""
 
     format: Literal["parquet", "torchvision"] = "parquet"
-    path: URL = Field("${DEBM_SHARED:-../shared}/datasets/cifar10/test-exact-1000.parquet",
+    path: URL = Field(default_factory=lambda: shared("datasets/cifar10/test-exact-1000.parquet"),
                       description="parquet URL (local or s3://), or a torchvision root folder")
     name: Literal["cifar10", "cifar100", "svhn"] = "cifar10"
     split: Literal["train", "test"] = "test"
@@ -82,6 +90,9 @@ class DataConfig(Section):
             raise ValueError(f"choose at most one of count, indices, random (got {', '.join(chosen)})")
         if self.indices is not None and not self.indices:
             raise ValueError("indices is empty: the subset would hold no image")
+        if self.indices is not None and len(set(self.indices)) != len(self.indices):
+            twice = sorted({i for i in self.indices if self.indices.count(i) > 1})
+            raise ValueError(f"data.indices names ids {twice[:5]} more than once: list each image once")
         return self
 
 
@@ -101,7 +112,7 @@ class LangevinConfig(Section):
 
 class ClassifierConfig(Section):
     arch: Literal["resnet20", "resnet32", "resnet44", "resnet56", "wrn28_10", "wrn"] = "resnet20"
-    weights: Optional[URL] = Field("${DEBM_SHARED:-../shared}/weights/resnet20-12fca82f.th",
+    weights: Optional[URL] = Field(default_factory=lambda: shared("weights/resnet20-12fca82f.th"),
                                    description="checkpoint URL; null = random init")
     num_classes: int = Field(10, ge=2, le=100_000)
     wrn_depth: int = Field(28, ge=10, le=100, description="arch=wrn only")
@@ -147,7 +158,7 @@ class EBMRayConfig(TrainRayConfig):
 # --- jobs ------------------------------------------------------------------------------------
 
 class TrainEBMConfig(Section):
-    data: DataConfig = Field(default_factory=lambda: DataConfig(path="${DEBM_SHARED:-../shared}/datasets/cifar10/train.parquet", split="train"))
+    data: DataConfig = Field(default_factory=lambda: DataConfig(path=shared("datasets/cifar10/train.parquet"), split="train"))
     ebm: EBMConfig = Field(default_factory=lambda: EBMConfig())
     langevin: LangevinConfig = Field(default_factory=lambda: LangevinConfig())
     iterations: int = Field(250_000, ge=1)
@@ -179,7 +190,7 @@ class TrainEBMConfig(Section):
 
 
 class TrainClassifierConfig(Section):
-    data: DataConfig = Field(default_factory=lambda: DataConfig(path="${DEBM_SHARED:-../shared}/datasets/cifar10/train.parquet", split="train"))
+    data: DataConfig = Field(default_factory=lambda: DataConfig(path=shared("datasets/cifar10/train.parquet"), split="train"))
     test_data: Optional[DataConfig] = Field(default_factory=lambda: DataConfig())
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig(arch="wrn28_10", weights=None))
     epochs: int = Field(100, ge=1)
@@ -274,7 +285,7 @@ class SearchConfig(Section):
         attack=AttackSettings(steps=10, eot_attack=4, eot_defense=8)),
         description="the evaluation every trial runs (a cheap BPDA+EOT)")
     validation: DataConfig = Field(default_factory=lambda: DataConfig(
-        path="${DEBM_SHARED:-../shared}/datasets/cifar10/train-exact-4000.parquet", split="train",
+        path=shared("datasets/cifar10/train-exact-4000.parquet"), split="train",
         random=200, subset_seed=0), description="held-out training images: never the test images")
     space: dict[str, SearchRange] = Field(default_factory=lambda: {
         "step_size": SearchRange(low=0.25, high=2.0), "noise": SearchRange(low=0.003, high=0.03),
@@ -290,6 +301,12 @@ class SearchConfig(Section):
     name: str = Field("tune", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="search name: the same name and output resume the search")
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _drop_nulls(cls, space):
+        """`space.noise: null` leaves that parameter out of the search."""
+        return {k: v for k, v in space.items() if v is not None} if isinstance(space, dict) else space
 
     @model_validator(mode="after")
     def _space_and_data(self):
@@ -348,45 +365,6 @@ class QuickstartConfig(Section):
 
 # --- loading ---------------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(value: Any) -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string of a nested structure."""
-    if isinstance(value, str):
-        def sub(m):
-            if m.group(1) in os.environ:
-                return os.environ[m.group(1)]
-            if m.group(2) is not None:
-                return m.group(2)
-            raise ConfigError(f"environment variable {m.group(1)} is not set (used in {value!r})")
-        return _VAR.sub(sub, value)
-    if isinstance(value, dict):
-        return {k: expand_env(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v) for v in value]
-    return value
-
-
-def apply_override(tree: dict, item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML ("8/255" stays a string)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r} has an empty key")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -403,53 +381,80 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _section_of(cls: type[Section], key: str) -> type[Section] | None:
-    """The Section type of field `key` (also inside Optional[...]), or None for any other field."""
-    field = cls.model_fields.get(key)
-    if field is None:
-        return None
-    options = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Union else ()
-    for t in (field.annotation, *options):
-        if isinstance(t, type) and issubclass(t, Section):
-            return t
-    return None
-
-
-def _merge(cls: type[Section], base: dict, update: dict) -> dict:
-    """Lay `update` over `base`, section by section; any other value (a list, a free-form mapping
-    such as a search space) is replaced whole."""
-    out = dict(base)
-    for key, value in update.items():
-        sub = _section_of(cls, key)
-        if sub is not None and isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = _merge(sub, base[key], value)
-        else:
-            out[key] = value
-    return out
+def _laid_over(base: Any, update: Any) -> Any:
+    """`update` laid over `base`, mapping by mapping (OmegaConf's merge, for trees built in code)."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        return {**base, **{k: _laid_over(base.get(k), v) for k, v in update.items()}}
+    return update
 
 
 def build(cls: type[Section], tree: dict | None) -> Section:
     """Validate `tree` laid over the job's defaults (so a partial section keeps the rest)."""
     try:
-        return cls.model_validate(_merge(cls, cls.model_construct().model_dump(), tree or {}))
+        return cls.model_validate(_laid_over(cls.model_construct().model_dump(), tree or {}))
     except ValidationError as err:
         raise ConfigError(f"config error: {_describe(err)}") from None
 
 
+def _omegaconf_error(err: Exception, where: str) -> ConfigError:
+    """One line from an OmegaConf or YAML error: what is wrong and where."""
+    import yaml
+
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        m = err.problem_mark
+        return ConfigError(f"{where} is not valid YAML: line {m.line + 1}, column {m.column + 1}: {err.problem}")
+    if isinstance(err, yaml.YAMLError):
+        return ConfigError(f"{where} is not valid YAML: {str(err).splitlines()[0]}")
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    key = getattr(err, "full_key", None)
+    hint = (" (environment variables: ${oc.env:VAR} or ${oc.env:VAR,default})"
+            if type(err).__name__ == "UnsupportedInterpolationType" else "")
+    return ConfigError(f"{where}{f', key {key}' if key else ''}: {first}{hint}")
+
+
+def _read_file(path: str | os.PathLike):
+    from omegaconf import DictConfig, OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
+    try:
+        conf = OmegaConf.create(text)
+    except Exception as err:  # yaml's parse errors, OmegaConf's key errors
+        raise _omegaconf_error(err, f"config file {path}") from None
+    if not isinstance(conf, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top (key: value lines)")
+    return conf
+
+
 def load_config(cls: type[Section], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Section:
-    """Read YAML (or start from the defaults), apply dotted overrides, validate."""
-    tree: dict = {}
+    """The job's defaults, the YAML file over them, the dotted overrides over that (all merged and
+    interpolated by OmegaConf), validated by pydantic. A `null` removes a search dimension."""
+    from omegaconf import OmegaConf
+
+    layers = [OmegaConf.create(cls.model_construct().model_dump())]
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top")
+        layers.append(_read_file(path))
     for item in overrides:
-        apply_override(tree, item)
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key or not all(key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key=value (dotted key, e.g. attack.steps=10)")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:
+        raise _omegaconf_error(err, "overrides") from None
+    try:
+        tree = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+    except Exception as err:
+        raise _omegaconf_error(err, f"config {path or '(defaults)'}") from None
     return build(cls, tree)
 
 
 def to_yaml(cfg: Section) -> str:
+    import yaml
+
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
 
 from . import storage
 from .config import DataConfig, InputError
@@ -66,6 +67,10 @@ def read_parquet(url: str, image_size: int = 32) -> ImageSet:
             or img_field.type.get_field_index("bytes") < 0:
         raise DataError(f"data file {url} has columns {names}; expected the Hugging Face image layout: "
                         "img: struct<bytes: binary, ...>, label: int (and optionally index: int)")
+    if not pa.types.is_integer(table.schema.field("label").type):
+        raise DataError(f"data file {url}: column label is {table.schema.field('label').type}, expected integers")
+    if table.column("label").null_count:
+        raise DataError(f"data file {url}: column label has {table.column('label').null_count} empty rows")
     blobs = table.column("img").combine_chunks().field("bytes").to_pylist()
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     ids = np.arange(len(labels), dtype=np.int64)
@@ -77,11 +82,17 @@ def read_parquet(url: str, image_size: int = 32) -> ImageSet:
     for row, blob in enumerate(blobs):
         if blob is None:
             raise DataError(f"data file {url}: row {row} has no image bytes")
-        with Image.open(io.BytesIO(blob)) as im:
-            if im.size != (image_size, image_size):
-                raise DataError(f"data file {url}: row {row} is {im.size[0]}x{im.size[1]} pixels, "
-                                f"expected {image_size}x{image_size} (data.image_size)")
-            pixels[row] = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                if im.size != (image_size, image_size):
+                    raise DataError(f"data file {url}: row {row} is {im.size[0]}x{im.size[1]} pixels, "
+                                    f"expected {image_size}x{image_size} (data.image_size)")
+                pixels[row] = np.asarray(im.convert("RGB"))
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # PIL's decoders raise these
+            raise DataError(f"data file {url}: row {row}'s image bytes are not a readable image "
+                            f"({type(err).__name__})") from None
     return ImageSet(to_unit_range(pixels), torch.from_numpy(labels), torch.from_numpy(ids))
 
 
@@ -129,6 +140,14 @@ def select(data: ImageSet, count: int | None = None, indices: list[int] | None =
         g = torch.Generator().manual_seed(seed)
         return data.take(torch.randperm(len(data), generator=g)[:random].sort().values)
     return data
+
+
+def check_labels(data: ImageSet, classes: int, where: str) -> None:
+    """Labels outside [0, classes) would be counted as errors: refuse them."""
+    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= classes):
+        bad = data.labels[(data.labels < 0) | (data.labels >= classes)]
+        raise DataError(f"{where}: labels must lie in [0, {classes}) (classifier.num_classes), found {int(bad[0])} "
+                        f"({len(bad)} images)")
 
 
 def load(cfg: DataConfig) -> ImageSet:

@@ -47,7 +47,8 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     clf = clf.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # the chains' layout
     purifier = None
     if cfg.attack.mode != "pgd":
-        ebm = load_ebm(cfg.ebm, image_size=cfg.data.image_size).to(device=device, dtype=dtype) if cfg.ebm else None
+        # every data source here is RGB, as the classifiers are
+        ebm = load_ebm(cfg.ebm, cfg.data.image_size, channels=3).to(device=device, dtype=dtype) if cfg.ebm else None
         p = cfg.purify
         purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=torch.bfloat16 if cfg.precision == "bf16" else None)
     chunk = cfg.chunk_size
@@ -79,10 +80,11 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     settings = attack_settings(cfg)
     todo = pending(data, cfg.output, settings)
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
-    t0 = time.time()
+    t0, broken = time.time(), 0  # broken: this run's images, counted across batches
     for batch in batches(todo, cfg.batch_size):
         records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids.to(device))
         results.write_part(cfg.output, records, settings)
-        bar.update(len(records), broken=sum(not r.robust for r in records))
+        broken += sum(not r.robust for r in records)
+        bar.update(len(records), broken=broken)
     bar.close()
     return results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))

@@ -16,12 +16,18 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """`update(n, **metrics)`; prints at most every `every` seconds when stderr is not a terminal."""
+    """`update(n, **metrics)`; when stderr is not a terminal, prints a line at each tenth of the work
+    and at least every `every` seconds (so a job's log stays about a screen long)."""
 
-    def __init__(self, total: int, name: str, start: int = 0, enabled: bool = True, every: float = 10.0, unit: str = "it"):
+    def __init__(self, total: int, name: str, start: int = 0, enabled: bool = True, every: float = 60.0, unit: str = "it",
+                 t0: float | None = None):
+        """`t0`: when the work began, if before now (a driver following a worker's progress)."""
         self.total, self.name, self.done, self.unit = total, name, start, unit
         self.enabled, self.every = enabled, every
-        self.t0 = self.last = time.time()
+        self.last = time.time()
+        self.t0 = t0 if t0 is not None else self.last
+        self.step = max(total / 10, 1)
+        self.mark = (start // self.step + 1) * self.step
         self.start = start
         self.bar = tqdm(total=total, initial=start, desc=name, unit=unit, dynamic_ncols=True) \
             if enabled and sys.stderr.isatty() else None
@@ -37,8 +43,8 @@ class Progress:
                 self.bar.set_postfix(shown, refresh=False)
             return
         now = time.time()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
+        if now - self.last >= self.every or self.done >= self.mark or self.done >= self.total:
+            self.last, self.mark = now, (self.done // self.step + 1) * self.step
             rate = (self.done - self.start) / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             extra = " ".join(f"{k}={v}" for k, v in shown.items())

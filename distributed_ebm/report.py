@@ -61,7 +61,7 @@ def image_grid_png(images, columns: int = 8) -> bytes:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    grid = make_grid(torch.tensor(images).float().clamp(-1, 1), nrow=columns, padding=2, normalize=True,
+    grid = make_grid(torch.as_tensor(images).float().clamp(-1, 1), nrow=columns, padding=2, normalize=True,
                      value_range=(-1, 1))
     buf = io.BytesIO()
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")

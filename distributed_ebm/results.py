@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import provenance, storage
 from .attacks import ImageRecord, evaluation_points, summarize
@@ -112,5 +114,69 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     return summary
 
 
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _AttackPart(_Part):
+    mode: str
+    norm: str
+    eps: float
+    steps: int
+    eot_attack: int
+    eot_defense: int
+
+
+class _PurifyPart(_Part):
+    steps: int
+    step_size: float
+    noise: float
+
+
+class _ClassifierPart(_Part):
+    arch: str
+
+
+class _ConfigPart(_Part):
+    attack: _AttackPart
+    purify: _PurifyPart
+    classifier: _ClassifierPart
+
+
+Interval = tuple[float, float]
+
+
+class _Summary(_Part):
+    """What `debm report` reads from a summary.json (extra keys are kept)."""
+
+    images: int
+    natural_accuracy: float
+    natural_ci95: Interval
+    robust_accuracy: float
+    robust_ci95: Interval
+    accuracy_curve: list[float]
+    config: _ConfigPart
+    reevaluations: Optional[int] = None
+    reeval_mean_accuracy: Optional[float] = None
+    worst_case_accuracy: Optional[float] = None
+    worst_case_ci95: Optional[Interval] = None
+
+
 def load_summary(output: str) -> dict:
-    return json.loads(storage.read_bytes(storage.join(output, SUMMARY)))
+    """An attack folder's summary.json, checked: junk fails with one line naming the file and the key."""
+    url = storage.join(output, SUMMARY)
+    raw = storage.read_bytes(url)
+    try:
+        summary = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"{url} is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(summary, dict):
+        raise InputError(f"{url} holds a {type(summary).__name__}, not the summary object of an attack")
+    try:
+        _Summary.model_validate_json(raw)  # JSON mode: lists are intervals, strings are not numbers
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"])
+        raise InputError(f"{url}: {where}: {e['msg']} ({len(err.errors())} problems; is it an attack's summary?)") \
+            from None
+    return summary

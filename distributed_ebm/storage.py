@@ -6,6 +6,7 @@ an S3 object only appears once its upload completes, so one PUT is already atomi
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -15,6 +16,25 @@ from typing import Any
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
+
+from .config import InputError
+
+
+@contextlib.contextmanager
+def reaching(url: str):
+    """Turn an object store's failure (no credentials, no endpoint, access denied) into one line."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, InputError):
+        raise
+    except Exception as err:
+        module = type(err).__module__
+        if "://" not in str(url) or not (module.startswith(("botocore", "aiobotocore", "s3fs", "aiohttp"))
+                                        or isinstance(err, (PermissionError, OSError))):
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise InputError(f"{url}: cannot reach it ({type(err).__name__}: {first}); set AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY and, for an S3-compatible server, AWS_ENDPOINT_URL") from None
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -29,15 +49,40 @@ def join(url: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    with reaching(url):
+        return fs.exists(path)
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{url} does not exist")
-    with fs.open(path, "rb") as f:
-        return f.read()
+    with reaching(url):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        if fs.isdir(path):
+            raise InputError(f"{url} is a folder, not a file")
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+
+def check_destination(url: str, what: str) -> None:
+    """Fail now, not after the work, when nothing can be written at `url` (a file to write, or a
+    folder to write into): a local path under a file or in a read-only folder, an unreachable bucket."""
+    fs, path = filesystem(url)
+    if not isinstance(fs, LocalFileSystem):
+        bucket = path.split("/")[0]
+        try:
+            with reaching(url):
+                fs.ls(bucket, detail=False)  # exists() hides a missing credential; listing does not
+        except FileNotFoundError:
+            raise InputError(f"{what} {url}: bucket {bucket} does not exist") from None
+        return
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent != os.path.abspath(path) and not os.path.isdir(parent):
+        raise InputError(f"{what} {url}: {parent} is a file, so nothing can be written under it")
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {url}: {parent} is not writable")
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -58,7 +103,8 @@ def write_bytes(url: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     else:
-        fs.pipe_file(path, data)
+        with reaching(url):
+            fs.pipe_file(path, data)
 
 
 def save_torch(obj: Any, url: str) -> None:
@@ -68,5 +114,13 @@ def save_torch(obj: Any, url: str) -> None:
 
 
 def load_torch(url: str, map_location: str | torch.device = "cpu") -> Any:
-    """Load tensors and plain containers only (weights_only=True: never unpickle code)."""
-    return torch.load(io.BytesIO(read_bytes(url)), map_location=map_location, weights_only=True)
+    """Load tensors and plain containers only (weights_only=True: never unpickle code). A file that
+    is not such a checkpoint fails with one line of our own: torch's message suggests the unsafe way."""
+    raw = read_bytes(url)
+    try:
+        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except Exception as err:
+        why = "it is empty" if not raw else f"{type(err).__name__}"
+        raise InputError(f"checkpoint {url} cannot be read ({why}): it is not a PyTorch checkpoint of tensors "
+                         "(truncated, corrupt, or holding objects other than tensors, which are never unpickled)") \
+            from None

@@ -11,11 +11,36 @@ import os
 import tempfile
 
 from . import storage
-from .config import MLflowConfig
+from .config import InputError, MLflowConfig
 
 
 def tracking_uri(cfg: MLflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("runs/mlflow.db")
+
+
+def check_tracking(cfg: MLflowConfig) -> None:
+    """Ask the tracking store once, without retries, before the work (not after it)."""
+    if not cfg.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"mlflow.tracking_uri {uri}: not a usable tracking store ({first[:200]}); "
+                         "use sqlite:///PATH.db or http://HOST:PORT, or mlflow.enabled=false") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,5 +1,5 @@
-"""Shared fixtures. Paths into ../shared come from the job configs (${DEBM_SHARED:-../shared}),
-which resolve relative paths from the repository root, as the jobs do."""
+"""Shared fixtures. Paths into ../shared are the configs' defaults ($DEBM_SHARED, else ../shared),
+resolved from the repository root, as the jobs do (no OmegaConf needed: the GPU machines lack it)."""
 from __future__ import annotations
 
 import os
@@ -15,11 +15,10 @@ os.chdir(REPO)
 os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
 
-from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
+from distributed_ebm.config import ClassifierConfig, DataConfig  # noqa: E402
 
-_PATHS = load_config(AttackConfig, REPO / "jobs" / "configs" / "attack_pgd_undefended.yaml")
-TEST_EXACT = _PATHS.data.path
-RESNET20 = _PATHS.classifier.weights
+TEST_EXACT = DataConfig().path
+RESNET20 = ClassifierConfig().weights
 WEIGHTS_DIR = os.path.dirname(RESNET20)
 DATA_DIR = os.path.dirname(TEST_EXACT)
 

@@ -33,8 +33,14 @@ def test_train_ebm_command_runs_on_ray_and_resumes(ray_local, tmp_path, capsys):
             "batch_size=8", "bank_size=16", "checkpoint_every=2", "log_every=2", f"output={tmp_path}", "name=cli",
             "mlflow.enabled=false"]
     assert main(["train-ebm", *args, "iterations=2"]) == 0
+    capsys.readouterr()
     assert main(["train-ebm", *args, "iterations=4"]) == 0
-    assert f"EBM trained to iteration 4: {tmp_path}/cli/ebm.pt" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"EBM trained to iteration 4: {tmp_path}/cli/ebm.pt" in out
+    # the driver's own progress line (rank 0 posts it; the workers print nothing here), resumed at 2
+    progress = [line for line in err.splitlines() if line.startswith("[train-ebm:cli]")]
+    assert progress and progress[-1].startswith("[train-ebm:cli] 4/4 (100.0%)") and "energy_diff=" in progress[-1]
+    assert "TrainingReport" not in out + err
     assert storage.load_torch(f"{tmp_path}/cli/ebm.pt")["iteration"] == 4 and load_ebm(f"{tmp_path}/cli/ebm.pt").width == 4
 
 

@@ -19,11 +19,13 @@ def test_defaults_are_the_papers_numbers():
 
 def test_overrides_fractions_and_env(tmp_path, monkeypatch):
     cfg = tmp_path / "a.yaml"
-    cfg.write_text("attack: {eps: 4/255}\ndata: {count: 7}\nebm: ${MY_EBM}\n")
+    cfg.write_text("attack: {eps: 4/255}\ndata: {count: 7}\nebm: ${oc.env:MY_EBM}\n"
+                   "output: ${oc.env:NOT_SET_HERE,s3://b/out}/${attack.mode}\n")
     monkeypatch.setenv("MY_EBM", "s3://b/ebm.pt")
-    a = load_config(AttackConfig, cfg, ["attack.steps=3", "purify.noise=0.02"])
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    a = load_config(AttackConfig, cfg, ["attack.steps=3", "purify.noise=0.02", "attack.mode=transfer"])
     assert a.attack.eps == pytest.approx(4 / 255) and a.attack.steps == 3 and a.purify.noise == 0.02
-    assert a.ebm == "s3://b/ebm.pt" and a.data.count == 7
+    assert a.ebm == "s3://b/ebm.pt" and a.data.count == 7 and a.output == "s3://b/out/transfer"
     # a partial section keeps the job's own defaults for the rest
     t = load_config(TrainEBMConfig, None, ["data.count=5"])
     assert t.data.path.endswith("train.parquet") and t.data.split == "train"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .. import results, storage
-from ..config import AttackConfig, InputError
-from ..data import ImageSet, load
+from ..config import AttackConfig
+from ..data import ImageSet
 from ..evaluation import build_attack, dtype_of, pending, pick_device
 from ..progress import Progress
 from ..provenance import attack_settings
@@ -49,14 +49,10 @@ class AttackActor:
 
 
 def preflight(cfg: AttackConfig, data: ImageSet | None = None) -> ImageSet:
-    """Everything that can be checked before an actor starts: data, subset, weights, EBM image size."""
-    data = data if data is not None else load(cfg.data)
-    if len(data) == 0:
-        raise InputError("the selected subset holds no image")
-    if data.images.shape[-1] != cfg.data.image_size:
-        raise InputError(f"images are {data.images.shape[-1]} pixels wide, data.image_size is {cfg.data.image_size}")
-    build_attack(cfg, "cpu")  # loads the classifier and the EBM: missing files, wrong architecture or size
-    return data
+    """Everything that can be checked before Ray starts (`preflight.attack`)."""
+    from .. import preflight as checks
+
+    return checks.attack(cfg, data)
 
 
 def plan_actors(cfg: AttackConfig, batches: int) -> tuple[int, float, float]:
@@ -88,8 +84,10 @@ def evaluate(cfg: AttackConfig, data: ImageSet | None = None, show: bool = True)
             # Ray Data's actor pools restart a dead actor and retry its batch (max_restarts and
             # max_task_retries default to -1 there); the test kills one to hold it to that.
             compute=ray.data.ActorPoolStrategy(size=actors))
+        broken = 0  # this run's images, counted across batches
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            bar.update(len(batch["index"]), broken=int(batch["broken"].sum()))
+            broken += int(batch["broken"].sum())
+            bar.update(len(batch["index"]), broken=broken)
     bar.close()
     summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
     log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)])

@@ -23,16 +23,15 @@ import numpy as np
 import ray
 import torch
 
-from .. import provenance, storage
+from .. import preflight, provenance, storage
 from ..config import TrainEBMConfig
 from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..nets import load_ebm, save_ebm
-from ..progress import Progress
 from ..report import image_grid_png
-from ..training import EBMIteration, TrainingDiverged, check_sizes, new_ebm, training_state
+from ..training import EBMIteration, TrainingDiverged, new_ebm, training_state
 from .bank_actor import BankShard, ShardedBank, shard_bounds
 from .cluster import connect
-from .trainer import all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .trainer import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
 METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")
@@ -69,7 +68,7 @@ def train_loop(config: dict) -> None:
     barrier(world, device)
 
     logger = worker_logger(config, rank)
-    bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=loop.iteration, enabled=rank == 0, every=10.0)
+    bar = WorkerProgress(config, rank, cfg.iterations, f"train-ebm:{cfg.name}", start=loop.iteration)
     window = {k: 0.0 for k in METRICS}
     count, t_window = 0, time.time()
     started_at = loop.iteration
@@ -165,7 +164,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
-    check_sizes(cfg, len(data))
+    preflight.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
     check_resume(cfg)
     connect(cfg.ray.address)
     pixels = ray.put(to_uint8(data.images))
@@ -201,5 +200,6 @@ def _log_final_ebm(cfg: TrainEBMConfig, mlflow) -> None:
         import mlflow.pytorch
 
         ebm = load_ebm(ebm_url)
-        example = np.zeros((1, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
+        # a batch of 2, so MLflow's torch.export keeps the batch dimension dynamic (1 would pin it)
+        example = np.zeros((2, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
         mlflow.pytorch.log_model(ebm, name="ebm", input_example=example)

@@ -13,14 +13,13 @@ import numpy as np
 import ray
 import torch
 
-from .. import storage
+from .. import preflight, storage
 from ..config import TrainClassifierConfig
 from ..data import ImageSet, load, to_uint8, to_unit_range
 from ..nets import load_classifier, save_classifier
-from ..progress import Progress
 from ..training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
 from .cluster import connect
-from .trainer import fit_tracked, mean_over_workers, run_dir, worker_logger
+from .trainer import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 
 def classifier_loop(config: dict) -> None:
@@ -50,7 +49,7 @@ def classifier_loop(config: dict) -> None:
         tp, tl = ray.get(config["test"][0])
         test = ImageSet(to_unit_range(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
     steps = -(-len(labels) // cfg.batch_size)
-    bar = Progress(cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps, enabled=rank == 0)
+    bar = WorkerProgress(config, rank, cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps)
     while epoch < cfg.epochs:
         row = classifier_epoch(cfg, model, opt, lambda r: (to_unit_range(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])),
                                epoch, rank, world, len(labels), lambda m: bar.update(1, loss=m["loss"]), device)
@@ -76,6 +75,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
     data = load(cfg.data)
     test = load(cfg.test_data) if cfg.test_data is not None else None
+    preflight.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     config = {"cfg": cfg.model_dump(mode="json"),
               "train": [ray.put((to_uint8(data.images), data.labels.numpy()))],
@@ -87,7 +87,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
 
         c = cfg.classifier
         clf = load_classifier(c.arch, url, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
-        mlflow.pytorch.log_model(clf, name="classifier", input_example=np.zeros((1, 3, 32, 32), dtype=np.float32))
+        mlflow.pytorch.log_model(clf, name="classifier", input_example=np.zeros((2, 3, 32, 32), dtype=np.float32))
 
     result = fit_tracked(classifier_loop, cfg, config, "train-classifier", log_final)
     if result.error:

@@ -3,6 +3,8 @@ and the collective helpers their worker loops use."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -67,14 +69,78 @@ class CapacityLost(JobFailed):
     """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources)."""
 
 
+class ProgressBoard:
+    """A tiny actor: rank 0 posts where the run is; the driver reads it for its one progress line
+    (the workers' own output stays in Ray's log files)."""
+
+    def __init__(self):
+        self.last = None
+
+    def post(self, state: tuple) -> None:
+        self.last = state
+
+    def read(self):
+        return self.last
+
+
+class WorkerProgress:
+    """`update(n, **metrics)` on every worker; rank 0 posts to the board at most once a second."""
+
+    def __init__(self, config: dict, rank: int, total: int, name: str, start: int):
+        self.board = config.get("board") if rank == 0 else None
+        self.total, self.name, self.start, self.done = total, name, start, start
+        self.metrics, self.posted, self.t0 = {}, 0.0, time.time()
+
+    def update(self, n: int = 1, **metrics) -> None:
+        self.done += n
+        self.metrics = metrics
+        if self.board is not None and (time.time() - self.posted >= 1.0 or self.done >= self.total):
+            self.posted = time.time()
+            self.board.post.remote((self.done, self.start, self.total, self.name, metrics, self.t0))
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.post.remote((self.done, self.start, self.total, self.name, self.metrics, self.t0))
+
+
+def _follow(board, stop: threading.Event) -> None:
+    """The driver's progress line: what rank 0 last posted, every 2 seconds until the run ends."""
+    import ray
+
+    from ..progress import Progress
+
+    bar = None
+    while True:
+        stopped = stop.wait(2.0)
+        try:
+            last = ray.get(board.read.remote(), timeout=10)
+        except Exception:  # the board is gone or slow: skip this tick
+            last = None
+        if last:
+            done, start, total, name, metrics, t0 = last
+            if bar is None:  # the rate counts from the worker's start, not from the first look
+                bar = Progress(total, name, start=start, t0=t0)
+            if done > bar.done:
+                bar.update(done - bar.done, **metrics)
+        if stopped:
+            break
+    if bar is not None:
+        bar.close()
+
+
 def fit(loop, cfg, config: dict):
     """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers.
     A worker group that cannot be placed within `ray.startup_timeout_s` fails the run (CapacityLost)
-    instead of Ray Train's default of retrying start-up forever."""
+    instead of Ray Train's default of retrying start-up forever. The driver prints the run's progress
+    (rank 0 posts it to a `ProgressBoard`)."""
+    import ray
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
     from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    config = {**config, "board": board}
 
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     trainer = TorchTrainer(
@@ -87,6 +153,9 @@ def fit(loop, cfg, config: dict):
     # Ray Train hands this variable on to its controller, which waits that long for the workers
     before = os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
     os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(cfg.ray.startup_timeout_s)
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(board, stop), daemon=True)
+    follower.start()
     try:
         return trainer.fit()
     except ControllerError as err:
@@ -97,6 +166,9 @@ def fit(loop, cfg, config: dict):
                            f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s (a lost node, or too few free "
                            f"resources); the last checkpoint is in {run_dir(cfg)}") from None
     finally:
+        stop.set()
+        follower.join()
+        ray.kill(board)
         if before is None:
             os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
         else:

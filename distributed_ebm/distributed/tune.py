@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 
+from .. import preflight as checks
 from .. import storage
 from ..config import AttackConfig, InputError, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..data import load
 from ..nets import load_classifier
-from ..training import check_sizes
+from ..tracking import check_tracking
 from .cluster import available, connect
 from .evaluate import evaluate, preflight
 from .trainer import run_dir
@@ -197,9 +198,15 @@ def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
     return ids
 
 
+def _search_preflight(cfg: SearchConfig) -> None:
+    storage.check_destination(cfg.output, "output")
+    check_tracking(cfg.mlflow)
+
+
 def tune_purification(cfg: TunePurificationConfig) -> dict:
     """Search the purifier; the best settings become a complete attack config (run it with jobs/attack.py)."""
     ids = _validation_ids(cfg, cfg.rungs[-1])
+    _search_preflight(cfg)
     preflight(trial_attack(cfg, ids[:1], storage.join(run_dir(cfg), "preflight")))  # weights, sizes: before any trial
     per_trial = (cfg.attack.ray.actors or 1) * cfg.attack.ray.cpus_per_actor
     return run_search(cfg, purification_trial, {"cfg": cfg.model_dump(mode="json"), "ids": ids}, per_trial,
@@ -212,7 +219,8 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     """Search the training sampler; the best settings become a complete training config (jobs/train_ebm.py)."""
     ids = _validation_ids(cfg, 1)
     data = load(trial_training(cfg, {}, "x", ids).data)
-    check_sizes(cfg.train, len(data))
+    _search_preflight(cfg)
+    checks.train_ebm(cfg.train, data)
     c = cfg.attack.classifier
     load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker

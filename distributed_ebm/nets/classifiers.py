@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import storage
 from ..config import InputError
+from .ebm import finite_or_refuse
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)  # (p - 0.5) / 0.5 = x: the network sees [-1, 1] images unchanged
@@ -167,6 +168,7 @@ def _fit(net: nn.Module, state: dict, url: str, arch: str) -> None:
                 detail.append(f"{len(keys)} {name} (e.g. {keys[0]})")
         raise InputError(f"checkpoint {url} does not fit architecture {arch!r}: {', '.join(detail)}; "
                          "it was saved from a different network")
+    finite_or_refuse(state, url)
     net.load_state_dict(state, strict=False)  # every key checked above
 
 

@@ -42,14 +42,35 @@ def save_ebm(ebm: EBM, url: str, **extra) -> None:
     storage.save_torch({"kind": "ebm", **ebm.spec(), "state_dict": ebm.state_dict(), **extra}, url)
 
 
-def load_ebm(url: str, image_size: int | None = None, map_location="cpu") -> EBM:
-    """Rebuild an EBM from its checkpoint; `image_size` checks it fits the data it will see."""
+def finite_or_refuse(state: dict, url: str) -> None:
+    """Weights with NaN or inf give meaningless results (natural accuracy 0 reported as a finding)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"checkpoint {url}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): "
+                         "the model diverged or the file is damaged")
+
+
+def load_ebm(url: str, image_size: int | None = None, map_location="cpu", channels: int | None = None) -> EBM:
+    """Rebuild an EBM from its checkpoint; `image_size` and `channels` check it fits the data it will see."""
     ckpt = storage.load_torch(url, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "ebm":
         raise InputError(f"{url} is not an EBM checkpoint (no kind='ebm' entry)")
+    lacking = [k for k in ("width", "image_size", "channels", "state_dict") if k not in ckpt]
+    if lacking or not isinstance(ckpt["state_dict"], dict) \
+            or not all(isinstance(ckpt[k], int) and ckpt[k] >= 1 for k in ("width", "image_size", "channels")):
+        raise InputError(f"EBM checkpoint {url} lacks {', '.join(lacking) or 'valid sizes'}: "
+                         "expected width, image_size, channels (integers) and state_dict")
     if image_size is not None and ckpt["image_size"] != image_size:
         raise InputError(f"EBM checkpoint {url} is for {ckpt['image_size']}x{ckpt['image_size']} images, "
                          f"the data are {image_size}x{image_size}")
-    ebm = EBM(ckpt["width"], ckpt["image_size"], ckpt["channels"])
-    ebm.load_state_dict(ckpt["state_dict"])
+    if channels is not None and ckpt["channels"] != channels:
+        raise InputError(f"EBM checkpoint {url} is for {ckpt['channels']}-channel images, the data have {channels}")
+    try:
+        ebm = EBM(ckpt["width"], ckpt["image_size"], ckpt["channels"])
+        ebm.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError) as err:
+        first = str(err).splitlines()[0].rstrip(":")
+        raise InputError(f"EBM checkpoint {url}: its tensors do not fit an EBM of width {ckpt['width']}, "
+                         f"image_size {ckpt['image_size']}, channels {ckpt['channels']} ({first})") from None
+    finite_or_refuse(ckpt["state_dict"], url)
     return ebm.eval()

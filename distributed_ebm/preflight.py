@@ -1,0 +1,45 @@
+"""One preflight per job: every input it will touch (config, files, checkpoints, data contents,
+destinations, services) checked before any expensive work, so a bad one fails in seconds with
+one line instead of after the attack or the training. Plain PyTorch: no Ray starts here."""
+from __future__ import annotations
+
+from . import storage
+from .config import AttackConfig, InputError, TrainClassifierConfig, TrainEBMConfig
+from .data import ImageSet, check_labels, load
+from .tracking import check_tracking
+
+
+def attack(cfg: AttackConfig, data: ImageSet | None = None) -> ImageSet:
+    """Data and subset, labels, classifier and EBM (sizes, finiteness), the output, MLflow."""
+    from .evaluation import build_attack
+
+    data = data if data is not None else load(cfg.data)
+    if len(data) == 0:
+        raise InputError("the selected subset holds no image")
+    if data.images.shape[-1] != cfg.data.image_size:
+        raise InputError(f"images are {data.images.shape[-1]} pixels wide, data.image_size is {cfg.data.image_size}")
+    check_labels(data, cfg.classifier.num_classes, f"data {cfg.data.path}")
+    storage.check_destination(cfg.output, "output")
+    build_attack(cfg, "cpu")  # loads the classifier and the EBM: missing files, wrong architecture or size
+    check_tracking(cfg.mlflow)
+    return data
+
+
+def train_ebm(cfg: TrainEBMConfig, data: ImageSet) -> None:
+    """Sizes, channels, the output, MLflow: before Ray Train starts."""
+    from .training import check_sizes
+
+    check_sizes(cfg, len(data))
+    if data.images.shape[1] != cfg.ebm.channels:
+        raise InputError(f"ebm.channels = {cfg.ebm.channels} but the images of {cfg.data.path} have "
+                         f"{data.images.shape[1]} channels")
+    storage.check_destination(cfg.output, "output")
+    check_tracking(cfg.mlflow)
+
+
+def train_classifier(cfg: TrainClassifierConfig, data: ImageSet, test: ImageSet | None) -> None:
+    check_labels(data, cfg.classifier.num_classes, f"data {cfg.data.path}")
+    if test is not None:
+        check_labels(test, cfg.classifier.num_classes, f"test_data {cfg.test_data.path}")
+    storage.check_destination(cfg.output, "output")
+    check_tracking(cfg.mlflow)
