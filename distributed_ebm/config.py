@@ -81,10 +81,25 @@ class DataConfig(Section):
         return self
 
 
+Activation = Literal["lrelu", "soft_lrelu", "silu"]
+
+
 class EBMConfig(Section):
     width: int = Field(32, ge=1, le=1024, description="channels of the first conv (paper: 32)")
     image_size: int = Field(32, ge=8, le=1024)
     channels: int = Field(3, ge=1, le=16)
+    activation: Activation = Field("lrelu", description="lrelu: the paper's LeakyReLU(0.05); soft_lrelu: MEFA's "
+                                   "(1 - a) x + a sqrt(x^2 + e^2) - a e; silu")
+    soft_alpha: float = Field(0.49, gt=0.0, lt=0.5, description="soft_lrelu's a (left slope 1 - 2a)")
+    soft_eps: float = Field(0.01, gt=0.0, le=10.0, description="soft_lrelu's e (width of the bend)")
+
+
+class EBMNetConfig(Section):
+    """What an attack expects of its EBM checkpoint (which records its own network)."""
+
+    activation: Optional[Activation] = Field(None, description="null = the checkpoint's; set = must be the checkpoint's")
+    soft_alpha: float = Field(0.49, gt=0.0, lt=0.5)
+    soft_eps: float = Field(0.01, gt=0.0, le=10.0)
 
 
 class LangevinConfig(Section):
@@ -208,12 +223,19 @@ class AttackSettings(Section):
                                    "checkpointed segment; null = round(sqrt(purify.steps))")
     reevaluations: int = Field(0, ge=0, le=10_000, description="re-judge each final adversarial image this many "
                                "times with fresh chains (eot_defense each): mean and worst case")
+    surrogate: Optional[Literal["softplus"]] = Field(None, description="exact_eot: keep the chain exact but "
+                                                     "differentiate each step through a smooth stand-in for a "
+                                                     "piecewise-linear activation (smooth ones are left as they are)")
+    surrogate_temperature: float = Field(0.01, gt=0.0, le=100.0, description="T of b x + (1 - b) T softplus(x / T)")
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.reevaluations and self.mode == "pgd":
             raise ValueError("attack.reevaluations needs a defended mode: the undefended classifier (mode pgd) "
                              "is deterministic")
+        if self.surrogate and self.mode != "exact_eot":
+            raise ValueError(f"attack.surrogate differentiates through the chain: it needs attack.mode=exact_eot "
+                             f"(got {self.mode})")
         if self.reevaluations and self.eot_defense == 0:
             raise ValueError("attack.reevaluations judges with attack.eot_defense chains: set eot_defense >= 1")
         return self
@@ -223,6 +245,7 @@ class AttackConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
     ebm: Optional[URL] = Field(None, description="EBM checkpoint URL (needed by every mode but pgd)")
+    ebm_net: EBMNetConfig = Field(default_factory=lambda: EBMNetConfig())
     purify: LangevinConfig = Field(default_factory=lambda: LangevinConfig(steps=1500))
     attack: AttackSettings = Field(default_factory=lambda: AttackSettings())
     batch_size: int = Field(10, ge=1, le=1_000_000, description="images per attack batch")

@@ -98,13 +98,16 @@ class EOTDefense:
 
     def logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int,
                         replicates: int, loss: Loss = cross_entropy, exact: bool = False,
-                        segment: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        segment: int | None = None, surrogate_temperature: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """EOT-averaged logits and the gradient of loss(averaged logits) with respect to x.
 
         BPDA (exact=False) takes the purifier's Jacobian as the identity: the gradient is the sum
         over replicates of the loss gradient at each purified image (no graph through the chain).
         exact=True back-propagates through every Langevin step of every replicate, with the same
-        keyed noise, checkpointed every `segment` steps (`exact_chain`). Two passes per chunk
+        keyed noise, checkpointed every `segment` steps (`exact_chain`); surrogate_temperature T
+        differentiates each step through the EBM's smooth surrogate (`EBM.smooth_surrogate`: LeakyReLU
+        becomes b x + (1 - b) T softplus(x / T); a smooth EBM has none and is unchanged). Two passes per chunk
         (outputs, then vector-Jacobian products), so memory stays bounded by `chunk_size` chains.
         """
         chunks = list(self._purified_chunks(x, ids, seed, call, replicates))
@@ -116,11 +119,12 @@ class EOTDefense:
         p = self.purifier
         through_chain = exact and not p.is_identity and p.ebm is not None and p.step_size != 0
         keys = ChainKeys.replicated(seed, ids, replicates, call) if through_chain else None
+        smooth = p.ebm.smooth_surrogate(surrogate_temperature) if through_chain and surrogate_temperature else None
         with torch.enable_grad():
             for rows, owner, xp in chunks:
                 if through_chain:  # the noise-only chain's Jacobian is the identity: BPDA is exact there
                     x0 = x[owner].detach().requires_grad_(True)
-                    xp = differentiable_langevin(p.ebm, x0, keys[rows], p.steps, p.step_size, p.noise, segment)
+                    xp = differentiable_langevin(p.ebm, x0, keys[rows], p.steps, p.step_size, p.noise, segment, smooth)
                 else:
                     x0 = xp = xp.detach().requires_grad_(True)
                 surrogate = (self._per_replicate(self.classifier(xp)) * g_mean[owner]).sum() / replicates

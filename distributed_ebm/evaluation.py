@@ -41,7 +41,9 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     clf = clf.to(device=device, dtype=dtype)
     purifier = None
     if cfg.attack.mode != "pgd":
-        ebm = load_ebm(cfg.ebm, image_size=cfg.data.image_size).to(device=device, dtype=dtype) if cfg.ebm else None
+        n = cfg.ebm_net
+        ebm = (load_ebm(cfg.ebm, cfg.data.image_size, activation=n.activation, soft_alpha=n.soft_alpha,
+                        soft_eps=n.soft_eps).to(device=device, dtype=dtype) if cfg.ebm else None)
         p = cfg.purify
         purifier = Purifier(ebm, p.steps, p.step_size, p.noise)
     return Attack(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=cfg.chunk_size)

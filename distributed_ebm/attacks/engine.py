@@ -9,7 +9,8 @@ Modes (`AttackSettings.mode`):
 - bpda_eot: gradients and checks from `eot_attack` purified replicates (BPDA: identity Jacobian
   through the purifier), confirmation by `eot_defense` fresh replicates, every point checked.
 - exact_eot: as bpda_eot, but the gradient goes through every Langevin step of every replicate
-  (Hessian-vector products of the EBM, checkpointed every `segment` steps; `exact_chain`).
+  (Hessian-vector products of the EBM, checkpointed every `segment` steps; `exact_chain`);
+  `surrogate: softplus` takes them from a smooth stand-in for a LeakyReLU EBM (kink-aware).
 - pgd: plain PGD on the undefended classifier; checks are its own predictions, every point.
 - transfer: PGD on the undefended classifier; the defense judges the clean image and the last iterate.
 - defense: the defense judges the clean image only (natural accuracy of the defended classifier).
@@ -115,13 +116,15 @@ class Attack:
         """EOT logits (and the attack's gradient when labels are given); charges the chains' cost to
         the images (an exact gradient runs each chain three times: outputs, forward, recomputation)."""
         exact = labels is not None and self.s.mode == "exact_eot"
-        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * (3 if exact else 1)
+        runs = (4 if self.s.surrogate else 3) if exact else 1  # the kink-aware recomputation runs both energies
+        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         for i in ids.tolist():
             self._cost[self._row[i]] += replicates * steps
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
-                                            loss=self.loss, exact=exact, segment=self.s.segment)
+                                            loss=self.loss, exact=exact, segment=self.s.segment,
+                                            surrogate_temperature=self.s.surrogate_temperature if self.s.surrogate else None)
 
     def _judge(self, point, x, labels, ids, check_logits=None):
         """(broken mask, prediction) at a checked point, with the paper's confirmation."""
