@@ -25,7 +25,8 @@ def describe(summary: dict) -> tuple[str, str]:
     attack = {
         "pgd": f"{optimizer} {budget}, {a['steps']} steps",
         "bpda_eot": f"BPDA+EOT{extra} {budget}, {a['steps']} steps, {chains}",
-        "exact_eot": f"exact-gradient EOT{extra} {budget}, {a['steps']} steps, {chains}",
+        "exact_eot": (f"kink-aware (softplus T={a['surrogate_temperature']:g}) " if a.get("surrogate") else "")
+                     + f"exact-gradient EOT{extra} {budget}, {a['steps']} steps, {chains}",
         "transfer": f"transfer {optimizer} {budget}, {a['steps']} steps",
         "defense": "none (natural only)",
     }[a["mode"]]
