@@ -116,7 +116,8 @@ class Attack:
         """EOT logits (and the attack's gradient when labels are given); charges the chains' cost to
         the images (an exact gradient runs each chain three times: outputs, forward, recomputation)."""
         exact = labels is not None and self.s.mode == "exact_eot"
-        runs = (4 if self.s.surrogate else 3) if exact else 1  # the kink-aware recomputation runs both energies
+        kinked = self.s.surrogate and getattr(self.defense.purifier.ebm, "piecewise_linear", False)
+        runs = (4 if kinked else 3) if exact else 1  # the kink-aware recomputation runs both energies
         steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         for i in ids.tolist():
             self._cost[self._row[i]] += replicates * steps

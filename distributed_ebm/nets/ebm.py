@@ -101,10 +101,15 @@ class EBM(_Energy):
             return {"name": "soft_lrelu", "alpha": self.soft_alpha, "eps": self.soft_eps}
         return {"name": self.activation}
 
+    @property
+    def piecewise_linear(self) -> bool:
+        """Hessian zero almost everywhere (LeakyReLU): what `smooth_surrogate` stands in for."""
+        return self.activation == "lrelu"
+
     def smooth_surrogate(self, temperature: float) -> nn.Module | None:
         """The same network (parameters shared) with each LeakyReLU(b) replaced by
         b x + (1 - b) T softplus(x / T); None when the activation is already smooth."""
-        if self.activation != "lrelu":
+        if not self.piecewise_linear:
             return None
         layers = [SoftplusLeakyReLU(m.negative_slope, temperature) if isinstance(m, nn.LeakyReLU) else m
                   for m in self.net]
