@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import results
-from .attacks import Attack
+from .attacks import Attack, EnsembleAttack
 from .config import AttackConfig, InputError
 from .data import ImageSet, load
 from .defense import Purifier
@@ -28,7 +28,7 @@ def dtype_of(cfg: AttackConfig) -> torch.dtype:
     return torch.float64 if cfg.precision == "float64" else torch.float32
 
 
-def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack:
+def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack | EnsembleAttack:
     """Classifier, purifier and attack as the config says (weights loaded with weights_only=True).
 
     Also the pre-flight check: a missing file, a checkpoint of another architecture or for
@@ -40,13 +40,14 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
     clf = clf.to(device=device, dtype=dtype)
     purifier = None
-    if cfg.attack.mode != "pgd":
+    if cfg.attack.defended:
         n = cfg.ebm_net
         ebm = (load_ebm(cfg.ebm, cfg.data.image_size, activation=n.activation, soft_alpha=n.soft_alpha,
                         soft_eps=n.soft_eps).to(device=device, dtype=dtype) if cfg.ebm else None)
         p = cfg.purify
         purifier = Purifier(ebm, p.steps, p.step_size, p.noise)
-    return Attack(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=cfg.chunk_size)
+    kind = EnsembleAttack if cfg.attack.ensemble is not None else Attack
+    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=cfg.chunk_size)
 
 
 def batches(data: ImageSet, size: int):

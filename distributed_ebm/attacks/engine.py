@@ -70,7 +70,10 @@ class ImageRecord:
 
 
 def evaluation_points(settings: AttackSettings) -> int:
-    """Clean image + every PGD iterate (steps + 2), or the clean image alone for mode defense."""
+    """Clean image + every PGD iterate (steps + 2), or the clean image alone for mode defense;
+    an ensemble's longest member."""
+    if settings.ensemble is not None:
+        return max(evaluation_points(m) for m in settings.members())
     return 1 if settings.mode == "defense" else settings.steps + 2
 
 
