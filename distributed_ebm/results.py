@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .attacks import ImageRecord, evaluation_points, summarize, wilson_interval
-from .report import plot_curves
+from .report import describe_attack, plot_curves
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
 
@@ -99,7 +99,6 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
 def ensemble_summary(settings, broken_by: list[int]) -> list[dict]:
     """Per member, in order: its label, the images it broke, and the robust accuracy after it and
     every member before it (the last entry's is the ensemble's)."""
-    from .report import describe_attack
     n, standing, out = len(broken_by), len(broken_by), []
     for k, member in enumerate(settings.members()):
         broke = sum(b == k for b in broken_by)
