@@ -181,6 +181,9 @@ class TrainEBMConfig(Section):
     def _sizes(self):
         if self.ebm.image_size != self.data.image_size:
             raise ValueError(f"ebm.image_size {self.ebm.image_size} differs from data.image_size {self.data.image_size}")
+        if self.batch_size % self.ray.workers:
+            raise ValueError(f"batch_size = {self.batch_size} does not split evenly over ray.workers = {self.ray.workers} "
+                             "(each worker takes batch_size / ray.workers chains)")
         return self
 
 
@@ -284,8 +287,10 @@ class AttackConfig(Section):
     purify: LangevinConfig = Field(default_factory=lambda: LangevinConfig(steps=1500))
     attack: AttackSettings = Field(default_factory=lambda: AttackSettings())
     batch_size: int = Field(10, ge=1, le=1_000_000, description="images per attack batch")
-    chunk_size: int = Field(1024, ge=1, le=10_000_000, description="most chains per forward pass")
-    precision: Literal["float32", "float64"] = Field("float32", description="float64 for exact cross-checks")
+    chunk_size: Optional[int] = Field(None, ge=1, le=10_000_000, description="most chains per forward pass; "
+                                      "null = 1024 on the CPU, as many as fit the free memory on CUDA")
+    precision: Literal["float32", "float64", "bf16"] = Field(
+        "float32", description="float64 for exact cross-checks; bf16: the EBM under bf16 autocast, chains in float32")
     seed: int = Field(0, ge=0, lt=2**32)
     output: URL = "runs/attack"
     ray: RayConfig = Field(default_factory=lambda: RayConfig())

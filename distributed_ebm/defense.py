@@ -1,8 +1,14 @@
 """The defense: purify each input with a long Langevin chain, classify, average over replicates (EOT).
 
-Replicate chains of an image are folded into the batch dimension and processed in chunks of at
-most `chunk_size` chains, so memory stays bounded whatever the number of replicates. Chains are
-keyed (`ChainKeys`), so chunking and batching never change the result.
+Replicate chains of an image are folded into the batch dimension (image-major: chain k is
+replicate k % R of image k // R) and processed in chunks of at most `chunk_size` chains; each
+chunk's outputs are added into running per-image sums and dropped, so the work's memory is
+bounded by `chunk_size` chains whatever the number of replicates R. (BPDA's gradient alone also
+keeps the purified images, R per image, between its two passes.) Chains are keyed (`ChainKeys`),
+and each image's sum adds its replicates one by one in replicate order, with no scatter or atomic
+add, so chunking and batching never change the sum and it is deterministic on CUDA as on the CPU.
+
+Devices: x, labels and ids share one device (the images'); results are on it too.
 """
 from __future__ import annotations
 
@@ -38,14 +44,19 @@ LOSSES: dict[str, Loss] = {"ce": cross_entropy, "dlr": dlr}
 
 
 class Purifier:
-    """T(x): `steps` Langevin steps of `ebm` started at the input itself (paper: 1500, s = 1, sigma = 0.01)."""
+    """T(x): `steps` Langevin steps of `ebm` started at the input itself (paper: 1500, s = 1, sigma = 0.01).
 
-    def __init__(self, ebm: nn.Module | None, steps: int = 1500, step_size: float = 1.0, noise: float = 0.01):
+    amp: autocast dtype of the EBM's forward and backward (torch.bfloat16 for `precision: bf16`);
+    the chains stay in the input's dtype.
+    """
+
+    def __init__(self, ebm: nn.Module | None, steps: int = 1500, step_size: float = 1.0, noise: float = 0.01,
+                 amp: torch.dtype | None = None):
         self.ebm = prepare_energy(ebm.eval()) if ebm is not None else None
-        self.steps, self.step_size, self.noise = steps, step_size, noise
+        self.steps, self.step_size, self.noise, self.amp = steps, step_size, noise, amp
 
     def __call__(self, x: torch.Tensor, keys: ChainKeys) -> torch.Tensor:
-        return langevin(self.ebm, x, keys, self.steps, self.step_size, self.noise)
+        return langevin(self.ebm, x, keys, self.steps, self.step_size, self.noise, amp=self.amp)
 
     @property
     def is_identity(self) -> bool:
@@ -73,28 +84,32 @@ class EOTDefense:
     def _aggregate(self, mean: torch.Tensor) -> torch.Tensor:
         return mean if self.average == "logits" else mean.log()
 
-    def _purified_chunks(self, x, ids, seed, call, replicates):
-        """Yield (chain numbers, image row of each chain, purified chains), `chunk_size` chains at a time."""
-        keys = ChainKeys.replicated(seed, ids, replicates, call)
-        total = x.shape[0] * replicates
-        for start in range(0, total, self.chunk_size):
-            rows = torch.arange(start, min(start + self.chunk_size, total))
-            owner = rows // replicates
-            yield rows, owner, self.purifier(x[owner], keys[rows])
+    def _chunks(self, n: int, replicates: int):
+        """(first chain, end chain) of each chunk of the n * replicates chains."""
+        total = n * replicates
+        return [(a, min(a + self.chunk_size, total)) for a in range(0, total, self.chunk_size)]
 
-    def _mean_outputs(self, chunks, n: int) -> torch.Tensor:
-        mean = None
-        for _, owner, xp in chunks:
+    def _purified_chunks(self, x, ids, seed, call, replicates):
+        """Yield (first chain, purified chains), `chunk_size` chains at a time."""
+        keys = ChainKeys.replicated(seed, ids, replicates, call)
+        for a, b in self._chunks(x.shape[0], replicates):
+            yield a, self.purifier(_rows(x, a, b, replicates), keys[a:b])
+
+    def _mean_outputs(self, chunks, n: int, replicates: int) -> torch.Tensor:
+        """Mean over replicates of the per-replicate outputs, folded in replicate order."""
+        total = None
+        for a, xp in chunks:
             with torch.no_grad():
                 out = self._per_replicate(self.classifier(xp))
-            if mean is None:
-                mean = torch.zeros(n, out.shape[1], dtype=out.dtype, device=out.device)
-            mean.index_add_(0, owner.to(out.device), out)
-        return mean
+            if total is None:
+                total = out.new_zeros(n, out.shape[1])
+            fold_replicates(total, out, a, replicates)
+        return total / replicates
 
     def logits(self, x: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int, replicates: int) -> torch.Tensor:
         """EOT-averaged logits of N images: N x C."""
-        return self._aggregate(self._mean_outputs(self._purified_chunks(x, ids, seed, call, replicates), x.shape[0]) / replicates)
+        same_device(x=x, ids=ids)
+        return self._aggregate(self._mean_outputs(self._purified_chunks(x, ids, seed, call, replicates), x.shape[0], replicates))
 
     def logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int,
                         replicates: int, loss: Loss = cross_entropy, exact: bool = False,
@@ -107,27 +122,66 @@ class EOTDefense:
         exact=True back-propagates through every Langevin step of every replicate, with the same
         keyed noise, checkpointed every `segment` steps (`exact_chain`); surrogate_temperature T
         differentiates each step through the EBM's smooth surrogate (`EBM.smooth_surrogate`: LeakyReLU
-        becomes b x + (1 - b) T softplus(x / T); a smooth EBM has none and is unchanged). Two passes per chunk
-        (outputs, then vector-Jacobian products), so memory stays bounded by `chunk_size` chains.
+        becomes b x + (1 - b) T softplus(x / T); a smooth EBM has none and is unchanged). Two passes
+        over the chunks (outputs, then vector-Jacobian products): the exact one runs each chunk's chains
+        again, so its memory stays bounded by `chunk_size` chains; BPDA keeps the purified images between
+        the passes (R images per image), and its chain work is bounded by `chunk_size` chains.
         """
-        chunks = list(self._purified_chunks(x, ids, seed, call, replicates))
-        mean = self._mean_outputs(chunks, x.shape[0]) / replicates
+        same_device(x=x, labels=labels, ids=ids)
+        p = self.purifier
+        through_chain = exact and not p.is_identity and p.ebm is not None and p.step_size != 0
+        chunks = self._purified_chunks(x, ids, seed, call, replicates)
+        if not through_chain:  # BPDA's second pass starts from the purified images: keep them
+            chunks = list(chunks)
+        mean = self._mean_outputs(chunks, x.shape[0], replicates)
         with torch.enable_grad():
             m = mean.detach().requires_grad_(True)
             (g_mean,) = torch.autograd.grad(loss(self._aggregate(m), labels).sum(), m)
         grad = torch.zeros_like(x)
-        p = self.purifier
-        through_chain = exact and not p.is_identity and p.ebm is not None and p.step_size != 0
-        keys = ChainKeys.replicated(seed, ids, replicates, call) if through_chain else None
         smooth = p.ebm.smooth_surrogate(surrogate_temperature) if through_chain and surrogate_temperature else None
+        if through_chain:  # run each chunk's chains again, now differentiably
+            keys = ChainKeys.replicated(seed, ids, replicates, call)
+            chunks = ((a, _rows(x, a, b, replicates), keys[a:b]) for a, b in self._chunks(x.shape[0], replicates))
+        else:  # the noise-only chain's Jacobian is the identity: BPDA is exact there
+            chunks = ((a, xp, None) for a, xp in chunks)
         with torch.enable_grad():
-            for rows, owner, xp in chunks:
-                if through_chain:  # the noise-only chain's Jacobian is the identity: BPDA is exact there
-                    x0 = x[owner].detach().requires_grad_(True)
-                    xp = differentiable_langevin(p.ebm, x0, keys[rows], p.steps, p.step_size, p.noise, segment, smooth)
-                else:
-                    x0 = xp = xp.detach().requires_grad_(True)
-                surrogate = (self._per_replicate(self.classifier(xp)) * g_mean[owner]).sum() / replicates
+            for a, x0, chunk_keys in chunks:
+                x0 = x0.detach().requires_grad_(True)
+                xp = (differentiable_langevin(p.ebm, x0, chunk_keys, p.steps, p.step_size, p.noise, segment, smooth)
+                      if through_chain else x0)
+                v = _rows(g_mean, a, a + x0.shape[0], replicates)
+                surrogate = (self._per_replicate(self.classifier(xp)) * v).sum() / replicates
                 (g,) = torch.autograd.grad(surrogate, x0)
-                grad.index_add_(0, owner.to(grad.device), g.to(grad.dtype).contiguous())
+                fold_replicates(grad, g.to(grad.dtype), a, replicates)
         return self._aggregate(mean), grad
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    """The device rule of the defense and the attack engine: every per-image tensor (images,
+    labels, ids, masks, row numbers) lives on the images' device. Raises naming the odd one out."""
+    named = list(tensors.items())
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} on {first.device}: "
+                             "per-image tensors must share the images' device")
+
+
+def _rows(x: torch.Tensor, a: int, b: int, replicates: int) -> torch.Tensor:
+    """The image of each of chains a..b-1 (x.repeat_interleave(replicates)[a:b], without the rest)."""
+    return x[torch.arange(a, b, device=x.device) // replicates]
+
+
+def fold_replicates(total: torch.Tensor, values: torch.Tensor, a: int, replicates: int) -> None:
+    """total[k // R] += values[k - a] for chains k = a, a + 1, ..., one replicate number at a time.
+
+    Each image's sum is ((v_0 + v_1) + v_2) + ... in replicate order whatever the chunk boundaries,
+    and no atomic or scattered add is used, so the result is deterministic on CUDA and equal to a
+    sequential `index_add_` on the CPU. Strided views: no copy of the chunk.
+    """
+    b = a + values.shape[0]
+    for r in range(replicates):
+        k = a + (r - a) % replicates  # the chunk's first chain with replicate number r
+        if k < b:
+            rows = values[k - a::replicates]
+            total[k // replicates:k // replicates + rows.shape[0]] += rows

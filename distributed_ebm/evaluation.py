@@ -2,6 +2,7 @@
 
 The reference the Ray engine (`distributed.evaluate`) is measured against: same `Attack`, same
 per-batch record files, same summary. Resumes like it: images with records are skipped.
+Images, labels and ids of a batch go to the attack's device together (the engine's device rule).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .attacks import Attack, EnsembleAttack
 from .config import AttackConfig, InputError
 from .data import ImageSet, load
 from .defense import Purifier
+from .langevin import cuda_defaults
+from .memory import auto_chunk_size
 from .nets import load_classifier, load_ebm
 from .progress import Progress
 
@@ -25,6 +28,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def dtype_of(cfg: AttackConfig) -> torch.dtype:
+    """The dtype of images, chains and classifier (bf16 keeps them in float32: only the EBM autocasts)."""
     return torch.float64 if cfg.precision == "float64" else torch.float32
 
 
@@ -35,19 +39,24 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     another image size fails here, with a message naming it.
     """
     c, dtype = cfg.classifier, dtype_of(cfg)
+    cuda_defaults(device)
     if c.weights is None:
         raise InputError("classifier.weights is not set: an attack needs a trained classifier")
     clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
-    clf = clf.to(device=device, dtype=dtype)
+    clf = clf.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # the chains' layout
     purifier = None
     if cfg.attack.defended:
         n = cfg.ebm_net
         ebm = (load_ebm(cfg.ebm, cfg.data.image_size, activation=n.activation, soft_alpha=n.soft_alpha,
                         soft_eps=n.soft_eps).to(device=device, dtype=dtype) if cfg.ebm else None)
         p = cfg.purify
-        purifier = Purifier(ebm, p.steps, p.step_size, p.noise)
+        purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=torch.bfloat16 if cfg.precision == "bf16" else None)
+    chunk = cfg.chunk_size
+    if chunk is None:  # exact_eot's footprint grows with the chain length: the fixed default there
+        chunk = 1024 if any(m.mode == "exact_eot" for m in cfg.attack.members()) else auto_chunk_size(
+            purifier, clf, (3, cfg.data.image_size, cfg.data.image_size), device, dtype)
     kind = EnsembleAttack if cfg.attack.ensemble is not None else Attack
-    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=cfg.chunk_size)
+    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk)
 
 
 def batches(data: ImageSet, size: int):
@@ -71,7 +80,7 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
     for batch in batches(todo, cfg.batch_size):
-        records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids)
+        records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids.to(device))
         results.write_part(cfg.output, records)
         bar.update(len(records), broken=sum(not r.robust for r in records))
     bar.close()

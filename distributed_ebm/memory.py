@@ -12,6 +12,29 @@ from typing import Callable
 import torch
 
 
+def auto_chunk_size(purifier, classifier, image_shape, device, dtype=torch.float32, probe: int = 32,
+                    share: float = 0.6, default: int = 1024) -> int:
+    """Most chains per forward pass: `default` off CUDA; on CUDA as many as fit `share` of the free
+    memory, from the measured footprint of `probe` chains (two Langevin steps plus the classifier)."""
+    device = torch.device(device)
+    if device.type != "cuda" or purifier is None:
+        return default
+    from .langevin import langevin
+    from .noise import ChainKeys
+
+    x = torch.zeros(probe, *image_shape, device=device, dtype=dtype)
+    keys = ChainKeys.replicated(0, torch.arange(probe), 1)
+
+    def work():
+        with torch.no_grad():
+            classifier(langevin(purifier.ebm, x, keys, 2, purifier.step_size, purifier.noise,
+                                amp=purifier.amp, graph=False))
+
+    per_chain = max(1, peak_allocated_bytes(work, device)) / probe
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(10_000_000, int(share * free / per_chain)))
+
+
 def peak_allocated_bytes(work: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Run `work()` and return the peak of tensor memory it allocated on `device`, in bytes."""
     device = torch.device(device)

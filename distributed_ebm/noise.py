@@ -5,11 +5,15 @@ is Philox4x32-10 (Salmon et al., SC 2011; the generator behind torch's CUDA RNG)
 counter (element block, t, call, replicate) under the key (image id, seed). The same chain
 therefore draws the same noise whether it runs alone, in a chunk of replicates, in another
 batch, on another worker, or on another device. Arithmetic is done on int64 tensors holding
-32-bit words, which works on any torch device.
+32-bit words, which works on any torch device; on CUDA one fused Triton kernel
+(`philox_triton`) computes the same words and normals. Keys and the step counter may live on the
+chains' device (`ChainKeys.to`, a 0-d int64 step tensor), so drawing noise copies nothing between
+host and device and never synchronises: a captured CUDA graph can replay it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +27,8 @@ _ROUNDS = 10
 CALL_RANDOM_START = 0x7FFF0001
 
 
-def philox4x32(counter: list[torch.Tensor], key: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Philox4x32-10 on broadcastable int64 tensors holding uint32 words; returns 4 words."""
+def philox4x32(counter: list, key: list) -> list:
+    """Philox4x32-10 on broadcastable int64 tensors (or Python ints) holding uint32 words; returns 4 words."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
     for r in range(_ROUNDS):
@@ -69,13 +73,28 @@ class ChainKeys:
     def with_call(self, call: int) -> "ChainKeys":
         return ChainKeys(self.seed, self.ids, self.replicas, call)
 
-    def _words(self, step: int, numel: int, device) -> list[torch.Tensor]:
+    def to(self, device) -> "ChainKeys":
+        """The same keys with their tensors on `device` (once per chain run, not per step)."""
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return ChainKeys(self.seed, move(self.ids), move(self.replicas), move(self.call))
+
+    def _words(self, step, numel: int, device) -> list[torch.Tensor]:
+        """Philox words of counter (block, step, call, replica) under key (id, seed), one row per chain.
+
+        Scalars stay Python ints and tensors already on `device` are used as they are, so a draw on
+        device-resident keys creates no host-to-device copy; `step` may be a 0-d device tensor.
+        """
         n_blocks = (numel + 3) // 4
-        col = lambda t: torch.as_tensor(t, dtype=torch.int64, device=device).reshape(-1, 1)  # noqa: E731
+
+        def col(t):
+            if not isinstance(t, torch.Tensor):
+                return t & _MASK32
+            return (t.to(device=device, dtype=torch.int64) & _MASK32).reshape(-1, 1)
+
         blocks = torch.arange(n_blocks, dtype=torch.int64, device=device).reshape(1, -1)
-        counter = [blocks, col(step & _MASK32), col(self.call) & _MASK32, col(self.replicas) & _MASK32]
-        key = [col(self.ids) & _MASK32, col(self.seed & _MASK32)]
-        return philox4x32(counter, key)
+        counter = [blocks, col(step), col(self.call), col(self.replicas)]
+        key = [col(self.ids), self.seed & _MASK32]
+        return [torch.as_tensor(w, device=device).expand(len(self), n_blocks) for w in philox4x32(counter, key)]
 
     def uniform(self, step: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
         """U(0, 1) draws (open interval), shape (len(self), *shape)."""
@@ -86,8 +105,24 @@ class ChainKeys:
         u = ((u >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
         return u.reshape(len(self), *shape).to(dtype)
 
-    def normal(self, step: int, shape, device=None, dtype=torch.float32) -> torch.Tensor:
-        """N(0, 1) draws by Box-Muller, shape (len(self), *shape)."""
+    def normal(self, step, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+        """N(0, 1) draws by Box-Muller, shape (len(self), *shape); on CUDA by the fused kernel."""
+        device = torch.device(device) if device is not None else self.ids.device
+        global _FUSED
+        if device.type == "cuda" and _fused_available():
+            try:
+                from .philox_triton import normal as fused_normal
+
+                return fused_normal(self.to(device), step, shape, dtype)
+            except Exception as exc:  # e.g. no C compiler for Triton's launcher: the tensor path is exact too
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                warnings.warn(f"fused Triton noise unavailable ({type(exc).__name__}: {exc}); using the tensor path")
+                _FUSED = False
+        return self.normal_reference(step, shape, device, dtype)
+
+    def normal_reference(self, step, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+        """`normal` in plain tensor arithmetic (any device): the definition the fused kernel matches."""
         numel = math.prod(shape)
         w0, w1, w2, w3 = self._words(step, numel, device)
         to_unit = lambda w: ((w >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)  # noqa: E731
@@ -97,3 +132,18 @@ class ChainKeys:
         t1 = (2.0 * math.pi) * to_unit(w3)
         z = torch.stack([r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)], -1)
         return z.reshape(len(self), -1)[:, :numel].reshape(len(self), *shape).to(dtype)
+
+
+_FUSED: bool | None = None
+
+
+def _fused_available() -> bool:
+    """Whether Triton imports (checked once, only when a CUDA draw asks for it)."""
+    global _FUSED
+    if _FUSED is None:
+        try:
+            import triton  # noqa: F401
+            _FUSED = True
+        except ImportError:
+            _FUSED = False
+    return _FUSED

@@ -18,7 +18,7 @@ from . import storage
 from .bank import ImageBank
 from .config import InputError, TrainClassifierConfig, TrainEBMConfig, to_yaml
 from .data import ImageSet, load
-from .langevin import langevin, prepare_energy
+from .langevin import cuda_defaults, langevin, prepare_energy
 from .nets import EBM, build_classifier, save_classifier, save_ebm
 from .noise import ChainKeys
 from .progress import Progress
@@ -120,6 +120,7 @@ class EBMTraining:
     def __init__(self, cfg: TrainEBMConfig, data: ImageSet, device: str | torch.device = "cpu"):
         check_sizes(cfg, len(data))
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
+        cuda_defaults(self.device)
         self.ebm = new_ebm(cfg).to(self.device)
         size = cfg.bank_size or len(data)
         self.bank = ImageBank(size, tuple(data.images.shape[1:]), cfg.bank_init, cfg.seed, data.images)
@@ -155,8 +156,9 @@ class EBMTraining:
         self.bank.load_state_dict(state["bank"])
 
 
-def check_sizes(cfg: TrainEBMConfig, data_size: int, world: int = 1) -> None:
-    """Fail early, naming the field, on sizes that cannot train."""
+def check_sizes(cfg: TrainEBMConfig, data_size: int) -> None:
+    """Fail early, naming the field, on sizes that cannot train with these data (the config itself
+    checks that batch_size splits over ray.workers)."""
     if temperature(cfg) <= 0:
         raise InputError("langevin.noise must be > 0 for training: the loss is scaled by noise^2 / 2")
     if data_size < cfg.batch_size:
@@ -164,8 +166,6 @@ def check_sizes(cfg: TrainEBMConfig, data_size: int, world: int = 1) -> None:
     size = cfg.bank_size or data_size
     if size < cfg.batch_size:
         raise InputError(f"bank_size = {size} is smaller than batch_size = {cfg.batch_size}")
-    if cfg.batch_size % world:
-        raise InputError(f"batch_size = {cfg.batch_size} does not split evenly over {world} workers")
 
 
 def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> EBMTraining:

@@ -41,6 +41,15 @@ def pytest_configure(config):
                                        "servers (tests/test_e2e_cluster.py, a few minutes)")
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_ebm(width: int = 4, seed: int = 0, scale: float = 1.0):
     """A small random EBM; `scale` multiplies its energy so gradients matter at s = 1."""
     from distributed_ebm.nets import EBM

@@ -150,3 +150,24 @@ def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0 and wilson_interval(10, 10)[1] == pytest.approx(1)
+
+
+def test_per_image_tensors_share_the_images_device(exact_test, resnet20):
+    """The engine's device rule, checked where it is enforced; the CUDA run itself is in test_gpu.py.
+    `meta` tensors stand for 'another device' on a CPU-only machine: nothing may run on them."""
+    from distributed_ebm.defense import same_device
+
+    x, y, ids = exact_test.images[:2], exact_test.labels[:2], exact_test.ids[:2]
+    same_device(x=x, labels=y, ids=ids)
+    with pytest.raises(ValueError, match="ids is on meta but x on cpu: per-image tensors must share the images' device"):
+        same_device(x=x, labels=y, ids=ids.to("meta"))
+    defense = EOTDefense(resnet20, Purifier(tiny_ebm(), steps=1))
+    with pytest.raises(ValueError, match="ids is on meta but x on cpu"):
+        defense.logits(x, ids.to("meta"), seed=0, call=0, replicates=2)
+    with pytest.raises(ValueError, match="labels is on meta but x on cpu"):
+        defense.logits_and_grad(x, y.to("meta"), ids, seed=0, call=0, replicates=2)
+    # the engine's entry takes labels and ids from anywhere (here a list and a numpy array)
+    attack = Attack(resnet20, Purifier(tiny_ebm(), steps=1), AttackSettings(mode="defense", eot_attack=2, eot_defense=2))
+    records = attack(x, y.numpy(), ids.tolist())
+    assert [r.index for r in records] == ids.tolist() and [r.label for r in records] == y.tolist()
+    assert all(r.image_steps == 2 * 1 + (2 * 1 if not r.natural_correct else 0) for r in records)

@@ -78,3 +78,15 @@ def test_every_job_config_validates():
         load_config(COMMANDS[command][0], f)
     # the quickstart file is the embedded default, spelled out
     assert load_config(COMMANDS["quickstart"][0], "jobs/configs/quickstart.yaml") == load_config(COMMANDS["quickstart"][0])
+
+
+def test_batch_must_split_over_training_workers():
+    """The check lives in the schema, so `--print-config` refuses what the job could not run."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainEBMConfig, None, ["batch_size=100", "ray.workers=8"])
+    assert str(err.value) == ("config error: batch_size = 100 does not split evenly over ray.workers = 8 "
+                              "(each worker takes batch_size / ray.workers chains)")
+    assert load_config(TrainEBMConfig, None, ["batch_size=100", "ray.workers=4"]).ray.workers == 4
+    out = subprocess.run([sys.executable, "-m", "distributed_ebm.cli", "train-ebm", "--print-config", "ray.workers=8"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "ray.workers = 8" in out.stderr

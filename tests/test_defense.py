@@ -59,3 +59,79 @@ def test_purifier_starts_at_the_input_and_moves(setup):
     assert not torch.equal(purifier(x, keys), x)
     assert Purifier(None, steps=0).is_identity and Purifier(tiny_ebm(), steps=0)(x, keys).equal(x)
     assert Purifier(None, steps=10, noise=0.0).is_identity
+
+
+class _Pixels(torch.nn.Module):
+    """A 'classifier' whose outputs are elementwise in its input (no batch-size-dependent kernels),
+    so any difference between chunkings can only come from the reduction over replicates."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * 3.0 + torch.arange(10.0) / 10
+
+
+def _sequential_index_add(out: torch.Tensor, replicates: int) -> torch.Tensor:
+    """The previous reduction: one `index_add_` of every chain's output into its image's sum."""
+    owner = torch.arange(out.shape[0]) // replicates
+    return torch.zeros(out.shape[0] // replicates, *out.shape[1:]).index_add_(0, owner, out) / replicates
+
+
+@pytest.mark.parametrize("average", ["logits", "softmax"])
+def test_replicate_sums_are_fixed_order_whatever_the_chunking(exact_test, average):
+    x, ids, y = exact_test.images[:3], exact_test.ids[:3], exact_test.labels[:3]
+    purifier, r = Purifier(None, steps=2, step_size=0.0, noise=0.3), 7
+    chains = purifier(x.repeat_interleave(r, 0), ChainKeys.replicated(5, ids, r, call=1))
+    out = _Pixels()(chains)
+    expected = _sequential_index_add(out if average == "logits" else out.softmax(1), r)
+    expected = expected if average == "logits" else expected.log()
+    for chunk in (1, 2, 3, 5, 7, 8, 20, 1000):
+        d = EOTDefense(_Pixels(), purifier, chunk_size=chunk, average=average)
+        assert torch.equal(d.logits(x, ids, seed=5, call=1, replicates=r), expected), chunk
+        logits, grad = d.logits_and_grad(x, y, ids, seed=5, call=1, replicates=r)
+        if chunk == 1:
+            first = grad
+        assert torch.equal(logits, expected) and torch.equal(grad, first), chunk
+
+
+def test_no_reduction_that_is_nondeterministic_on_cuda(setup):
+    """index_add_ / scatter_add_ / accumulating index_put_ use atomics on CUDA (run-to-run noise)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            accumulate = func.__name__.startswith("index_put") and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))
+            if func.__name__.split(".")[0] in ("index_add", "index_add_", "scatter_add", "scatter_add_") or accumulate:
+                self.seen.add(func.__name__)
+            return func(*args, **kwargs)
+
+    clf, purifier, x, y, ids = setup
+    d = EOTDefense(clf, Purifier(purifier.ebm, steps=2, step_size=1.0, noise=0.05), chunk_size=4)
+    with Ops() as ops:
+        d.logits(x, ids, seed=0, call=0, replicates=3)
+        d.logits_and_grad(x, y, ids, seed=0, call=0, replicates=3)
+        d.logits_and_grad(x, y, ids, seed=0, call=0, replicates=3, exact=True, segment=1)
+    assert not ops.seen
+
+
+def test_memory_is_bounded_by_chunk_size_not_replicates(exact_test):
+    from distributed_ebm.memory import peak_allocated_bytes
+
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 32 * 32, 10))
+    x, ids, y = exact_test.images[:2], exact_test.ids[:2], exact_test.labels[:2]
+    d = EOTDefense(clf, Purifier(tiny_ebm(width=4), steps=2, step_size=1.0, noise=0.05), chunk_size=4)
+    image = x[0].numel() * x.element_size()
+
+    def peak(replicates, **kw):
+        work = (lambda: d.logits(x, ids, seed=0, call=0, replicates=replicates)) if kw.pop("logits", False) else \
+            (lambda: d.logits_and_grad(x, y, ids, seed=0, call=0, replicates=replicates, **kw))
+        return peak_allocated_bytes(work)
+
+    few, many = 4, 40  # 36 more chains per image: 72 more images' worth if they were kept
+    assert peak(many, logits=True) - peak(few, logits=True) < 4 * image
+    assert peak(many, exact=True) - peak(few, exact=True) < 4 * image
+    # BPDA keeps its purified images between its two passes, and nothing more
+    grows = peak(many) - peak(few)
+    assert 2 * (many - few) * image <= grows < 2 * (many - few) * image + 4 * image

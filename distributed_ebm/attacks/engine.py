@@ -27,6 +27,12 @@ worst case (the share of images judged correctly all R times) beside the protoco
 Randomness is keyed by (seed, image id, call), with call = 2 * point for a check, 2 * point + 1
 for its confirmation and 2 * points + r for re-evaluation r, so an image's result does not
 depend on its batch.
+
+Shapes and devices: images N x C x H x W (float, in [-1, 1]) on any device; labels (N,) and
+ids (N,) int64. One rule: every per-image tensor (labels, ids, masks, row numbers, counters)
+lives on the images' device. `Attack.__call__` moves labels and ids there once, at entry;
+everything inside, the defense (`EOTDefense` checks it) and the updaters (`apgd`) keep to it;
+the records are built on the CPU at the end, in one transfer per field.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ import torch
 from torch import nn
 
 from ..config import AttackSettings
-from ..defense import LOSSES, EOTDefense, Purifier
+from ..defense import LOSSES, EOTDefense, Purifier, same_device
 from .apgd import APGD, FixedStep
 from .pgd import random_start, to_signed_units
 
@@ -115,39 +121,42 @@ class Attack:
             return True
         return point == 0 or (self.s.mode == "transfer" and point == self.points - 1)
 
-    def _eot(self, x, ids, call, replicates, labels=None):
-        """EOT logits (and the attack's gradient when labels are given); charges the chains' cost to
-        the images (an exact gradient runs each chain three times: outputs, forward, recomputation)."""
+    def _eot(self, x, rows, call, replicates, labels=None):
+        """EOT logits (and the attack's gradient when labels are given) of the images at batch rows
+        `rows`; charges the chains' cost to them (an exact gradient runs each chain three times:
+        outputs, forward, recomputation)."""
         exact = labels is not None and self.s.mode == "exact_eot"
         kinked = self.s.surrogate and getattr(self.defense.purifier.ebm, "piecewise_linear", False)
         runs = (4 if kinked else 3) if exact else 1  # the kink-aware recomputation runs both energies
         steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
-        for i in ids.tolist():
-            self._cost[self._row[i]] += replicates * steps
+        self._cost[rows] += replicates * steps
+        ids = self._ids[rows]
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
                                             loss=self.loss, exact=exact, segment=self.s.segment,
                                             surrogate_temperature=self.s.surrogate_temperature if self.s.surrogate else None)
 
-    def _judge(self, point, x, labels, ids, check_logits=None):
-        """(broken mask, prediction) at a checked point, with the paper's confirmation."""
+    def _judge(self, point, x, labels, rows, check_logits=None):
+        """(broken mask, prediction) at a checked point, with the paper's confirmation; `rows` are
+        the images' batch rows (all on x's device)."""
+        same_device(x=x, labels=labels, rows=rows)
         if check_logits is None:
             check_logits = (self.classifier(x) if self.s.mode == "pgd"
-                            else self._eot(x, ids, 2 * point, self.s.eot_attack))
+                            else self._eot(x, rows, 2 * point, self.s.eot_attack))
         pred = check_logits.argmax(1)
         wrong = pred != labels
         if self.s.mode != "pgd" and self.s.eot_defense > 0 and wrong.any():
-            rows = wrong.nonzero().flatten()
-            confirm = self._eot(x[rows], ids[rows], 2 * point + 1, self.s.eot_defense).argmax(1)
-            pred[rows] = confirm
-            wrong[rows] = confirm != labels[rows]
+            sub = wrong.nonzero().flatten()
+            confirm = self._eot(x[sub], rows[sub], 2 * point + 1, self.s.eot_defense).argmax(1)
+            pred[sub] = confirm
+            wrong[sub] = confirm != labels[sub]
         return wrong, pred
 
-    def _gradient(self, point, x, labels, ids):
+    def _gradient(self, point, x, labels, rows):
         """(logits of what is attacked, ascent gradient) at iterate x."""
         if self.s.mode in ("bpda_eot", "exact_eot"):
-            return self._eot(x, ids, 2 * point, self.s.eot_attack, labels)
+            return self._eot(x, rows, 2 * point, self.s.eot_attack, labels)
         return _classifier_logits_and_grad(self.classifier, x, labels, self.loss)
 
     def _updater(self, x_nat):
@@ -155,57 +164,54 @@ class Attack:
             return APGD(x_nat, self.s.norm, self.eps, self.s.steps)
         return FixedStep(x_nat, self.s.norm, self.eps, self.alpha)
 
-    def _reevaluate(self, adv, labels, ids) -> list[list[bool]]:
+    def _reevaluate(self, adv, labels, rows) -> list[list[bool]]:
         """Judge every final adversarial image `reevaluations` times with fresh chains."""
-        flags = [[] for _ in range(len(ids))]
-        for r in range(self.s.reevaluations):
-            correct = (self._eot(adv, ids, 2 * self.points + r, self.s.eot_defense).argmax(1) == labels).tolist()
-            for k, c in enumerate(correct):
-                flags[k].append(bool(c))
-        return flags
+        correct = torch.stack([self._eot(adv, rows, 2 * self.points + r, self.s.eot_defense).argmax(1) == labels
+                               for r in range(self.s.reevaluations)], dim=1)
+        return correct.cpu().tolist()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[ImageRecord]:
-        n = images.shape[0]
-        labels, ids = labels.to(images.device), torch.as_tensor(ids, dtype=torch.int64)
-        broken_at = torch.full((n,), NEVER, dtype=torch.int64)
-        final_pred = torch.full((n,), -1, dtype=torch.int64)
+        """Attack N images (N x C x H x W); labels and ids (N,) may come on any device (see the module doc)."""
+        n, device = images.shape[0], images.device
+        labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        self._ids = torch.as_tensor(ids, dtype=torch.int64).to(device)
+        rows = torch.arange(n, device=device)
+        broken_at = torch.full((n,), NEVER, dtype=torch.int64, device=device)
+        self._cost = torch.zeros(n, dtype=torch.int64, device=device)
         adv = images.detach().clone()
-        self._row = {int(i): k for k, i in enumerate(ids.tolist())}
-        self._cost = [0] * n
 
-        wrong, pred = self._judge(0, images, labels, ids)
-        natural_pred = pred.cpu().clone()
-        final_pred[:] = natural_pred
-        broken_at[wrong.cpu()] = 0
-        active = (~wrong).nonzero().flatten().cpu()
+        wrong, natural_pred = self._judge(0, images, labels, rows)
+        final_pred = natural_pred.clone()
+        broken_at[wrong] = 0
+        active = rows[~wrong]
         self._report(0)
 
         if self.s.mode != "defense" and len(active):
             x_nat = images[active]
-            x = random_start(x_nat, ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start else x_nat.clone()
+            x = (random_start(x_nat, self._ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start
+                 else x_nat.clone())
             update = self._updater(x_nat)
             judged_by_attack = self.s.mode in ("pgd", "bpda_eot", "exact_eot")
             for t in range(self.s.steps + 1):
                 point, last = t + 1, t == self.s.steps
-                y, i = labels[active], ids[active]
+                y = labels[active]
                 if last:
                     logits, grad = None, None
                     if self.s.mode == "pgd":
                         logits = self.classifier(x)
                     elif self.s.mode in ("bpda_eot", "exact_eot"):
-                        logits = self._eot(x, i, 2 * point, self.s.eot_attack)
+                        logits = self._eot(x, active, 2 * point, self.s.eot_attack)
                 else:
-                    logits, grad = self._gradient(point, x, y, i)
+                    logits, grad = self._gradient(point, x, y, active)
                 loss = self.loss(logits, y) if grad is not None else None
                 if self._checked(point):
-                    wrong, pred = self._judge(point, x, y, i, logits if judged_by_attack else None)
-                    w = wrong.cpu()
-                    broken_at[active[w]] = point
-                    final_pred[active] = pred.cpu()
-                    adv[active[w]] = x[wrong]
+                    wrong, pred = self._judge(point, x, y, active, logits if judged_by_attack else None)
+                    broken_at[active[wrong]] = point
+                    final_pred[active] = pred
+                    adv[active[wrong]] = x[wrong]
                     keep = ~wrong
-                    active, x = active[~w], x[keep]
+                    active, x = active[keep], x[keep]
                     update.keep(keep)
                     grad, loss = (grad[keep], loss[keep]) if grad is not None else (None, None)
                 if not len(active):
@@ -214,13 +220,14 @@ class Attack:
                     x = update.step(x, grad, loss)
                 self._report(point)
             adv[active] = x
-        reeval = self._reevaluate(adv, labels, ids) if self.s.reevaluations else [[] for _ in range(n)]
+        reeval = self._reevaluate(adv, labels, rows) if self.s.reevaluations else [[] for _ in range(n)]
         self._report(self.points - 1)
 
-        natural_pred = natural_pred.tolist()
-        return [ImageRecord(int(ids[k]), int(labels[k]), natural_pred[k], natural_pred[k] == int(labels[k]),
-                            int(broken_at[k]), int(final_pred[k]), self._cost[k], adv[k].float().cpu().numpy(),
-                            reeval[k])
+        ids, labels = self._ids.tolist(), labels.tolist()
+        natural_pred, broken_at, final_pred = natural_pred.tolist(), broken_at.tolist(), final_pred.tolist()
+        cost, adv = self._cost.tolist(), adv.float().cpu().numpy()
+        return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], broken_at[k],
+                            final_pred[k], cost[k], adv[k], reeval[k])
                 for k in range(n)]
 
     def _report(self, point: int) -> None:

@@ -34,7 +34,7 @@ class EnsembleAttack:
         self.members = [Attack(classifier, purifier, m, seed=seed, chunk_size=chunk_size) for m in settings.members()]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[EnsembleRecord]:
-        ids = torch.as_tensor(ids, dtype=torch.int64)
+        ids, labels = torch.as_tensor(ids, dtype=torch.int64), torch.as_tensor(labels, dtype=torch.int64)
         n = len(ids)
         final: list[Optional[ImageRecord]] = [None] * n
         first: list[Optional[ImageRecord]] = [None] * n
@@ -44,7 +44,7 @@ class EnsembleAttack:
             if not todo:
                 break
             rows = torch.tensor(todo)
-            records = attack(images[rows.to(images.device)], labels[rows.to(labels.device)], ids[rows])
+            records = attack(images[rows.to(images.device)], labels[rows.to(labels.device)], ids[rows.to(ids.device)])
             for row, r in zip(todo, records):
                 first[row] = first[row] or r
                 final[row], cost[row] = r, cost[row] + r.image_steps

@@ -38,10 +38,10 @@ class AttackActor:
         # Ray hands out read-only arrays: copy them into tensors of our own
         images = torch.tensor(np.stack(batch["image"])).to(self.device, dtype_of(self.cfg))
         labels = torch.tensor(batch["label"], dtype=torch.int64).to(self.device)
-        ids = torch.tensor(batch["index"], dtype=torch.int64)
+        ids = torch.tensor(batch["index"], dtype=torch.int64).to(self.device)
         records = self.attack(images, labels, ids)
         results.write_part(self.cfg.output, records)
-        return {"index": ids.numpy(), "broken": np.array([not r.robust for r in records]),
+        return {"index": np.array(batch["index"], dtype=np.int64), "broken": np.array([not r.robust for r in records]),
                 "image_steps": np.array([r.image_steps for r in records], dtype=np.int64)}
 
 

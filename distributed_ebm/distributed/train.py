@@ -73,13 +73,13 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
         bank.load(bank_states)
-    barrier(world)
+    barrier(world, device)
 
     logger = worker_logger(config, rank)
     bar = Progress(cfg.iterations, f"train-ebm:{cfg.name}", start=iteration, enabled=rank == 0, every=10.0)
     window = {k: 0.0 for k in METRICS}
     count, t_window = 0, time.time()
-    agree = all_workers(world)
+    agree = all_workers(world, device)
     bank_size = config["bounds"][-1][1]
     started_at = iteration
     try:
@@ -108,13 +108,13 @@ def train_loop(config: dict) -> None:
             bar.update(1, energy_diff=m["energy_diff"], phase=phase)
             save = iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations
             if save or iteration % cfg.log_every == 0:
-                means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world)))
+                means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world, device)))
                 means.update(iteration=iteration, started_at=started_at, iterations_per_second=count / (time.time() - t_window),
                              bank_share=means["bank_seconds"] / means["step_seconds"], lr=optimizer.param_groups[0]["lr"],
                              sgd=float(phase == "sgd"))
                 if logger:
                     logger.metrics({k: v for k, v in means.items() if k != "iteration"}, step=iteration)
-                _report(cfg, means, save, rank, world, bank, sampler, optimizer, phase, positives, logger)
+                _report(cfg, means, save, rank, world, device, bank, sampler, optimizer, phase, positives, logger)
                 window = {k: 0.0 for k in METRICS}
                 count, t_window = 0, time.time()
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
@@ -124,7 +124,7 @@ def train_loop(config: dict) -> None:
     bar.close()
 
 
-def _report(cfg, metrics, save, rank, world, bank, ebm, optimizer, phase, positives, logger):
+def _report(cfg, metrics, save, rank, world, device, bank, ebm, optimizer, phase, positives, logger):
     """Every worker reports; at a checkpoint, rank 0 first writes model, optimizer, phase and the bank."""
     import ray.train
 
@@ -144,7 +144,7 @@ def _report(cfg, metrics, save, rank, world, bank, ebm, optimizer, phase, positi
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
                 logger.file(f"positives-{it:09d}.png", image_grid_png(positives[:64].cpu()), "samples")
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        barrier(world)  # nobody leases the next chains before the bank snapshot is taken
+        barrier(world, device)  # nobody leases the next chains before the bank snapshot is taken
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -152,7 +152,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
-    check_sizes(cfg, len(data), cfg.ray.workers)
+    check_sizes(cfg, len(data))
     connect(cfg.ray.address)
     pixels = ray.put(to_uint8(data.images))
     size = cfg.bank_size or len(data)

@@ -56,7 +56,7 @@ def classifier_loop(config: dict) -> None:
                                epoch, rank, world, len(labels), lambda m: bar.update(1, loss=m["loss"]), device)
         sched.step()
         epoch += 1
-        row["train_loss"] = mean_over_workers([row["train_loss"]], world)[0]
+        row["train_loss"] = mean_over_workers([row["train_loss"]], world, device)[0]
         row["test_accuracy"] = accuracy(clf, test, device=device) if test is not None else None
         history.append(row)
         metrics = {k: v for k, v in row.items() if v is not None}

@@ -16,27 +16,45 @@ def run_dir(cfg) -> str:
     return storage.join(cfg.output, cfg.name)
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def collective_device(device: torch.device | str, backend: str | None = None) -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only (on the worker's own
+    `device`), gloo CPU tensors. `backend` defaults to the process group's (`dist.get_backend()`)."""
+    backend = backend if backend is not None else dist.get_backend()
+    if backend == "nccl":
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"the nccl backend reduces CUDA tensors; this worker's device is {device}")
+        return device
+    return torch.device("cpu")
 
 
-def mean_over_workers(values: list[float], world: int) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
+def all_reduce(values: list[float], device: torch.device | str, op=dist.ReduceOp.SUM) -> list[float]:
+    """`op` over every worker of each value, in float64, on the process group's device."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(device))
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 
-def all_workers(world: int):
-    """`agree(flag) -> bool`: true only when the flag is true on every worker (so all stop or none)."""
+def barrier(world: int, device: torch.device | str = "cpu") -> None:
+    if world > 1:
+        d = collective_device(device)
+        dist.barrier(device_ids=[d.index] if d.type == "cuda" and d.index is not None else None)
+
+
+def mean_over_workers(values: list[float], world: int, device: torch.device | str = "cpu") -> list[float]:
+    """The mean over workers of each value; `device` is this worker's (used by NCCL)."""
+    if world == 1:
+        return [float(v) for v in values]
+    return [v / world for v in all_reduce(values, device)]
+
+
+def all_workers(world: int, device: torch.device | str = "cpu"):
+    """`agree(flag) -> bool`: true only when the flag is true on every worker (so all stop or none);
+    `device` is this worker's (used by NCCL)."""
     def agree(flag: bool) -> bool:
         if world == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+        return all_reduce([1.0 if flag else 0.0], device, dist.ReduceOp.MIN)[0] == 1.0
     return agree
 
 

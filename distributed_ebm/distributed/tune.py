@@ -212,7 +212,7 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     """Search the training sampler; the best settings become a complete training config (jobs/train_ebm.py)."""
     ids = _validation_ids(cfg, 1)
     data = load(trial_training(cfg, {}, "x", ids).data)
-    check_sizes(cfg.train, len(data), cfg.train.ray.workers)
+    check_sizes(cfg.train, len(data))
     c = cfg.attack.classifier
     load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker
