@@ -96,10 +96,25 @@ class DataConfig(Section):
         return self
 
 
+Activation = Literal["lrelu", "soft_lrelu", "silu"]
+
+
 class EBMConfig(Section):
     width: int = Field(32, ge=1, le=1024, description="channels of the first conv (paper: 32)")
     image_size: int = Field(32, ge=8, le=1024)
     channels: int = Field(3, ge=1, le=16)
+    activation: Activation = Field("lrelu", description="lrelu: the paper's LeakyReLU(0.05); soft_lrelu: MEFA's "
+                                   "(1 - a) x + a sqrt(x^2 + e^2) - a e; silu")
+    soft_alpha: float = Field(0.49, gt=0.0, lt=0.5, description="soft_lrelu's a (left slope 1 - 2a)")
+    soft_eps: float = Field(0.01, gt=0.0, le=10.0, description="soft_lrelu's e (width of the bend)")
+
+
+class EBMNetConfig(Section):
+    """What an attack expects of its EBM checkpoint (which records its own network)."""
+
+    activation: Optional[Activation] = Field(None, description="null = the checkpoint's; set = must be the checkpoint's")
+    soft_alpha: float = Field(0.49, gt=0.0, lt=0.5)
+    soft_eps: float = Field(0.01, gt=0.0, le=10.0)
 
 
 class LangevinConfig(Section):
@@ -228,21 +243,64 @@ class AttackSettings(Section):
                                    "checkpointed segment; null = round(sqrt(purify.steps))")
     reevaluations: int = Field(0, ge=0, le=10_000, description="re-judge each final adversarial image this many "
                                "times with fresh chains (eot_defense each): mean and worst case")
+    surrogate: Optional[Literal["softplus"]] = Field(None, description="exact_eot: keep the chain exact but "
+                                                     "differentiate each step through a smooth stand-in for a "
+                                                     "piecewise-linear activation (smooth ones are left as they are)")
+    surrogate_temperature: float = Field(0.01, gt=0.0, le=100.0, description="T of b x + (1 - b) T softplus(x / T)")
+    ensemble: Optional[list[dict[str, Any]]] = Field(None, description="worst case over attacks: each entry "
+                                                     "overrides these settings; an image is attacked by each in turn "
+                                                     "until one breaks it")
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.reevaluations and self.mode == "pgd":
             raise ValueError("attack.reevaluations needs a defended mode: the undefended classifier (mode pgd) "
                              "is deterministic")
+        if self.ensemble is not None:
+            self.members()  # each member must be a valid attack on its own
+            if self.reevaluations:
+                raise ValueError("attack.reevaluations is not supported with attack.ensemble")
+        if self.surrogate and self.mode != "exact_eot":
+            raise ValueError(f"attack.surrogate differentiates through the chain: it needs attack.mode=exact_eot "
+                             f"(got {self.mode})")
         if self.reevaluations and self.eot_defense == 0:
             raise ValueError("attack.reevaluations judges with attack.eot_defense chains: set eot_defense >= 1")
         return self
+
+    def members(self) -> list["AttackSettings"]:
+        """The ensemble's attacks (these settings with each entry's overrides), or [self]."""
+        if self.ensemble is None:
+            return [self]
+        if not self.ensemble:
+            raise ValueError("attack.ensemble is empty: list at least one attack")
+        base = self.model_dump(exclude={"ensemble"})
+        out = []
+        for k, entry in enumerate(self.ensemble):
+            bad = {"ensemble", "reevaluations"} & set(entry)
+            if bad:
+                raise ValueError(f"attack.ensemble[{k}]: {', '.join(sorted(bad))} cannot be set per attack")
+            try:
+                member = AttackSettings.model_validate({**base, **entry})
+            except ValidationError as err:
+                raise ValueError(f"attack.ensemble[{k}]: {_describe(err)}") from None
+            if member.mode == "defense":
+                raise ValueError(f"attack.ensemble[{k}]: mode defense does not attack")
+            out.append(member)
+        if len({m.mode == "pgd" for m in out}) > 1:
+            raise ValueError("attack.ensemble mixes the undefended classifier (mode pgd) with defended modes")
+        return out
+
+    @property
+    def defended(self) -> bool:
+        """Whether any attack runs through the purifier (every mode but pgd)."""
+        return any(m.mode != "pgd" for m in self.members())
 
 
 class AttackConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
     ebm: Optional[URL] = Field(None, description="EBM checkpoint URL (needed by every mode but pgd)")
+    ebm_net: EBMNetConfig = Field(default_factory=lambda: EBMNetConfig())
     purify: LangevinConfig = Field(default_factory=lambda: LangevinConfig(steps=1500))
     attack: AttackSettings = Field(default_factory=lambda: AttackSettings())
     batch_size: int = Field(10, ge=1, le=1_000_000, description="images per attack batch")
@@ -257,7 +315,7 @@ class AttackConfig(Section):
 
     @model_validator(mode="after")
     def _needs_ebm(self):
-        if self.attack.mode != "pgd" and self.ebm is None and self.purify.step_size > 0:
+        if self.attack.defended and self.ebm is None and self.purify.step_size > 0:
             raise ValueError(f"attack.mode={self.attack.mode} purifies with an EBM: set ebm to a checkpoint URL "
                              "(or purify.step_size=0 for noise-only chains)")
         if self.attack.loss == "dlr" and self.classifier.num_classes < 3:

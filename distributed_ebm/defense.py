@@ -113,15 +113,18 @@ class EOTDefense:
 
     def logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int,
                         replicates: int, loss: Loss = cross_entropy, exact: bool = False,
-                        segment: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        segment: int | None = None, surrogate_temperature: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """EOT-averaged logits and the gradient of loss(averaged logits) with respect to x.
 
         BPDA (exact=False) takes the purifier's Jacobian as the identity: the gradient is the sum
         over replicates of the loss gradient at each purified image (no graph through the chain).
         exact=True back-propagates through every Langevin step of every replicate, with the same
-        keyed noise, checkpointed every `segment` steps (`exact_chain`). Two passes over the chunks
-        (outputs, then vector-Jacobian products): the exact one runs each chunk's chains again, so
-        its memory stays bounded by `chunk_size` chains; BPDA keeps the purified images between
+        keyed noise, checkpointed every `segment` steps (`exact_chain`); surrogate_temperature T
+        differentiates each step through the EBM's smooth surrogate (`EBM.smooth_surrogate`: LeakyReLU
+        becomes b x + (1 - b) T softplus(x / T); a smooth EBM has none and is unchanged). Two passes
+        over the chunks (outputs, then vector-Jacobian products): the exact one runs each chunk's chains
+        again, so its memory stays bounded by `chunk_size` chains; BPDA keeps the purified images between
         the passes (R images per image), and its chain work is bounded by `chunk_size` chains.
         """
         same_device(x=x, labels=labels, ids=ids)
@@ -135,6 +138,7 @@ class EOTDefense:
             m = mean.detach().requires_grad_(True)
             (g_mean,) = torch.autograd.grad(loss(self._aggregate(m), labels).sum(), m)
         grad = torch.zeros_like(x)
+        smooth = p.ebm.smooth_surrogate(surrogate_temperature) if through_chain and surrogate_temperature else None
         if through_chain:  # run each chunk's chains again, now differentiably
             keys = ChainKeys.replicated(seed, ids, replicates, call)
             chunks = ((a, _rows(x, a, b, replicates), keys[a:b]) for a, b in self._chunks(x.shape[0], replicates))
@@ -143,7 +147,7 @@ class EOTDefense:
         with torch.enable_grad():
             for a, x0, chunk_keys in chunks:
                 x0 = x0.detach().requires_grad_(True)
-                xp = (differentiable_langevin(p.ebm, x0, chunk_keys, p.steps, p.step_size, p.noise, segment)
+                xp = (differentiable_langevin(p.ebm, x0, chunk_keys, p.steps, p.step_size, p.noise, segment, smooth)
                       if through_chain else x0)
                 v = _rows(g_mean, a, a + x0.shape[0], replicates)
                 surrogate = (self._per_replicate(self.classifier(xp)) * v).sum() / replicates

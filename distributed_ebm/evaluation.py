@@ -11,7 +11,7 @@ import time
 import torch
 
 from . import results
-from .attacks import Attack
+from .attacks import Attack, EnsembleAttack
 from .config import AttackConfig, InputError
 from .data import ImageSet, load
 from .defense import Purifier
@@ -33,7 +33,7 @@ def dtype_of(cfg: AttackConfig) -> torch.dtype:
     return torch.float64 if cfg.precision == "float64" else torch.float32
 
 
-def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack:
+def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack | EnsembleAttack:
     """Classifier, purifier and attack as the config says (weights loaded with weights_only=True).
 
     Also the pre-flight check: a missing file, a checkpoint of another architecture or for
@@ -46,16 +46,18 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
     clf = clf.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # the chains' layout
     purifier = None
-    if cfg.attack.mode != "pgd":
-        # every data source here is RGB, as the classifiers are
-        ebm = load_ebm(cfg.ebm, cfg.data.image_size, channels=3).to(device=device, dtype=dtype) if cfg.ebm else None
+    if cfg.attack.defended:
+        n = cfg.ebm_net  # every data source here is RGB, as the classifiers are
+        ebm = (load_ebm(cfg.ebm, cfg.data.image_size, channels=3, activation=n.activation, soft_alpha=n.soft_alpha,
+                        soft_eps=n.soft_eps).to(device=device, dtype=dtype) if cfg.ebm else None)
         p = cfg.purify
         purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=torch.bfloat16 if cfg.precision == "bf16" else None)
     chunk = cfg.chunk_size
     if chunk is None:  # exact_eot's footprint grows with the chain length: the fixed default there
-        chunk = 1024 if cfg.attack.mode == "exact_eot" else auto_chunk_size(
+        chunk = 1024 if any(m.mode == "exact_eot" for m in cfg.attack.members()) else auto_chunk_size(
             purifier, clf, (3, cfg.data.image_size, cfg.data.image_size), device, dtype)
-    return Attack(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk)
+    kind = EnsembleAttack if cfg.attack.ensemble is not None else Attack
+    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk)
 
 
 def batches(data: ImageSet, size: int):

@@ -10,26 +10,33 @@ def describe(summary: dict) -> tuple[str, str]:
     """(system, attack) labels from a summary's config."""
     cfg = summary["config"]
     a, p, clf = cfg["attack"], cfg["purify"], cfg["classifier"]["arch"]
-    defended = a["mode"] != "pgd"
+    defended = any(m != "pgd" for m in [e.get("mode", a["mode"]) for e in a.get("ensemble") or []] or [a["mode"]])
     if not defended:
         system = f"{clf} undefended"
     elif p["step_size"] == 0:
         system = f"{clf} + noise-only chain (K={p['steps']}, s=0)"
     else:
         system = f"{clf} + EBM (K={p['steps']}, s={p['step_size']:g}, sigma={p['noise']:g})"
+    if a.get("ensemble") is not None:
+        return system, f"ensemble of {len(a['ensemble'])}: worst case over the attacks (debm report shows each)"
+    return system, describe_attack(a)
+
+
+def describe_attack(a: dict) -> str:
+    """The label of one attack's settings (an `AttackSettings` dump)."""
     budget = f"{a['norm']} eps={a['eps'] * 255:.3g}/255" if a["norm"] == "linf" else f"l2 eps={a['eps']:g}"
     apgd = a.get("optimizer") == "apgd"
     optimizer = ("APGD" if apgd else "PGD") + ("-DLR" if a.get("loss") == "dlr" else "")
     extra = f" {optimizer}" if apgd or a.get("loss") == "dlr" else ""
     chains = f"{a['eot_attack']}/{a['eot_defense']} chains"
-    attack = {
+    return {
         "pgd": f"{optimizer} {budget}, {a['steps']} steps",
         "bpda_eot": f"BPDA+EOT{extra} {budget}, {a['steps']} steps, {chains}",
-        "exact_eot": f"exact-gradient EOT{extra} {budget}, {a['steps']} steps, {chains}",
+        "exact_eot": (f"kink-aware (softplus T={a['surrogate_temperature']:g}) " if a.get("surrogate") else "")
+                     + f"exact-gradient EOT{extra} {budget}, {a['steps']} steps, {chains}",
         "transfer": f"transfer {optimizer} {budget}, {a['steps']} steps",
         "defense": "none (natural only)",
     }[a["mode"]]
-    return system, attack
 
 
 def _pct(value: float, ci) -> str:
@@ -49,6 +56,22 @@ def format_table(summaries: list[dict]) -> str:
             row += ((f"{100 * s['reeval_mean_accuracy']:5.1f} (R={s['reevaluations']})",
                      _pct(s["worst_case_accuracy"], s["worst_case_ci95"])) if "reevaluations" in s else ("-", "-"))
         rows.append(row + (attack,))
+    tables = [_aligned(rows)] + [format_ensemble(s) for s in summaries if "ensemble" in s]
+    return "\n\n".join(tables)
+
+
+def format_ensemble(summary: dict) -> str:
+    """A column per attack of an ensemble, in the order they ran, and the ensemble's: the images each
+    broke and the robust accuracy after it (the ensemble's = after the last)."""
+    members = summary["ensemble"]
+    rows = [("", *(f"{k + 1}. {m['attack']}" for k, m in enumerate(members)), "ensemble"),
+            ("images broken", *(str(m["broken"]) for m in members), str(sum(m["broken"] for m in members))),
+            ("robust % after it", *(_pct(m["robust_accuracy"], m["robust_ci95"]) for m in members),
+             _pct(summary["robust_accuracy"], summary["robust_ci95"]))]
+    return f"{describe(summary)[0]}, {summary['images']} images:\n" + _aligned(rows)
+
+
+def _aligned(rows: list[tuple]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

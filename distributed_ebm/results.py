@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import provenance, storage
-from .attacks import ImageRecord, evaluation_points, summarize
+from .attacks import ImageRecord, evaluation_points, summarize, wilson_interval
 from .config import InputError
-from .report import plot_curves
+from .report import describe_attack, plot_curves
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
 
@@ -93,7 +93,9 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     """Summary of the records of the selected images `ids` (accuracies, 95% intervals, curve,
     throughput of the images computed by this run, `new_ids`), written with its plot."""
     columns = ["index", "natural_correct", "broken_at", "image_steps"]
-    table = read_records(cfg.output, columns + (["reeval_correct"] if cfg.attack.reevaluations else []))
+    columns += ["reeval_correct"] if cfg.attack.reevaluations else []
+    columns += ["broken_by"] if cfg.attack.ensemble is not None else []
+    table = read_records(cfg.output, columns)
     table = table.filter(pc.is_in(table.column("index"), pa.array(sorted(ids), type=pa.int64())))
     missing = len(ids) - table.num_rows
     if missing:
@@ -102,6 +104,8 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     reeval = table.column("reeval_correct").to_pylist() if cfg.attack.reevaluations else None
     summary = summarize(table.column("natural_correct").to_pylist(), table.column("broken_at").to_pylist(), points,
                         reeval)
+    if cfg.attack.ensemble is not None:
+        summary["ensemble"] = ensemble_summary(cfg.attack, table.column("broken_by").to_pylist())
     steps = table.column("image_steps").to_pylist()
     fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
     summary.update({
@@ -160,6 +164,18 @@ class _Summary(_Part):
     reeval_mean_accuracy: Optional[float] = None
     worst_case_accuracy: Optional[float] = None
     worst_case_ci95: Optional[Interval] = None
+
+
+def ensemble_summary(settings, broken_by: list[int]) -> list[dict]:
+    """Per member, in order: its label, the images it broke, and the robust accuracy after it and
+    every member before it (the last entry's is the ensemble's)."""
+    n, standing, out = len(broken_by), len(broken_by), []
+    for k, member in enumerate(settings.members()):
+        broke = sum(b == k for b in broken_by)
+        standing -= broke
+        out.append({"attack": describe_attack(member.model_dump(mode="json")), "broken": broke,
+                    "robust_accuracy": standing / n if n else float("nan"), "robust_ci95": wilson_interval(standing, n)})
+    return out
 
 
 def load_summary(output: str) -> dict:

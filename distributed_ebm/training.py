@@ -81,7 +81,7 @@ def new_ebm(cfg: TrainEBMConfig) -> EBM:
     e = cfg.ebm
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        return prepare_energy(EBM(e.width, e.image_size, e.channels))
+        return prepare_energy(EBM(e.width, e.image_size, e.channels, e.activation, e.soft_alpha, e.soft_eps))
 
 
 @dataclass

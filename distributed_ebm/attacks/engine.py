@@ -9,7 +9,8 @@ Modes (`AttackSettings.mode`):
 - bpda_eot: gradients and checks from `eot_attack` purified replicates (BPDA: identity Jacobian
   through the purifier), confirmation by `eot_defense` fresh replicates, every point checked.
 - exact_eot: as bpda_eot, but the gradient goes through every Langevin step of every replicate
-  (Hessian-vector products of the EBM, checkpointed every `segment` steps; `exact_chain`).
+  (Hessian-vector products of the EBM, checkpointed every `segment` steps; `exact_chain`);
+  `surrogate: softplus` takes them from a smooth stand-in for a LeakyReLU EBM (kink-aware).
 - pgd: plain PGD on the undefended classifier; checks are its own predictions, every point.
 - transfer: PGD on the undefended classifier; the defense judges the clean image and the last iterate.
 - defense: the defense judges the clean image only (natural accuracy of the defended classifier).
@@ -75,7 +76,10 @@ class ImageRecord:
 
 
 def evaluation_points(settings: AttackSettings) -> int:
-    """Clean image + every PGD iterate (steps + 2), or the clean image alone for mode defense."""
+    """Clean image + every PGD iterate (steps + 2), or the clean image alone for mode defense;
+    an ensemble's longest member."""
+    if settings.ensemble is not None:
+        return max(evaluation_points(m) for m in settings.members())
     return 1 if settings.mode == "defense" else settings.steps + 2
 
 
@@ -122,13 +126,16 @@ class Attack:
         `rows`; charges the chains' cost to them (an exact gradient runs each chain three times:
         outputs, forward, recomputation)."""
         exact = labels is not None and self.s.mode == "exact_eot"
-        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * (3 if exact else 1)
+        kinked = self.s.surrogate and getattr(self.defense.purifier.ebm, "piecewise_linear", False)
+        runs = (4 if kinked else 3) if exact else 1  # the kink-aware recomputation runs both energies
+        steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         self._cost[rows] += replicates * steps
         ids = self._ids[rows]
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
-                                            loss=self.loss, exact=exact, segment=self.s.segment)
+                                            loss=self.loss, exact=exact, segment=self.s.segment,
+                                            surrogate_temperature=self.s.surrogate_temperature if self.s.surrogate else None)
 
     def _judge(self, point, x, labels, rows, check_logits=None):
         """(broken mask, prediction) at a checked point, with the paper's confirmation; `rows` are
