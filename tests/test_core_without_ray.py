@@ -18,23 +18,24 @@ class Blocker(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocker())
 
 import torch
-from distributed_ebm import results
+from distributed_ebm import provenance, results
 from distributed_ebm.attacks import Attack
 from distributed_ebm.config import AttackConfig, AttackSettings, TrainEBMConfig, load_config
 from distributed_ebm.data import ImageSet, load
 from distributed_ebm.defense import Purifier
 from distributed_ebm.exact_chain import differentiable_langevin
-from distributed_ebm.nets import EBM, build_classifier
+from distributed_ebm.nets import EBM, build_classifier, save_ebm
 from distributed_ebm.noise import ChainKeys
 from distributed_ebm.training import EBMTraining
 
-cfg = load_config(AttackConfig, None, ["ebm=unused.pt", "data.count=3", f"output={sys.argv[1]}/attack"])
-data = load(cfg.data)
 torch.manual_seed(0)
 ebm, clf = EBM(width=4), build_classifier("resnet20")
+save_ebm(ebm, f"{sys.argv[1]}/ebm.pt")
+cfg = load_config(AttackConfig, None, [f"ebm={sys.argv[1]}/ebm.pt", "data.count=3", f"output={sys.argv[1]}/attack"])
+data = load(cfg.data)
 settings = AttackSettings(mode="bpda_eot", steps=1, eot_attack=2, eot_defense=2)
 records = Attack(clf, Purifier(ebm, steps=2), settings)(data.images, data.labels, data.ids)
-results.write_part(cfg.output, records)
+results.write_part(cfg.output, records, provenance.attack_settings(cfg))
 keys = ChainKeys.replicated(0, data.ids, 1)
 differentiable_langevin(ebm, data.images.requires_grad_(True), keys, 2, segment=1).sum().backward()
 train = load_config(TrainEBMConfig, None, ["ebm.width=4", "langevin.steps=2", "batch_size=2", "bank_size=3"])

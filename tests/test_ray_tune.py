@@ -25,7 +25,7 @@ def test_objective_ranks_every_trial_below_the_floor_under_every_trial_above():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("space={}", "space is empty: name at least one of steps, step_size, noise"),
+    ("space={step_size: null, noise: null, steps: null}", "space is empty: name at least one of steps, step_size, noise"),
     ("space={noise: {low: 0.1, high: 0.01}}", "space.noise: low 0.1 > high 0.01"),
     ("space={temperature: {low: 0.1, high: 1}}", "space.temperature: unknown parameter; searchable: steps, step_size, noise"),
     ("space={noise: {low: 0, high: 1}}", "space.noise: a log-uniform range needs low > 0"),
@@ -49,7 +49,7 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
                    "batch_size": 4, "ray": {"actors": 1}, "output": str(tmp_path / "best-run"),
                    "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "best"}},
         "validation": {"random": 8, "subset_seed": 1},
-        "space": {"noise": {"low": 0.001, "high": 3.0}, "steps": {"low": 1, "high": 4}},
+        "space": {"noise": {"low": 0.001, "high": 3.0}, "steps": {"low": 1, "high": 4}, "step_size": None},
         "rungs": [2, 4, 8], "trials": 5, "max_concurrent": 1, "seed": 3,
         "output": str(tmp_path / "search"), "name": "tiny",
         "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "search"}})
