@@ -17,8 +17,8 @@ import argparse
 import os
 import sys
 
-from .config import (AttackConfig, InputError, JobFailed, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
-                     TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml)
+from .config import (AttackConfig, InputError, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
+                     TunePurificationConfig, TuneTrainingConfig, exit_status, load_config, to_yaml)
 
 COMMANDS = {
     "train-ebm": (TrainEBMConfig, "train the EBM (maximum likelihood, persistent bank)"),
@@ -102,20 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DEBM_VERBOSE"] = "1"
     elif os.environ.get("DEBM_VERBOSE") != "1":
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's INFO lines (database set-up ...)
-    try:
+    def job():
         cfg = parse(args.command, args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
-            return 0
-        run(args.command, cfg)
-    except (InputError, FileNotFoundError) as err:
-        print(f"debm {args.command}: {err}", file=sys.stderr)
-        return 2
-    except JobFailed as err:
-        print(f"debm {args.command}: {err}", file=sys.stderr)
-        return 1
-    return 0
+        else:
+            run(args.command, cfg)
 
+    return exit_status(f"debm {args.command}", job)
 
 if __name__ == "__main__":
     sys.exit(main())

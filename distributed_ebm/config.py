@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,6 +23,19 @@ class InputError(ValueError):
 
 class JobFailed(RuntimeError):
     """A job that cannot go on for a reason outside its input (e.g. lost capacity): one line, exit 1."""
+
+
+def exit_status(prog: str, job: Callable[[], int | None]) -> int:
+    """Run a job's body and turn the failures users cause or meet into one line and an exit code:
+    bad input 2, a job that cannot go on 1 (anything else keeps its traceback). Every entry point uses it."""
+    try:
+        return job() or 0
+    except (InputError, FileNotFoundError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    except JobFailed as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
 
 
 class ConfigError(InputError):

@@ -27,7 +27,7 @@ from .bank import ImageBank
 from .card import write_card
 from .compact import (check_fingerprint, data_fingerprint, energy_stats, load_compact, reburn, save_compact,
                       settings_fingerprint)
-from .config import InputError, TrainEBMConfig, load_config, to_yaml
+from .config import InputError, TrainEBMConfig, exit_status, load_config, to_yaml
 from .data import ImageSet, load
 from .langevin import cuda_defaults
 from .progress import Progress
@@ -180,35 +180,35 @@ def _device(name: str | None) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parser().parse_args(argv)
+    return exit_status("train_ebm_gpu", lambda: _main(args, started))
+
+
+def _main(args: argparse.Namespace, started: float) -> int:
+    if args.card:
+        write_card(args.card, load_compact(storage.join(args.card, CKPT)))
+        print(f"wrote {storage.join(args.card, 'README.md')}")
+        return 0
+    if args.minutes is None or not 0 < args.minutes <= 24 * 60:
+        raise InputError(f"--minutes must be in (0, 1440] (got {args.minutes})")
+    if not args.out:
+        raise InputError("--out DIR is required (where the checkpoint and the card go)")
+    cfg = load_config(StandaloneTrainConfig, args.config, args.overrides)
+    iterations = cfg.iterations if args.iterations is None else args.iterations
+    if not 1 <= iterations <= cfg.iterations:
+        raise InputError(f"--iterations must be in [1, {cfg.iterations}] (got {iterations})")
+    device = _device(args.device)
+    state = None
+    if args.resume:
+        state = load_compact(args.resume)
+        check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
+    data = load(cfg.data)
+    print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
+          f"{args.minutes} min", flush=True)
+    session = Session(cfg, data, args.out, device, state, args.minutes, lambda s: print(s, flush=True), started)
     try:
-        if args.card:
-            write_card(args.card, load_compact(storage.join(args.card, CKPT)))
-            print(f"wrote {storage.join(args.card, 'README.md')}")
-            return 0
-        if args.minutes is None or not 0 < args.minutes <= 24 * 60:
-            raise InputError(f"--minutes must be in (0, 1440] (got {args.minutes})")
-        if not args.out:
-            raise InputError("--out DIR is required (where the checkpoint and the card go)")
-        cfg = load_config(StandaloneTrainConfig, args.config, args.overrides)
-        iterations = cfg.iterations if args.iterations is None else args.iterations
-        if not 1 <= iterations <= cfg.iterations:
-            raise InputError(f"--iterations must be in [1, {cfg.iterations}] (got {iterations})")
-        device = _device(args.device)
-        state = None
-        if args.resume:
-            state = load_compact(args.resume)
-            check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
-        data = load(cfg.data)
-        print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
-              f"{args.minutes} min", flush=True)
-        session = Session(cfg, data, args.out, device, state, args.minutes, lambda s: print(s, flush=True), started)
         record = session.run(iterations, started + 60 * args.minutes)
-    except (InputError, FileNotFoundError) as err:
-        print(f"train_ebm_gpu: {err}", file=sys.stderr)
-        return 2
     except TrainingDiverged as err:
-        print(f"train_ebm_gpu: {err}; the last good checkpoint is the last one saved in {args.out}", file=sys.stderr)
-        return 1
+        raise TrainingDiverged(f"{err}; the last good checkpoint is the last one saved in {args.out}") from None
     rate = record["iterations_per_second"]
     print(f"session {record['session']}: iterations {record['start_iteration']} -> {record['end_iteration']} in "
           f"{record['seconds'] / 60:.2f} min on {record['device']} ({rate or 0:.3g} it/s); wrote {args.out}/", flush=True)

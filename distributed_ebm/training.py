@@ -17,7 +17,7 @@ from torch import nn
 
 from . import storage
 from .bank import ImageBank
-from .config import InputError, TrainClassifierConfig, TrainEBMConfig, to_yaml
+from .config import InputError, JobFailed, TrainClassifierConfig, TrainEBMConfig, to_yaml
 from .data import ImageSet, load
 from .langevin import cuda_defaults, langevin, prepare_energy
 from .nets import EBM, build_classifier, save_classifier, save_ebm
@@ -25,8 +25,8 @@ from .noise import ChainKeys
 from .progress import Progress
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite; the last good checkpoint is left as it was."""
+class TrainingDiverged(JobFailed):
+    """The loss stopped being finite; the last good checkpoint is left as it was (one line, exit 1)."""
 
 
 def ebm_loss(ebm: nn.Module, positives: torch.Tensor, negatives: torch.Tensor, temperature: float):

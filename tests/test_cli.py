@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from distributed_ebm import storage
 from distributed_ebm.cli import main
 from distributed_ebm.nets import load_ebm
@@ -52,3 +54,23 @@ def test_job_file_reports_bad_input_in_one_line():
     done = subprocess.run([sys.executable, "jobs/attack.py", "ebm=missing.pt", "attack.mode=defense", "data.count=2"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip() == f"debm attack: {os.path.abspath('missing.pt')} does not exist"
+
+
+def test_exit_status_turns_user_facing_failures_into_one_line(capsys):
+    from distributed_ebm.config import ConfigError, JobFailed, exit_status
+    from distributed_ebm.training import TrainingDiverged
+
+    def fail(exc):
+        def job():
+            raise exc
+        return job
+
+    assert exit_status("job", lambda: None) == 0
+    assert exit_status("job", fail(ConfigError("batch_size: must be > 0"))) == 2
+    assert exit_status("job", fail(FileNotFoundError("no such file: x.pt"))) == 2
+    assert exit_status("job", fail(JobFailed("capacity lost"))) == 1
+    assert exit_status("job", fail(TrainingDiverged("EBM loss is nan"))) == 1  # a diverged run, not a traceback
+    assert capsys.readouterr().err.splitlines() == ["job: batch_size: must be > 0", "job: no such file: x.pt",
+                                                   "job: capacity lost", "job: EBM loss is nan"]
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        exit_status("job", fail(KeyError("bug")))
