@@ -1,0 +1,45 @@
+"""Run an attack config in one process on one device, without Ray, MLflow or s3fs.
+
+For the lent GPU machines (../shared/STACK.md: no Ray there): the same records, summary and plot
+as `debm attack` (one engine, `evaluation.run_attack`, which the Ray actors also run batch by batch),
+resumable the same way, under `output`. Nothing is logged to MLflow.
+
+    python3 jobs/attack_local.py --config jobs/configs/results/defended_bpda_eot.yaml [--device cuda] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .config import AttackConfig, InputError, exit_status, load_config
+from .evaluation import pick_device, run_attack
+from .report import format_table
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attack_local", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="attack YAML (e.g. jobs/configs/attack_mefa.yaml)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.random=40")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = load_config(AttackConfig, args.config, args.overrides)
+    try:
+        device = pick_device(args.device)
+    except RuntimeError:
+        raise InputError(f"--device {args.device!r} is not a torch device (auto, cuda, cuda:N, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    print(f"attack-local: {cfg.attack.mode} on {device}, output {cfg.output}", flush=True)
+    summary = run_attack(cfg, device=str(device))
+    print(format_table([summary]))
+    print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return exit_status("attack_local", lambda: _main(args))

@@ -1,0 +1,56 @@
+"""jobs/attack_local.py: an attack config in one process without Ray, MLflow or s3fs (the lent GPU machines)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from distributed_ebm import results
+from distributed_ebm.attack_local import main
+from distributed_ebm.config import AttackConfig, build
+from distributed_ebm.evaluation import run_attack
+from distributed_ebm.nets import save_ebm
+
+from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
+
+ARGS = ["attack.mode=bpda_eot", "attack.eps=2/255", "attack.step_size=1/255", "attack.steps=2", "attack.eot_attack=2",
+        "attack.eot_defense=2", "purify.steps=2", "purify.noise=0.05", "batch_size=2", "seed=1", "mlflow.enabled=false",
+        f"data.path={TEST_EXACT}", "data.random=3", f"classifier.weights={RESNET20}"]
+
+
+def test_runs_without_ray_mlflow_or_s3fs_equal_to_the_engine_and_resumes(tmp_path):
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), ebm)
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\nfor m in ('ray', 'mlflow', 's3fs', 'boto3', 'optuna', 'moto'):\n    sys.modules[m] = None\n")
+    out = str(tmp_path / "local")
+    cmd = [sys.executable, str(REPO / "jobs" / "attack_local.py"), "--config",
+           str(REPO / "jobs" / "configs" / "results" / "defended_bpda_eot.yaml"), "--device", "cpu",
+           f"ebm={ebm}", f"output={out}", *ARGS]
+    env = {**os.environ, "PYTHONPATH": str(block), "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "attack-local: bpda_eot on cpu" in run.stdout and f"results: {out}/records/" in run.stdout
+    ref = str(tmp_path / "ref")
+    tree = {"data": {"path": TEST_EXACT, "random": 3, "subset_seed": 0}, "classifier": {"weights": RESNET20}, "ebm": ebm,
+            "purify": {"steps": 2, "noise": 0.05, "step_size": 1.0}, "batch_size": 2, "seed": 1, "output": ref,
+            "attack": {"mode": "bpda_eot", "eps": "2/255", "step_size": "1/255", "steps": 2, "eot_attack": 2,
+                       "eot_defense": 2, "average": "logits", "reevaluations": 2, "random_start": True},
+            "mlflow": {"enabled": False}}
+    run_attack(build(AttackConfig, tree), device="cpu", show=False)
+    mine, theirs = results.read_records(out).to_pylist(), results.read_records(ref).to_pylist()
+    assert [r["index"] for r in mine] == [r["index"] for r in theirs] and len(mine) == 3
+    for a, b in zip(mine, theirs):
+        assert {k: v for k, v in a.items() if k != "adv_image"} == {k: v for k, v in b.items() if k != "adv_image"}
+        assert np.array_equal(a["adv_image"], b["adv_image"])
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # every image has a record
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert results.load_summary(out)["image_steps_this_run"] == 0
+
+
+def test_bad_device_is_one_line(tmp_path, capsys):
+    cfg = str(REPO / "jobs" / "configs" / "results" / "defended_bpda_eot.yaml")
+    assert main(["--config", cfg, "--device", "tpu:x", f"output={tmp_path}", *ARGS]) == 2
+    assert "--device 'tpu:x' is not a torch device" in capsys.readouterr().err
