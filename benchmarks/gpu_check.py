@@ -282,7 +282,7 @@ def bench_engine(dev, S, a, data, remaining):
         finished = False
     sync(dev)
     wall = time.perf_counter() - start
-    done = sum(attack._cost)
+    done = int(attack.cost.sum())
     return {"images": e["images"], "purify_steps": cfg.purify.steps, "chunk_size": attack.defense.chunk_size,
             "points_done": points[0], "finished": finished, "seconds": wall, "image_steps": done,
             "image_steps_per_s": done / wall}

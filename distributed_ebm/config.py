@@ -16,6 +16,8 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .attack_modes import MODES
+
 
 class InputError(ValueError):
     """Bad input from a user (config, data, checkpoint): the message says what and where."""
@@ -241,7 +243,7 @@ class TrainClassifierConfig(Section):
 class AttackSettings(Section):
     """How the defense is attacked and counted (../shared/PAPER.md, 'The attack')."""
 
-    mode: Literal["bpda_eot", "exact_eot", "pgd", "transfer", "defense"] = "bpda_eot"
+    mode: Literal[tuple(MODES)] = "bpda_eot"  # attack_modes.MODES: one class per mode
     optimizer: Literal["pgd", "apgd"] = Field("pgd", description="apgd: step size from 2 eps, halved on "
                                               "stagnation, momentum 0.75 (step_size unused)")
     loss: Literal["ce", "dlr"] = "ce"
@@ -267,15 +269,17 @@ class AttackSettings(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.reevaluations and self.mode == "pgd":
-            raise ValueError("attack.reevaluations needs a defended mode: the undefended classifier (mode pgd) "
-                             "is deterministic")
+        mode = MODES[self.mode]
+        if self.reevaluations and not mode.defended:
+            raise ValueError(f"attack.reevaluations needs a defended mode: the undefended classifier "
+                             f"(mode {self.mode}) is deterministic")
         if self.ensemble is not None:
             self.members()  # each member must be a valid attack on its own
             if self.reevaluations:
                 raise ValueError("attack.reevaluations is not supported with attack.ensemble")
-        if self.surrogate and self.mode != "exact_eot":
-            raise ValueError(f"attack.surrogate differentiates through the chain: it needs attack.mode=exact_eot "
+        if self.surrogate and not mode.exact:
+            exact = " or ".join(m.name for m in MODES.values() if m.exact)
+            raise ValueError(f"attack.surrogate differentiates through the chain: it needs attack.mode={exact} "
                              f"(got {self.mode})")
         if self.reevaluations and self.eot_defense == 0:
             raise ValueError("attack.reevaluations judges with attack.eot_defense chains: set eot_defense >= 1")
@@ -297,17 +301,18 @@ class AttackSettings(Section):
                 member = AttackSettings.model_validate({**base, **entry})
             except ValidationError as err:
                 raise ValueError(f"attack.ensemble[{k}]: {_describe(err)}") from None
-            if member.mode == "defense":
-                raise ValueError(f"attack.ensemble[{k}]: mode defense does not attack")
+            if not MODES[member.mode].moves:
+                raise ValueError(f"attack.ensemble[{k}]: mode {member.mode} does not attack")
             out.append(member)
-        if len({m.mode == "pgd" for m in out}) > 1:
-            raise ValueError("attack.ensemble mixes the undefended classifier (mode pgd) with defended modes")
+        if len({MODES[m.mode].defended for m in out}) > 1:
+            undefended = " or ".join(m.name for m in MODES.values() if not m.defended)
+            raise ValueError(f"attack.ensemble mixes the undefended classifier (mode {undefended}) with defended modes")
         return out
 
     @property
     def defended(self) -> bool:
         """Whether any attack runs through the purifier (every mode but pgd)."""
-        return any(m.mode != "pgd" for m in self.members())
+        return any(MODES[m.mode].defended for m in self.members())
 
 
 class AttackConfig(Section):

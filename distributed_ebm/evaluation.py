@@ -11,6 +11,7 @@ import time
 import torch
 
 from . import results
+from .attack_modes import MODES
 from .attacks import Attack, EnsembleAttack
 from .config import AttackConfig, InputError
 from .data import ImageSet, load
@@ -53,8 +54,8 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
         p = cfg.purify
         purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=torch.bfloat16 if cfg.precision == "bf16" else None)
     chunk = cfg.chunk_size
-    if chunk is None:  # exact_eot's footprint grows with the chain length: the fixed default there
-        chunk = 1024 if any(m.mode == "exact_eot" for m in cfg.attack.members()) else auto_chunk_size(
+    if chunk is None:  # an exact gradient's footprint grows with the chain length: the fixed default there
+        chunk = 1024 if any(MODES[m.mode].exact for m in cfg.attack.members()) else auto_chunk_size(
             purifier, clf, (3, cfg.data.image_size, cfg.data.image_size), device, dtype)
     kind = EnsembleAttack if cfg.attack.ensemble is not None else Attack
     return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk)

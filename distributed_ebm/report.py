@@ -4,13 +4,15 @@ from __future__ import annotations
 import io
 
 from . import storage
+from .attack_modes import MODES
 
 
 def describe(summary: dict) -> tuple[str, str]:
     """(system, attack) labels from a summary's config."""
     cfg = summary["config"]
     a, p, clf = cfg["attack"], cfg["purify"], cfg["classifier"]["arch"]
-    defended = any(m != "pgd" for m in [e.get("mode", a["mode"]) for e in a.get("ensemble") or []] or [a["mode"]])
+    modes = [e.get("mode", a["mode"]) for e in a.get("ensemble") or []] or [a["mode"]]
+    defended = any(MODES[m].defended for m in modes)
     if not defended:
         system = f"{clf} undefended"
     elif p["step_size"] == 0:
@@ -29,14 +31,9 @@ def describe_attack(a: dict) -> str:
     optimizer = ("APGD" if apgd else "PGD") + ("-DLR" if a.get("loss") == "dlr" else "")
     extra = f" {optimizer}" if apgd or a.get("loss") == "dlr" else ""
     chains = f"{a['eot_attack']}/{a['eot_defense']} chains"
-    return {
-        "pgd": f"{optimizer} {budget}, {a['steps']} steps",
-        "bpda_eot": f"BPDA+EOT{extra} {budget}, {a['steps']} steps, {chains}",
-        "exact_eot": (f"kink-aware (softplus T={a['surrogate_temperature']:g}) " if a.get("surrogate") else "")
-                     + f"exact-gradient EOT{extra} {budget}, {a['steps']} steps, {chains}",
-        "transfer": f"transfer {optimizer} {budget}, {a['steps']} steps",
-        "defense": "none (natural only)",
-    }[a["mode"]]
+    kink = f"kink-aware (softplus T={a['surrogate_temperature']:g}) " if a.get("surrogate") else ""
+    return MODES[a["mode"]].label.format(optimizer=optimizer, budget=budget, steps=a["steps"], chains=chains,
+                                          extra=extra, kink=kink)
 
 
 def _pct(value: float, ci) -> str:
@@ -50,7 +47,7 @@ def format_table(summaries: list[dict]) -> str:
             + (("R-eval mean %", "worst of R % [95% CI]") if reeval else ()) + ("attack",)]
     for s in summaries:
         system, attack = describe(s)
-        robust = "-" if s["config"]["attack"]["mode"] == "defense" else _pct(s["robust_accuracy"], s["robust_ci95"])
+        robust = "-" if not MODES[s["config"]["attack"]["mode"]].moves else _pct(s["robust_accuracy"], s["robust_ci95"])
         row = (system, str(s["images"]), _pct(s["natural_accuracy"], s["natural_ci95"]), robust)
         if reeval:
             row += ((f"{100 * s['reeval_mean_accuracy']:5.1f} (R={s['reevaluations']})",

@@ -7,21 +7,26 @@ Each part is written atomically, so a part is complete or absent: a crash loses 
 batches in flight, and a rerun skips every image that has a record (`done_ids`). Each part carries
 the settings that wrote it (provenance.py) in its parquet metadata; `check_settings` refuses a rerun
 with other settings before any work.
+
+The statistics of the records live here too, in one implementation: 95% Wilson intervals, the
+accuracy curve, the summary (`summarize`) and the ensemble's per-attack columns.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import provenance, storage
-from .attacks import ImageRecord, evaluation_points, summarize, wilson_interval
+from .attacks import NEVER, ImageRecord, evaluation_points
 from .config import InputError
 from .report import describe_attack, plot_curves
 
@@ -164,6 +169,53 @@ class _Summary(_Part):
     reeval_mean_accuracy: Optional[float] = None
     worst_case_accuracy: Optional[float] = None
     worst_case_ci95: Optional[Interval] = None
+
+
+def accuracy_curve(broken_at: list[int], points: int) -> list[float]:
+    """Share of images not yet broken after each evaluation point."""
+    b = np.asarray(broken_at)
+    if b.size == 0:
+        return [float("nan")] * points
+    return [float(np.mean((b == NEVER) | (b > p))) for p in range(points)]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(natural_correct: list[bool], broken_at: list[int], points: int,
+              reeval_correct: list[list[bool]] | None = None) -> dict:
+    """Natural and robust accuracy (with 95% Wilson intervals) and the accuracy curve; with
+    re-evaluations, also their mean accuracy, each one's accuracy, and the worst case (images
+    judged correctly every time)."""
+    n = len(broken_at)
+    natural = int(sum(bool(c) for c in natural_correct))
+    robust = int(sum(b == NEVER for b in broken_at))
+    summary = {
+        "images": n,
+        "natural_accuracy": natural / n if n else float("nan"),
+        "natural_ci95": wilson_interval(natural, n),
+        "robust_accuracy": robust / n if n else float("nan"),
+        "robust_ci95": wilson_interval(robust, n),
+        "accuracy_curve": accuracy_curve(list(broken_at), points),
+    }
+    if reeval_correct and n and len(reeval_correct[0]):
+        flags = np.asarray(reeval_correct, dtype=bool)  # images x R
+        worst = int(flags.all(axis=1).sum())
+        summary.update({
+            "reevaluations": int(flags.shape[1]),
+            "reeval_accuracies": flags.mean(axis=0).tolist(),
+            "reeval_mean_accuracy": float(flags.mean()),
+            "worst_case_accuracy": worst / n,
+            "worst_case_ci95": wilson_interval(worst, n),
+        })
+    return summary
 
 
 def ensemble_summary(settings, broken_by: list[int]) -> list[dict]:

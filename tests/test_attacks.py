@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_ebm.attacks import Attack, accuracy_curve, project, random_start, summarize, wilson_interval
+from distributed_ebm.attacks import Attack, project, random_start
 from distributed_ebm.attacks.pgd import ascent_step
 from distributed_ebm.config import AttackSettings
 from distributed_ebm.data import select
 from distributed_ebm.defense import EOTDefense, Purifier
+from distributed_ebm.results import accuracy_curve, summarize, wilson_interval
 
 from .conftest import tiny_ebm
 

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from distributed_ebm.attacks import Attack, summarize
+from distributed_ebm.attacks import Attack
 from distributed_ebm.attacks.apgd import APGD
 from distributed_ebm.config import AttackConfig, AttackSettings, ConfigError, load_config
 from distributed_ebm.data import select
 from distributed_ebm.defense import dlr
+from distributed_ebm.results import summarize
 
 from .test_attacks import _run, defended  # noqa: F401  (module fixture)
 

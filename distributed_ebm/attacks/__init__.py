@@ -1,7 +1,11 @@
-"""Attacks on any classifier behind any purifier, with the paper's counting protocol."""
-from .engine import Attack, ImageRecord, accuracy_curve, evaluation_points, summarize, wilson_interval
+"""Attacks on any classifier behind any purifier, with the paper's counting protocol.
+
+engine.py: the protocol loop (`Attack`); ../attack_modes.py: one class per `attack.mode`;
+apgd.py: how the iterates move; pgd.py: the geometry; ensemble.py: the worst case over attacks.
+The statistics of the records (Wilson intervals, summaries) are in ../results.py."""
+from .engine import NEVER, Attack, ImageRecord, evaluation_points
 from .ensemble import EnsembleAttack, EnsembleRecord
 from .pgd import ascent_step, project, random_start
 
-__all__ = ["Attack", "EnsembleAttack", "EnsembleRecord", "ImageRecord", "accuracy_curve", "evaluation_points", "summarize", "wilson_interval",
+__all__ = ["NEVER", "Attack", "EnsembleAttack", "EnsembleRecord", "ImageRecord", "evaluation_points",
            "ascent_step", "project", "random_start"]

@@ -7,14 +7,14 @@ point so far when the loss rose in at most 75% of the steps since the last check
 neither its step size nor its best loss changed since then. Each image has its own schedule.
 
 Both take (iterate, gradient, loss per image) and return the next iterate; `keep(mask)` drops the
-images that left the batch. Their per-image state (and the mask) lives on the images' device. With EOT the gradient and the loss are those of the EOT-averaged
+images that left the batch; UPDATERS maps `attack.optimizer` to them. Their per-image state (and the mask) lives on the images' device. With EOT the gradient and the loss are those of the EOT-averaged
 output, as in AutoAttack's version for randomized defenses.
 """
 from __future__ import annotations
 
 import torch
 
-from .pgd import ascent_step, project
+from .pgd import ascent_step, project, to_signed_units
 
 
 class FixedStep:
@@ -22,6 +22,10 @@ class FixedStep:
 
     def __init__(self, x_nat: torch.Tensor, norm: str, eps: float, step_size: float):
         self.x_nat, self.norm, self.eps, self.step_size = x_nat, norm, eps, step_size
+
+    @classmethod
+    def for_settings(cls, x_nat: torch.Tensor, s) -> "FixedStep":
+        return cls(x_nat, s.norm, to_signed_units(s.eps), to_signed_units(s.step_size))
 
     def step(self, x: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor | None) -> torch.Tensor:
         return project(ascent_step(x, grad, self.norm, self.step_size), self.x_nat, self.norm, self.eps)
@@ -47,6 +51,10 @@ class APGD:
         self.period = max(int(0.22 * steps), 1)
         self.shrink, self.min_period = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
         self.since_check = 0
+
+    @classmethod
+    def for_settings(cls, x_nat: torch.Tensor, s) -> "APGD":
+        return cls(x_nat, s.norm, to_signed_units(s.eps), s.steps)
 
     def step(self, x: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         loss = loss.to(self.best_loss.dtype)
@@ -83,3 +91,6 @@ class APGD:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[mask])
+
+
+UPDATERS = {"pgd": FixedStep, "apgd": APGD}  # attack.optimizer -> how the iterates move

@@ -27,11 +27,28 @@ class EnsembleRecord(ImageRecord):
 
 class EnsembleAttack:
     """`attack(images, labels, ids) -> list[EnsembleRecord]`: broken_at, final_pred and adv_image are
-    those of the member that broke the image (else of the last member); image_steps sums all members'."""
+    those of the member that broke the image (else of the last member); image_steps sums all members'.
+
+    The same handles as `Attack`: `defense` (the members share one purifier), `cost` after a call
+    (image-steps per image, on the CPU), `on_point` (handed to every member in turn)."""
 
     def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings: AttackSettings, *,
                  seed: int = 0, chunk_size: int = 1024):
         self.members = [Attack(classifier, purifier, m, seed=seed, chunk_size=chunk_size) for m in settings.members()]
+        self.cost = None
+
+    @property
+    def defense(self):
+        return self.members[0].defense
+
+    @property
+    def on_point(self):
+        return self.members[0].on_point
+
+    @on_point.setter
+    def on_point(self, hook) -> None:
+        for m in self.members:
+            m.on_point = hook
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[EnsembleRecord]:
         ids, labels = torch.as_tensor(ids, dtype=torch.int64), torch.as_tensor(labels, dtype=torch.int64)
@@ -51,6 +68,7 @@ class EnsembleAttack:
                 if not r.robust:
                     by[row] = k
             todo = [row for row, r in zip(todo, records) if r.robust]
+        self.cost = torch.tensor(cost, dtype=torch.int64)
         return [EnsembleRecord(r.index, r.label, f.natural_pred, f.natural_correct, r.broken_at, r.final_pred, c,
                                r.adv_image, r.reeval_correct, b)
                 for r, f, c, b in zip(final, first, cost, by)]
