@@ -2,16 +2,16 @@
 
 The driver only chooses the images' ids (the subset, less those with records): it reads the parquet
 file's id and label columns, never the pixels. Ray Data reads the file on the cluster
-(`read_parquet`, the image, label and index columns, filtered to the chosen ids), splits it into
-blocks of `batch_size` rows, decodes the image bytes in its tasks, and `map_batches` runs
-`AttackActor` (one per GPU, or per `cpus_per_actor` CPUs) which loads the classifier and the EBM
-once, makes floats of the uint8 pixels on its device and runs the single-process `Attack` on each
-batch, writing the batch's records atomically under `output/records/`. Each image's randomness is
-keyed by (seed, image id), so the result for an image does not depend on its batch or on which
-actor ran it. A rerun skips images with records (and refuses records written with other settings,
-before any work); a killed actor is restarted by Ray and its batch retried; if the pipeline itself
-fails (a lost node), the engine runs it again on the images still without a record, so a fault
-costs at most the batches in flight. Bad input fails in `preflight`, before any actor starts.
+(`read_parquet`, the image, label and index columns, filtered to the chosen ids), decodes the image
+bytes in its tasks and splits them into blocks of `batch_size` rows, before any actor starts. Then
+`map_batches` runs `AttackActor` (one per GPU, or per `cpus_per_actor` CPUs), which loads the
+classifier and the EBM once, makes floats of the uint8 pixels on its device and runs the
+single-process `Attack` on each batch, writing the batch's records atomically under
+`output/records/`. Each image's randomness is keyed by (seed, image id), so the result for an image
+does not depend on its batch or on which actor ran it. A rerun skips images with records (and refuses
+records written with other settings, before any work). A lost actor or node fails the pass; the
+engine runs it again on the images still without a record, so a fault costs at most the batches in
+flight. Bad input fails in `preflight`, before any actor starts.
 """
 from __future__ import annotations
 
@@ -72,17 +72,16 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
     from ray.data.expressions import col
 
     if isinstance(todo, Catalog):
-        # reading and decoding ask for no CPU: the attack actors may hold every CPU of the cluster
         if todo.indexed:
             fs, path = arrow_filesystem(todo.url)
-            ds = ray.data.read_parquet(path, filesystem=fs, columns=["img", "label", "index"], num_cpus=0)
+            ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["img", "label", "index"])
             ds = ds.filter(expr=col("index").is_in(todo.ids.tolist()))
         else:
             blobs = image_bytes(todo)
             ds = ray.data.from_items([{"index": int(i), "label": int(y), "img": {"bytes": b}}
                                       for i, y, b in zip(todo.ids.tolist(), todo.labels.tolist(), blobs)])
         ds = ds.map_batches(decode_batch, fn_kwargs={"url": todo.url, "size": cfg.data.image_size},
-                            batch_format="pyarrow", batch_size=None, num_cpus=0)
+                            batch_format="pyarrow", batch_size=None)
         return ds.repartition(target_num_rows_per_block=cfg.batch_size)  # a block per batch: the actors share them
     pixels = todo.pixels()
     return ray.data.from_items([{"index": int(i), "label": int(y), "image": x} for i, y, x in
@@ -129,7 +128,11 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
     """One pass of Ray Data over `todo`; returns the broken count so far. An actor that dies fails the pass
     (no restart, no retry on it: a retry bound to an actor that cannot be placed again would wait forever)."""
     actors, cpus, gpus = plan_actors(cfg, -(-len(todo) // cfg.batch_size), fitting)
-    out = image_dataset(ray, cfg, todo).map_batches(
+    # the images are read and decoded before the actors start: Ray Data's reading asks for CPUs (its file
+    # listing always for one) that actors holding every CPU of the cluster would never free; the pixels
+    # (uint8) are small beside the attack's cost, and stay on the cluster's object stores
+    images = image_dataset(ray, cfg, todo).materialize()
+    out = images.map_batches(
         AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings, "threads": max(1, int(cpus))},
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
