@@ -62,10 +62,8 @@ def run(command: str, cfg) -> None:
         print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
     elif command == "attack":
         from .distributed.evaluate import evaluate
-        from .report import format_table
-        summary = evaluate(cfg)
-        print(format_table([summary]))
-        print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
+        from .report import attack_done
+        print(attack_done(evaluate(cfg), cfg.output))
     elif command in ("tune", "tune-training"):
         from .distributed.tune import tune_purification, tune_training
         best = (tune_purification if command == "tune" else tune_training)(cfg)
