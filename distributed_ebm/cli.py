@@ -104,10 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse(args.command, args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
-        else:
+            return
+        ray_before = ray_running()
+        try:
             run(args.command, cfg)
+        finally:  # a Ray this job started ends with it, also when called in a process that goes on
+            if ray_running() and not ray_before:
+                sys.modules["ray"].shutdown()
 
     return exit_status(f"debm {args.command}", job)
+
+def ray_running() -> bool:
+    """Whether this process is connected to a Ray (without importing Ray)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
 
 if __name__ == "__main__":
     sys.exit(main())

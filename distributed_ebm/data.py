@@ -100,10 +100,10 @@ class Catalog:
 
 def _open(url: str) -> pq.ParquetFile:
     """The parquet file at `url`, read by ranges: only the columns asked for travel."""
-    fs, path = storage.filesystem(url)
     try:
+        f = storage.open_file(url)
         with storage.reaching(url):
-            return pq.ParquetFile(fs.open(path, "rb"))
+            return pq.ParquetFile(f)
     except InputError:
         raise
     except FileNotFoundError:
@@ -145,23 +145,24 @@ def catalog(url: str) -> Catalog:
     return Catalog(url, np.arange(len(labels), dtype=np.int64), torch.from_numpy(labels), torch.from_numpy(ids), indexed)
 
 
-def decode(blobs, image_size: int, url: str, rows=None) -> np.ndarray:
-    """Encoded images (PNG, JPEG, anything PIL reads) -> uint8 N x H x W x C; errors name the file and row."""
+def decode(blobs, image_size: int, url: str, rows=None, what: str = "row") -> np.ndarray:
+    """Encoded images (PNG, JPEG, anything PIL reads) -> uint8 N x H x W x C; errors name the file and the
+    image: `what` ("row", or "image id" where the ids are not row numbers) `rows[k]` (default k)."""
     pixels = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
     for k, blob in enumerate(blobs):
         row = int(rows[k]) if rows is not None else k
         if blob is None:
-            raise DataError(f"data file {url}: row {row} has no image bytes")
+            raise DataError(f"data file {url}: {what} {row} has no image bytes")
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 if im.size != (image_size, image_size):
-                    raise DataError(f"data file {url}: row {row} is {im.size[0]}x{im.size[1]} pixels, "
+                    raise DataError(f"data file {url}: {what} {row} is {im.size[0]}x{im.size[1]} pixels, "
                                     f"expected {image_size}x{image_size} (data.image_size)")
                 pixels[k] = np.asarray(im.convert("RGB"))
         except DataError:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # PIL's decoders raise these
-            raise DataError(f"data file {url}: row {row}'s image bytes are not a readable image "
+            raise DataError(f"data file {url}: {what} {row}'s image bytes are not a readable image "
                             f"({type(err).__name__})") from None
     return pixels
 

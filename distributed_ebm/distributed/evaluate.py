@@ -15,6 +15,9 @@ flight. Bad input fails in `preflight`, before any actor starts.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import time
 
@@ -24,7 +27,7 @@ import torch
 
 from .. import results, storage
 from ..config import AttackConfig
-from ..data import Catalog, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
+from ..data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
 from ..evaluation import build_attack, dtype_of, pending, pick_device
 from ..progress import Progress
 from ..provenance import attack_settings
@@ -55,11 +58,12 @@ class AttackActor:
                 "image_steps": np.array([r.image_steps for r in records], dtype=np.int64)}
 
 
-def decode_batch(batch: pa.Table, url: str, size: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: pa.Table, url: str, size: int, indexed: bool) -> dict[str, np.ndarray]:
     """Image bytes -> uint8 N x H x W x C pixels, in a Ray Data task (rows keep their id and label)."""
     blobs = batch.column("img").combine_chunks().field("bytes").to_pylist()
-    return {"index": batch.column("index").to_numpy().astype(np.int64),
-            "label": batch.column("label").to_numpy().astype(np.int64), "image": decode(blobs, size, url)}
+    ids = batch.column("index").to_numpy().astype(np.int64)
+    return {"index": ids, "label": batch.column("label").to_numpy().astype(np.int64),
+            "image": decode(blobs, size, url, ids, "image id" if indexed else "row")}
 
 
 def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
@@ -71,6 +75,7 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
     Images already in memory (torchvision folders) travel as uint8 pixels."""
     from ray.data.expressions import col
 
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # a DataError stays one (`data_error`)
     if isinstance(todo, Catalog):
         if todo.indexed:
             fs, path = arrow_filesystem(todo.url)
@@ -80,7 +85,7 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
             blobs = image_bytes(todo)
             ds = ray.data.from_items([{"index": int(i), "label": int(y), "img": {"bytes": b}}
                                       for i, y, b in zip(todo.ids.tolist(), todo.labels.tolist(), blobs)])
-        ds = ds.map_batches(decode_batch, fn_kwargs={"url": todo.url, "size": cfg.data.image_size},
+        ds = ds.map_batches(decode_batch, fn_kwargs={"url": todo.url, "size": cfg.data.image_size, "indexed": todo.indexed},
                             batch_format="pyarrow", batch_size=None)
         return ds.repartition(target_num_rows_per_block=cfg.batch_size)  # a block per batch: the actors share them
     pixels = todo.pixels()
@@ -120,8 +125,34 @@ def lost(err: BaseException | None) -> bool:
     while err is not None and seen < 20:
         if type(err).__name__ in LOST or any(type(err).__name__ == f"RayTaskError({n})" for n in LOST):
             return True
+        if type(err).__name__ == "UnserializableException" and any(f"{n}:" in str(err) for n in LOST):
+            return True  # Ray Data's reader lost an actor of its own, and Ray could not rebuild the error
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False
+
+
+@contextlib.contextmanager
+def quiet_task_errors():
+    """Ray Data logs a failed task's trace before raising it; the engine raises it itself (a DataError as
+    one line), so the trace is printed only with --verbose."""
+    log = logging.getLogger("ray.data")
+    level = log.level
+    if os.environ.get("DEBM_VERBOSE") != "1":
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def data_error(err: BaseException | None) -> DataError | None:
+    """The `DataError` a Ray Data task raised, if `err` (or an error it wraps) carries one."""
+    seen = 0
+    while err is not None and seen < 20:
+        if type(err) is DataError:  # not Ray's wrapper, which prints the trace; Ray appends its retry advice
+            return DataError(str(err).splitlines()[0])
+        err, seen = getattr(err, "cause", None) or err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, broken: int, fitting: bool) -> int:
@@ -131,7 +162,11 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
     # the images are read and decoded before the actors start: Ray Data's reading asks for CPUs (its file
     # listing always for one) that actors holding every CPU of the cluster would never free; the pixels
     # (uint8) are small beside the attack's cost, and stay on the cluster's object stores
-    images = image_dataset(ray, cfg, todo).materialize()
+    try:
+        with quiet_task_errors():
+            images = image_dataset(ray, cfg, todo).materialize()
+    except Exception as err:  # an image that does not decode: the data's one-line error, before any attack
+        raise data_error(err) or err
     out = images.map_batches(
         AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings, "threads": max(1, int(cpus))},
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
