@@ -14,7 +14,7 @@ import torch
 
 from .config import AttackConfig, InputError, exit_status, load_config
 from .evaluation import pick_device, run_attack
-from .report import format_table
+from .report import attack_done
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,8 +35,7 @@ def _main(args: argparse.Namespace) -> int:
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")
     print(f"attack-local: {cfg.attack.mode} on {device}, output {cfg.output}", flush=True)
     summary = run_attack(cfg, device=str(device))
-    print(format_table([summary]))
-    print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
+    print(attack_done(summary, cfg.output))
     return 0
 
 

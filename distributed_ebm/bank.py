@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .data import unit_range
 from .noise import ChainKeys
 
 CALL_INIT = 0x7FFF0002  # the call number of the initial starts; rejuvenation at iteration t uses call t
@@ -42,7 +43,7 @@ class ImageBank:
         if self.init == "noise":
             return keys.uniform(0, self.shape) * 2 - 1
         pick = (keys.uniform(0, (1,)).flatten() * len(self.data)).long().clamp(max=len(self.data) - 1)
-        return self.data[pick].float().clone()
+        return unit_range(self.data[pick]).float().clone()
 
     def read(self, slots: torch.Tensor, restart: torch.Tensor | None = None, call: int = 0) -> torch.Tensor:
         """The chains in these (global) slots; those flagged in `restart` start afresh instead."""

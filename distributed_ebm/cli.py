@@ -62,10 +62,8 @@ def run(command: str, cfg) -> None:
         print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
     elif command == "attack":
         from .distributed.evaluate import evaluate
-        from .report import format_table
-        summary = evaluate(cfg)
-        print(format_table([summary]))
-        print(f"results: {cfg.output}/records/, {cfg.output}/summary.json, {cfg.output}/accuracy.png")
+        from .report import attack_done
+        print(attack_done(evaluate(cfg), cfg.output))
     elif command in ("tune", "tune-training"):
         from .distributed.tune import tune_purification, tune_training
         best = (tune_purification if command == "tune" else tune_training)(cfg)
@@ -106,10 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse(args.command, args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
-        else:
+            return
+        ray_before = ray_running()
+        try:
             run(args.command, cfg)
+        finally:  # a Ray this job started ends with it, also when called in a process that goes on
+            if ray_running() and not ray_before:
+                sys.modules["ray"].shutdown()
 
     return exit_status(f"debm {args.command}", job)
+
+def ray_running() -> bool:
+    """Whether this process is connected to a Ray (without importing Ray)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
 
 if __name__ == "__main__":
     sys.exit(main())

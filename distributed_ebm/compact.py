@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import storage
 from .bank import ImageBank
 from .config import InputError, TrainEBMConfig
-from .data import ImageSet, to_uint8
+from .data import ImageSet
 from .langevin import langevin
 from .noise import ChainKeys
 
@@ -46,7 +45,7 @@ def settings_fingerprint(cfg: TrainEBMConfig) -> dict:
 
 def data_fingerprint(data: ImageSet) -> dict:
     """The training images by count and content (their path differs from machine to machine)."""
-    pixels = np.ascontiguousarray(to_uint8(data.images))
+    pixels = data.pixels()
     return {"data.images": len(data), "data.sha256": hashlib.sha256(memoryview(pixels).cast("B")).hexdigest()[:16]}
 
 

@@ -159,6 +159,8 @@ class RayConfig(Section):
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
     cpus_per_actor: float = Field(1.0, gt=0, le=1024)
     gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
+    max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
+                              "pipeline again on the images without a record")
 
 
 class MLflowConfig(Section):

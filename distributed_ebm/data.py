@@ -1,9 +1,12 @@
-"""Images as float32 N x C x H x W tensors in [-1, 1], int64 labels, and int64 dataset ids.
+"""Images as uint8 N x C x H x W pixels (as decoded; float32 in [-1, 1] where code made them), int64
+labels, and int64 dataset ids; the floats are made from the pixels where a batch is used.
 
 Sources: parquet files in the Hugging Face layout (`img: struct<bytes, path>`, `label`, and an
 optional `index` that names the row's position in the original split), from a local path or any
 fsspec URL; or torchvision's CIFAR-10, CIFAR-100 and SVHN folders. An image is known by its id:
-the `index` column where the file carries it, otherwise its row number.
+the `index` column where the file carries it, otherwise its row number. `catalog` reads a
+parquet file's ids and labels alone (the subset is chosen from them); `decode` turns the image
+bytes of the chosen rows into pixels, on the driver (`load`) or in Ray Data tasks (the attack engine).
 """
 from __future__ import annotations
 
@@ -25,75 +28,160 @@ class DataError(InputError):
     """Data that cannot be used as asked; the message names the file and the problem."""
 
 
+def unit_range(pixels: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 pixels p (any layout) -> float32 x = 2 p / 255 - 1, made on `device` (the uint8 travel there).
+    Float input is taken as already in [-1, 1]."""
+    if device is not None:
+        pixels = pixels.to(device)
+    return pixels.float().div_(127.5).sub_(1.0) if pixels.dtype == torch.uint8 else pixels
+
+
+def to_unit_range(pixels_u8: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x C pixels p -> float32 N x C x H x W images x = 2 p / 255 - 1."""
+    return unit_range(torch.from_numpy(np.ascontiguousarray(pixels_u8)).permute(0, 3, 1, 2))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Inverse of `to_unit_range`, clamped (for pictures)."""
+    if images.dtype == torch.uint8:
+        return images.permute(0, 2, 3, 1).numpy()
+    p = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return p.permute(0, 2, 3, 1).numpy()
+
+
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # N x C x H x W float32 in [-1, 1]
+    data: torch.Tensor  # N x C x H x W (channels-last in memory as decoded): uint8 pixels, or float32 in [-1, 1]
     labels: torch.Tensor  # N int64
     ids: torch.Tensor  # N int64
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def images(self) -> torch.Tensor:
+        """All images as float32 in [-1, 1] (made on each call: batches use `floats`)."""
+        return unit_range(self.data)
+
+    @images.setter
+    def images(self, value: torch.Tensor) -> None:
+        self.data = value
+
+    def floats(self, rows, device: str | torch.device | None = None) -> torch.Tensor:
+        """These rows as float32 in [-1, 1], made on `device` from the pixels."""
+        return unit_range(self.data[torch.as_tensor(rows, dtype=torch.int64)], device)
+
+    def pixels(self) -> np.ndarray:
+        """uint8 N x H x W x C (the stored pixels, no copy, when they are uint8)."""
+        return np.ascontiguousarray(to_uint8(self.data))
+
     def take(self, rows) -> "ImageSet":
         rows = torch.as_tensor(rows, dtype=torch.int64)
-        return ImageSet(self.images[rows], self.labels[rows], self.ids[rows])
+        return ImageSet(self.data[rows], self.labels[rows], self.ids[rows])
 
 
-def to_unit_range(pixels_u8: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C pixels p -> float32 N x C x H x W images x = 2 p / 255 - 1."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels_u8)).permute(0, 3, 1, 2).float()
-    return x.div_(127.5).sub_(1.0)
+@dataclass
+class Catalog:
+    """A parquet file's images by id and label, without their pixels: what the subset is chosen from."""
+
+    url: str
+    rows: np.ndarray  # row numbers in the file
+    labels: torch.Tensor
+    ids: torch.Tensor
+    indexed: bool  # ids are the file's `index` column (else its row numbers)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, rows) -> "Catalog":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Catalog(self.url, self.rows[rows], self.labels[rows], self.ids[rows], self.indexed)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Inverse of `to_unit_range`, clamped (for pictures)."""
-    p = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return p.permute(0, 2, 3, 1).numpy()
-
-
-def read_parquet(url: str, image_size: int = 32) -> ImageSet:
-    """Decode a Hugging Face-layout image parquet file (local path or fsspec URL)."""
+def _open(url: str) -> pq.ParquetFile:
+    """The parquet file at `url`, read by ranges: only the columns asked for travel."""
     try:
-        raw = storage.read_bytes(url)
+        f = storage.open_file(url)
+        with storage.reaching(url):
+            return pq.ParquetFile(f)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise DataError(f"data file {url} does not exist") from None
-    try:
-        table = pq.read_table(io.BytesIO(raw))
     except Exception as err:  # pyarrow raises several kinds
         raise DataError(f"data file {url} is not a readable parquet file: {err}") from None
-    names = table.schema.names
-    img_field = table.schema.field("img") if "img" in names else None
+
+
+def arrow_filesystem(url: str):
+    """(pyarrow filesystem or None, path) for readers that take pyarrow's (Ray Data): the project's fsspec
+    filesystem (s3fs and its AWS_* settings) wrapped, or None for a local path."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(url)
+    return (None, os.path.abspath(path)) if "file" in fs.protocol else (PyFileSystem(FSSpecHandler(fs)), path)
+
+
+def catalog(url: str) -> Catalog:
+    """Ids and labels of a Hugging Face-layout image parquet file (local path or fsspec URL), checked."""
+    pf = _open(url)
+    schema = pf.schema_arrow
+    names = schema.names
+    img_field = schema.field("img") if "img" in names else None
     if img_field is None or "label" not in names or not hasattr(img_field.type, "get_field_index") \
             or img_field.type.get_field_index("bytes") < 0:
         raise DataError(f"data file {url} has columns {names}; expected the Hugging Face image layout: "
                         "img: struct<bytes: binary, ...>, label: int (and optionally index: int)")
-    if not pa.types.is_integer(table.schema.field("label").type):
-        raise DataError(f"data file {url}: column label is {table.schema.field('label').type}, expected integers")
+    if not pa.types.is_integer(schema.field("label").type):
+        raise DataError(f"data file {url}: column label is {schema.field('label').type}, expected integers")
+    table = pf.read(columns=[c for c in ("label", "index") if c in names])
     if table.column("label").null_count:
         raise DataError(f"data file {url}: column label has {table.column('label').null_count} empty rows")
-    blobs = table.column("img").combine_chunks().field("bytes").to_pylist()
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-    ids = np.arange(len(labels), dtype=np.int64)
-    if "index" in names:
+    ids, indexed = np.arange(len(labels), dtype=np.int64), False
+    if "index" in names and pa.types.is_integer(schema.field("index").type) and not table.column("index").null_count:
         index = np.asarray(table.column("index").to_pylist(), dtype=np.int64)
         if (index >= 0).all() and len(np.unique(index)) == len(index):
-            ids = index
+            ids, indexed = index, True
+    return Catalog(url, np.arange(len(labels), dtype=np.int64), torch.from_numpy(labels), torch.from_numpy(ids), indexed)
+
+
+def decode(blobs, image_size: int, url: str, rows=None, what: str = "row") -> np.ndarray:
+    """Encoded images (PNG, JPEG, anything PIL reads) -> uint8 N x H x W x C; errors name the file and the
+    image: `what` ("row", or "image id" where the ids are not row numbers) `rows[k]` (default k)."""
     pixels = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
-    for row, blob in enumerate(blobs):
+    for k, blob in enumerate(blobs):
+        row = int(rows[k]) if rows is not None else k
         if blob is None:
-            raise DataError(f"data file {url}: row {row} has no image bytes")
+            raise DataError(f"data file {url}: {what} {row} has no image bytes")
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 if im.size != (image_size, image_size):
-                    raise DataError(f"data file {url}: row {row} is {im.size[0]}x{im.size[1]} pixels, "
+                    raise DataError(f"data file {url}: {what} {row} is {im.size[0]}x{im.size[1]} pixels, "
                                     f"expected {image_size}x{image_size} (data.image_size)")
-                pixels[row] = np.asarray(im.convert("RGB"))
+                pixels[k] = np.asarray(im.convert("RGB"))
         except DataError:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # PIL's decoders raise these
-            raise DataError(f"data file {url}: row {row}'s image bytes are not a readable image "
+            raise DataError(f"data file {url}: {what} {row}'s image bytes are not a readable image "
                             f"({type(err).__name__})") from None
-    return ImageSet(to_unit_range(pixels), torch.from_numpy(labels), torch.from_numpy(ids))
+    return pixels
+
+
+def image_bytes(cat: Catalog) -> list:
+    """The encoded images of the catalog's rows, in its order (only the `img` column is read)."""
+    column = _open(cat.url).read(columns=["img"]).column("img").take(pa.array(cat.rows))
+    return column.combine_chunks().field("bytes").to_pylist() if len(cat) else []
+
+
+def read_rows(cat: Catalog, image_size: int = 32) -> ImageSet:
+    """Decode the catalog's rows on this process."""
+    pixels = decode(image_bytes(cat), image_size, cat.url, cat.rows)
+    return ImageSet(torch.from_numpy(pixels).permute(0, 3, 1, 2), cat.labels.clone(), cat.ids.clone())
+
+
+def read_parquet(url: str, image_size: int = 32) -> ImageSet:
+    """Decode a whole Hugging Face-layout image parquet file (local path or fsspec URL)."""
+    return read_rows(catalog(url), image_size)
 
 
 def read_torchvision(name: str, root: str, split: str, download: bool = False) -> ImageSet:
@@ -115,12 +203,14 @@ def read_torchvision(name: str, root: str, split: str, download: bool = False) -
     except RuntimeError as err:
         raise DataError(f"{name} ({split}) not found under {root}: {err}") from None
     labels = torch.from_numpy(labels.astype(np.int64))
-    return ImageSet(to_unit_range(pixels), labels, torch.arange(len(labels), dtype=torch.int64))
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2), labels,
+                    torch.arange(len(labels), dtype=torch.int64))
 
 
-def select(data: ImageSet, count: int | None = None, indices: list[int] | None = None,
-           random: int | None = None, seed: int = 0) -> ImageSet:
-    """The first `count` images, the images with these ids, or a seeded random subset."""
+def select(data, count: int | None = None, indices: list[int] | None = None,
+           random: int | None = None, seed: int = 0):
+    """The first `count` images, the images with these ids, or a seeded random subset (of an
+    `ImageSet` or a `Catalog`)."""
     if indices is not None:
         position = {int(i): row for row, i in enumerate(data.ids.tolist())}
         missing = [i for i in indices if i not in position]
@@ -150,17 +240,24 @@ def check_labels(data: ImageSet, classes: int, where: str) -> None:
                         f"({len(bad)} images)")
 
 
-def load(cfg: DataConfig) -> ImageSet:
-    """The images a `DataConfig` names, subset applied."""
+def choose(cfg: DataConfig) -> Catalog | ImageSet:
+    """The subset a `DataConfig` names: a parquet file's `Catalog` (ids and labels, no pixels read), or
+    the images of a torchvision folder."""
     if cfg.format == "parquet":
-        data = read_parquet(cfg.path, cfg.image_size)
+        data = catalog(cfg.path)
     else:
         data = read_torchvision(cfg.name, cfg.path, cfg.split, cfg.download)
-        if data.images.shape[-1] != cfg.image_size:
-            raise DataError(f"{cfg.name} images are {data.images.shape[-1]} pixels wide, data.image_size is {cfg.image_size}")
+        if data.data.shape[-1] != cfg.image_size:
+            raise DataError(f"{cfg.name} images are {data.data.shape[-1]} pixels wide, data.image_size is {cfg.image_size}")
     if len(data) == 0:
         raise DataError(f"data file {cfg.path} holds no images")
     if cfg.exclude:
         held_out = set(cfg.exclude)
         data = data.take([k for k, i in enumerate(data.ids.tolist()) if i not in held_out])
     return select(data, cfg.count, cfg.indices, cfg.random, cfg.subset_seed)
+
+
+def load(cfg: DataConfig) -> ImageSet:
+    """The images a `DataConfig` names, subset applied (only the chosen rows are decoded)."""
+    data = choose(cfg)
+    return read_rows(data, cfg.image_size) if isinstance(data, Catalog) else data

@@ -14,7 +14,7 @@ from . import results
 from .attack_modes import MODES
 from .attacks import Attack, EnsembleAttack
 from .config import AttackConfig, InputError
-from .data import ImageSet, load
+from .data import ImageSet, load, unit_range
 from .defense import Purifier
 from .langevin import cuda_defaults
 from .memory import auto_chunk_size
@@ -85,7 +85,8 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0, broken = time.time(), 0  # broken: this run's images, counted across batches
     for batch in batches(todo, cfg.batch_size):
-        records = attack(batch.images.to(device, dtype_of(cfg)), batch.labels.to(device), batch.ids.to(device))
+        images = unit_range(batch.data, device).to(dtype_of(cfg))  # uint8 to the device, floats there
+        records = attack(images, batch.labels.to(device), batch.ids.to(device))
         results.write_part(cfg.output, records, settings)
         broken += sum(not r.robust for r in records)
         bar.update(len(records), broken=broken)

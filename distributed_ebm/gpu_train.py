@@ -66,9 +66,9 @@ class Session:
         cuda_defaults(device)  # as every trainer: TF32 convolutions on CUDA
         self.fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
         self.ebm = new_ebm(cfg).to(device)
-        shape = tuple(data.images.shape[1:])
-        self.bank = ImageBank(cfg.bank_size or len(data), shape, cfg.bank_init, cfg.seed, data.images)
-        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.images[rows], len(data),
+        shape = tuple(data.data.shape[1:])
+        self.bank = ImageBank(cfg.bank_size or len(data), shape, cfg.bank_init, cfg.seed, data.data)
+        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, device), len(data),
                                  shape, len(self.bank), device=device)
         self.history = {"iteration": [], **{k: [] for k in HISTORY_KEYS}, "bank_energy": []}
         self.sessions: list[dict] = []

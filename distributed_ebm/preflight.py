@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from . import storage
 from .config import AttackConfig, InputError, TrainClassifierConfig, TrainEBMConfig
-from .data import ImageSet, check_labels, load
+from .data import Catalog, ImageSet, check_labels, load, read_rows
 from .tracking import check_tracking
 
 
-def attack(cfg: AttackConfig, data: ImageSet | None = None) -> ImageSet:
-    """Data and subset, labels, classifier and EBM (sizes, finiteness), the output, MLflow."""
+def attack(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog | ImageSet:
+    """Data and subset, labels, classifier and EBM (sizes, finiteness), the output, MLflow. A catalog's
+    pixels stay unread but for its first image's (its size)."""
     from .evaluation import build_attack
 
     data = data if data is not None else load(cfg.data)
     if len(data) == 0:
         raise InputError("the selected subset holds no image")
-    if data.images.shape[-1] != cfg.data.image_size:
-        raise InputError(f"images are {data.images.shape[-1]} pixels wide, data.image_size is {cfg.data.image_size}")
+    width = (read_rows(data.take([0]), cfg.data.image_size) if isinstance(data, Catalog) else data).data.shape[-1]
+    if width != cfg.data.image_size:
+        raise InputError(f"images are {width} pixels wide, data.image_size is {cfg.data.image_size}")
     check_labels(data, cfg.classifier.num_classes, f"data {cfg.data.path}")
     storage.check_destination(cfg.output, "output")
     build_attack(cfg, "cpu")  # loads the classifier and the EBM: missing files, wrong architecture or size
@@ -30,9 +32,9 @@ def train_ebm(cfg: TrainEBMConfig, data: ImageSet) -> None:
     from .training import check_sizes
 
     check_sizes(cfg, len(data))
-    if data.images.shape[1] != cfg.ebm.channels:
+    if data.data.shape[1] != cfg.ebm.channels:
         raise InputError(f"ebm.channels = {cfg.ebm.channels} but the images of {cfg.data.path} have "
-                         f"{data.images.shape[1]} channels")
+                         f"{data.data.shape[1]} channels")
     storage.check_destination(cfg.output, "output")
     check_tracking(cfg.mlflow)
 

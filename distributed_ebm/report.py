@@ -57,6 +57,12 @@ def format_table(summaries: list[dict]) -> str:
     return "\n\n".join(tables)
 
 
+def attack_done(summary: dict, output: str) -> str:
+    """What an attack job prints at its end: the table, then where its results are."""
+    return (format_table([summary]) + "\n"
+            + f"results: {output}/records/, {output}/summary.json, {output}/accuracy.png")
+
+
 def format_ensemble(summary: dict) -> str:
     """A column per attack of an ensemble, in the order they ran, and the ensemble's: the images each
     broke and the robust accuracy after it (the ensemble's = after the last)."""

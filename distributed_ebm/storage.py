@@ -53,15 +53,20 @@ def exists(url: str) -> bool:
         return fs.exists(path)
 
 
-def read_bytes(url: str) -> bytes:
+def open_file(url: str):
+    """The file at `url`, open for reading by ranges (only the bytes read travel)."""
     fs, path = filesystem(url)
     with reaching(url):
         if not fs.exists(path):
             raise FileNotFoundError(f"{url} does not exist")
         if fs.isdir(path):
             raise InputError(f"{url} is a folder, not a file")
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return fs.open(path, "rb")
+
+
+def read_bytes(url: str) -> bytes:
+    with open_file(url) as f, reaching(url):
+        return f.read()
 
 
 def check_destination(url: str, what: str) -> None:

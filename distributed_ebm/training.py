@@ -138,7 +138,8 @@ class EBMIteration:
 
     Iteration t leases its chains from `bank` (an `ImageBank` via `LocalBank`, or the Ray bank actors),
     advances them K Langevin steps, gives them back, and takes one step of `optimizer` on `model` (the EBM,
-    or its DDP wrapper) with positives `images(rows)` + data noise; Adam becomes SGD at `sgd_start`.
+    or its DDP wrapper) with positives `images(rows)` (float32 in [-1, 1] on `device`, made there from the
+    uint8 pixels) + data noise; Adam becomes SGD at `sgd_start`.
     """
 
     def __init__(self, cfg: TrainEBMConfig, model: nn.Module, bank, images, data_size: int, shape, bank_size: int,
@@ -173,7 +174,8 @@ class EBMIteration:
         tb = time.time()
         self.bank.give_back(d.slots, negatives, lv.steps, d.restart, self.rank)
         bank_seconds += time.time() - tb
-        positives = (self.images(d.rows) + d.noise).to(self.device).contiguous(memory_format=torch.channels_last)
+        # the images travel as uint8 and become floats on the device (`images`), where the noise joins them
+        positives = (self.images(d.rows) + d.noise.to(self.device)).contiguous(memory_format=torch.channels_last)
         metrics = ebm_update(self.model, self.optimizer, positives, negatives, temperature(cfg), self.all_finite)
         self.iteration, self.positives = t + 1, positives
         return {**metrics, "bank_age": age.float().mean().item(), "bank_seconds": bank_seconds,
@@ -189,9 +191,9 @@ class EBMTraining:
         cuda_defaults(self.device)
         self.ebm = new_ebm(cfg).to(self.device)
         size = cfg.bank_size or len(data)
-        self.bank = ImageBank(size, tuple(data.images.shape[1:]), cfg.bank_init, cfg.seed, data.images)
-        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.images[rows], len(data),
-                                 data.images.shape[1:], size, device=self.device)
+        self.bank = ImageBank(size, tuple(data.data.shape[1:]), cfg.bank_init, cfg.seed, data.data)
+        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, self.device),
+                                 len(data), data.data.shape[1:], size, device=self.device)
 
     iteration = property(lambda self: self.loop.iteration)
     phase = property(lambda self: self.loop.phase)
@@ -272,7 +274,8 @@ def accuracy(clf: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu"
     clf.eval()
     correct = 0
     for i in range(0, len(data), batch_size):
-        correct += (clf(data.images[i:i + batch_size].to(device)).argmax(1).cpu() == data.labels[i:i + batch_size]).sum().item()
+        rows = torch.arange(i, min(i + batch_size, len(data)))
+        correct += (clf(data.floats(rows, device)).argmax(1).cpu() == data.labels[rows]).sum().item()
     return correct / len(data)
 
 
@@ -338,7 +341,7 @@ def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     bar = Progress(cfg.epochs * steps_per_epoch, "train-classifier", start=epoch * steps_per_epoch, enabled=show)
     while epoch < cfg.epochs:
-        row = classifier_epoch(cfg, clf, opt, lambda r: (data.images[r], data.labels[r]), epoch, n=len(data),
+        row = classifier_epoch(cfg, clf, opt, lambda r: (data.floats(r), data.labels[r]), epoch, n=len(data),
                                on_step=lambda m: bar.update(1, loss=m["loss"]), device=device)
         sched.step()
         epoch += 1

@@ -61,12 +61,12 @@ def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(t
     assert read_records(f"{tmp_path}/out").num_rows == 3  # nothing was attacked
 
 
-@pytest.mark.slow
-def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(tmp_path):
+def _two_node(script: str, tmp_path) -> dict:
+    """Run a two-node-cluster script (tests/two_node_*.py) in a process of its own; its JSON line."""
     import json
     temp = Path(tempfile.mkdtemp(prefix="debm"))  # Ray's socket paths must stay short
     try:
-        done = subprocess.run([sys.executable, "tests/two_node_capacity.py", str(tmp_path / "out")],
+        done = subprocess.run([sys.executable, script, str(tmp_path / "out")],
                               capture_output=True, text=True, timeout=420, cwd=REPO,
                               env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
                                        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1"))
@@ -74,9 +74,24 @@ def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(
         shutil.rmtree(temp, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, done.stderr[-3000:]
-    got = json.loads(lines[-1])
+    return json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(tmp_path):
+    got = _two_node("tests/two_node_capacity.py", tmp_path)
     assert got["finished"], "still waiting for the lost node's resources"
     assert got["seconds_after_kill"] < 120
     assert got["error"].startswith("CapacityLost: 2 workers (1 CPU each, ray.workers) could not be placed within "
                                    "ray.startup_timeout_s=5 s (a lost node, or too few free resources); the last "
                                    "checkpoint is in "), got["error"]
+
+
+@pytest.mark.slow
+def test_an_attack_that_loses_a_node_finishes_with_every_image_once_as_the_reference(tmp_path):
+    got = _two_node("tests/two_node_attack.py", tmp_path)
+    assert got["finished"], "the attack never finished after the node was lost"
+    assert got["error"] is None, got["error"]
+    assert got["done_before_kill"] < 12, "the node was lost only after the attack"
+    assert got["images"] == 12 and got["ids"] == list(range(12))  # every image, once
+    assert got["differ"] == [], f"records differ from the uninterrupted run in {got['differ']}"

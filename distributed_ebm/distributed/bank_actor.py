@@ -18,7 +18,6 @@ import torch
 
 from .. import storage
 from ..bank import ImageBank
-from ..data import to_unit_range
 
 
 class SlotBusy(RuntimeError):
@@ -39,7 +38,7 @@ def shard_bounds(size: int, shards: int) -> list[tuple[int, int]]:
 class BankShard:
     def __init__(self, lo: int, hi: int, shape, init: str, seed: int, data=None):
         self.lo, self.hi = lo, hi
-        images = to_unit_range(data) if data is not None else None
+        images = torch.from_numpy(np.array(data)).permute(0, 3, 1, 2) if data is not None else None  # uint8
         self.bank = ImageBank(hi - lo, tuple(shape), init, seed, images, offset=lo)
         self.holder = np.full(hi - lo, -1, dtype=np.int64)
         self.books = {"leases": 0, "returns": 0, "refused": 0, "unheld_returns": 0}

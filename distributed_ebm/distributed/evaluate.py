@@ -1,24 +1,33 @@
 """The evaluation engine on Ray Data: EOT-replicated purify-and-attack passes spread over an actor pool.
 
-Rows (index, image, label) form a Ray Dataset in many blocks; `map_batches` runs `AttackActor`
-(one per GPU, or per `cpus_per_actor` CPUs) which loads the classifier and the EBM once and
-runs the single-process `Attack` on each batch, writing the batch's records atomically under
-`output/records/`. Each image's randomness is keyed by (seed, image id), so the result for an
-image does not depend on its batch or on which actor ran it. A rerun skips images with records
-(and refuses records written with other settings, before any work);
-a killed actor is restarted by Ray and its batch retried, so a crash loses at most the batches
-in flight. Bad input fails in `preflight`, before any actor starts.
+The driver only chooses the images' ids (the subset, less those with records): it reads the parquet
+file's id and label columns, never the pixels. Ray Data reads the file on the cluster
+(`read_parquet`, the image, label and index columns, filtered to the chosen ids), decodes the image
+bytes in its tasks and splits them into blocks of `batch_size` rows, before any actor starts. Then
+`map_batches` runs `AttackActor` (one per GPU, or per `cpus_per_actor` CPUs), which loads the
+classifier and the EBM once, makes floats of the uint8 pixels on its device and runs the
+single-process `Attack` on each batch, writing the batch's records atomically under
+`output/records/`. Each image's randomness is keyed by (seed, image id), so the result for an image
+does not depend on its batch or on which actor ran it. A rerun skips images with records (and refuses
+records written with other settings, before any work). A lost actor or node fails the pass; the
+engine runs it again on the images still without a record, so a fault costs at most the batches in
+flight. Bad input fails in `preflight`, before any actor starts.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import results, storage
 from ..config import AttackConfig
-from ..data import ImageSet
+from ..data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
 from ..evaluation import build_attack, dtype_of, pending, pick_device
 from ..progress import Progress
 from ..provenance import attack_settings
@@ -38,8 +47,9 @@ class AttackActor:
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Ray hands out read-only arrays: copy them into tensors of our own
-        images = torch.tensor(np.stack(batch["image"])).to(self.device, dtype_of(self.cfg))
+        # uint8 N x H x W x C pixels (Ray hands out read-only arrays: copy them), floats made on the device
+        pixels = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).permute(0, 3, 1, 2)
+        images = unit_range(pixels, self.device).to(dtype_of(self.cfg))
         labels = torch.tensor(batch["label"], dtype=torch.int64).to(self.device)
         ids = torch.tensor(batch["index"], dtype=torch.int64).to(self.device)
         records = self.attack(images, labels, ids)
@@ -48,47 +58,149 @@ class AttackActor:
                 "image_steps": np.array([r.image_steps for r in records], dtype=np.int64)}
 
 
-def preflight(cfg: AttackConfig, data: ImageSet | None = None) -> ImageSet:
+def decode_batch(batch: pa.Table, url: str, size: int, indexed: bool) -> dict[str, np.ndarray]:
+    """Image bytes -> uint8 N x H x W x C pixels, in a Ray Data task (rows keep their id and label)."""
+    blobs = batch.column("img").combine_chunks().field("bytes").to_pylist()
+    ids = batch.column("index").to_numpy().astype(np.int64)
+    return {"index": ids, "label": batch.column("label").to_numpy().astype(np.int64),
+            "image": decode(blobs, size, url, ids, "image id" if indexed else "row")}
+
+
+def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
+    """The chosen images as a Ray Dataset of (index, label, image) in blocks of `batch_size` rows.
+
+    A parquet file with an `index` column is read by Ray Data on the cluster, filtered to the chosen ids
+    there; its image bytes are decoded in Ray Data tasks. Where ids are row numbers (no usable `index`
+    column), which Ray Data cannot filter on, the driver reads the chosen rows' bytes (not their pixels).
+    Images already in memory (torchvision folders) travel as uint8 pixels."""
+    from ray.data.expressions import col
+
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # a DataError stays one (`data_error`)
+    if isinstance(todo, Catalog):
+        if todo.indexed:
+            fs, path = arrow_filesystem(todo.url)
+            ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["img", "label", "index"])
+            ds = ds.filter(expr=col("index").is_in(todo.ids.tolist()))
+        else:
+            blobs = image_bytes(todo)
+            ds = ray.data.from_items([{"index": int(i), "label": int(y), "img": {"bytes": b}}
+                                      for i, y, b in zip(todo.ids.tolist(), todo.labels.tolist(), blobs)])
+        ds = ds.map_batches(decode_batch, fn_kwargs={"url": todo.url, "size": cfg.data.image_size, "indexed": todo.indexed},
+                            batch_format="pyarrow", batch_size=None)
+        return ds.repartition(target_num_rows_per_block=cfg.batch_size)  # a block per batch: the actors share them
+    pixels = todo.pixels()
+    return ray.data.from_items([{"index": int(i), "label": int(y), "image": x} for i, y, x in
+                                zip(todo.ids.tolist(), todo.labels.tolist(), pixels)],
+                               override_num_blocks=-(-len(todo) // cfg.batch_size))
+
+
+def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog | ImageSet:
     """Everything that can be checked before Ray starts (`preflight.attack`)."""
     from .. import preflight as checks
 
-    return checks.attack(cfg, data)
+    return checks.attack(cfg, data if data is not None else choose(cfg.data))
 
 
-def plan_actors(cfg: AttackConfig, batches: int) -> tuple[int, float, float]:
-    """(actors, cpus, gpus per actor): one actor per GPU when the cluster has GPUs, else per cpus_per_actor CPUs."""
+def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float]:
+    """(actors, cpus, gpus per actor): one actor per GPU when the cluster has GPUs, else per cpus_per_actor CPUs;
+    `fitting`: no more than the free resources hold (after a lost node)."""
     gpus = cfg.ray.gpus_per_actor if cfg.ray.gpus_per_actor is not None else (1.0 if available("GPU") >= 1 else 0.0)
     cpus = cfg.ray.cpus_per_actor
     fit = int(available("GPU") // gpus) if gpus else int(available("CPU") // cpus)
     actors = cfg.ray.actors or max(1, fit)
+    if fitting:
+        actors = min(actors, max(1, fit))
     return max(1, min(actors, batches)), cpus, gpus
 
 
-def evaluate(cfg: AttackConfig, data: ImageSet | None = None, show: bool = True) -> dict:
-    """Attack every selected image that has no record yet on a Ray actor pool; summarize all records."""
+# what a lost actor or node raises; anything else (bad data, a bug) would recur, and is not retried
+LOST = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
+        "WorkerCrashedError", "ObjectReconstructionFailedError", "ObjectReconstructionFailedMaxAttemptsExceededError",
+        "ObjectReconstructionFailedLineageEvictedError", "RayActorError", "LocalRayletDiedError")
+
+
+def lost(err: BaseException | None) -> bool:
+    """Whether `err` (or an error it wraps) says an actor, a node or an object was lost."""
+    seen = 0
+    while err is not None and seen < 20:
+        if type(err).__name__ in LOST or any(type(err).__name__ == f"RayTaskError({n})" for n in LOST):
+            return True
+        if type(err).__name__ == "UnserializableException" and any(f"{n}:" in str(err) for n in LOST):
+            return True  # Ray Data's reader lost an actor of its own, and Ray could not rebuild the error
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+@contextlib.contextmanager
+def quiet_task_errors():
+    """Ray Data logs a failed task's trace before raising it; the engine raises it itself (a DataError as
+    one line), so the trace is printed only with --verbose."""
+    log = logging.getLogger("ray.data")
+    level = log.level
+    if os.environ.get("DEBM_VERBOSE") != "1":
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def data_error(err: BaseException | None) -> DataError | None:
+    """The `DataError` a Ray Data task raised, if `err` (or an error it wraps) carries one."""
+    seen = 0
+    while err is not None and seen < 20:
+        if type(err) is DataError:  # not Ray's wrapper, which prints the trace; Ray appends its retry advice
+            return DataError(str(err).splitlines()[0])
+        err, seen = getattr(err, "cause", None) or err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, broken: int, fitting: bool) -> int:
+    """One pass of Ray Data over `todo`; returns the broken count so far. An actor that dies fails the pass
+    (no restart, no retry on it: a retry bound to an actor that cannot be placed again would wait forever)."""
+    actors, cpus, gpus = plan_actors(cfg, -(-len(todo) // cfg.batch_size), fitting)
+    # the images are read and decoded before the actors start: Ray Data's reading asks for CPUs (its file
+    # listing always for one) that actors holding every CPU of the cluster would never free; the pixels
+    # (uint8) are small beside the attack's cost, and stay on the cluster's object stores
+    try:
+        with quiet_task_errors():
+            images = image_dataset(ray, cfg, todo).materialize()
+    except Exception as err:  # an image that does not decode: the data's one-line error, before any attack
+        raise data_error(err) or err
+    out = images.map_batches(
+        AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings, "threads": max(1, int(cpus))},
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        broken += int(batch["broken"].sum())
+        bar.update(len(batch["index"]), broken=broken)
+    return broken
+
+
+def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bool = True) -> dict:
+    """Attack every selected image that has no record yet on a Ray actor pool; summarize all records.
+    `data`: the images (default: the subset `cfg.data` names, as a catalog: the cluster reads the pixels).
+    A lost actor or node fails the pass; the records written stay, and the pass runs again on the images
+    without one (`ray.max_failures` times), on the actors the cluster still holds."""
     data = preflight(cfg, data)
     settings = attack_settings(cfg)
-    todo = pending(data, cfg.output, settings)
+    todo = first = pending(data, cfg.output, settings)
     bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
-    if len(todo):
+    broken, failures = 0, 0  # broken: this run's images, counted across batches
+    while len(todo):
         ray = connect(cfg.ray.address)
-        batches = -(-len(todo) // cfg.batch_size)
-        actors, cpus, gpus = plan_actors(cfg, batches)
-        rows = [{"index": int(i), "label": int(y), "image": x.numpy()}
-                for i, y, x in zip(todo.ids, todo.labels, todo.images)]
-        ds = ray.data.from_items(rows, override_num_blocks=batches)
-        out = ds.map_batches(
-            AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings, "threads": max(1, int(cpus))},
-            batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
-            # Ray Data's actor pools restart a dead actor and retry its batch (max_restarts and
-            # max_task_retries default to -1 there); the test kills one to hold it to that.
-            compute=ray.data.ActorPoolStrategy(size=actors))
-        broken = 0  # this run's images, counted across batches
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            broken += int(batch["broken"].sum())
-            bar.update(len(batch["index"]), broken=broken)
+        try:
+            broken = run_pipeline(ray, cfg, todo, settings, bar, broken, fitting=failures > 0)
+            break
+        except Exception as err:  # noqa: BLE001 - only losses are retried; the rest is raised as it is
+            if failures >= cfg.ray.max_failures or not lost(err):
+                raise
+            failures += 1
+            print(f"attack: an actor or node was lost ({type(err).__name__}); running again on the images without "
+                  f"a record ({failures} of ray.max_failures={cfg.ray.max_failures})", file=sys.stderr, flush=True)
+        todo = pending(data, cfg.output, settings)
     bar.close()
-    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
+    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
     log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)])
     return summary

@@ -25,7 +25,7 @@ import torch
 
 from .. import preflight, provenance, storage
 from ..config import TrainEBMConfig
-from ..data import ImageSet, load, to_uint8, to_unit_range
+from ..data import ImageSet, load, unit_range
 from ..nets import load_ebm, save_ebm
 from ..report import image_grid_png
 from ..training import EBMIteration, TrainingDiverged, new_ebm, training_state
@@ -58,7 +58,11 @@ def train_loop(config: dict) -> None:
         state = storage.load_torch(storage.join(folder, "state.pt"))
         ebm.load_state_dict(state["ebm"])
     model = ray.train.torch.prepare_model(ebm) if world > 1 else ebm
-    loop = EBMIteration(cfg, model, bank, lambda rows: to_unit_range(pixels[rows.numpy()]), len(pixels), shape,
+
+    def images(rows):  # the batch's uint8 rows to the device, floats made there
+        return unit_range(torch.from_numpy(pixels[rows.numpy()]).permute(0, 3, 1, 2), device)
+
+    loop = EBMIteration(cfg, model, bank, images, len(pixels), shape,
                         config["bounds"][-1][1], rank, world, device, all_workers(world, device))
     if state is not None:
         loop.resume(state["iteration"], state["phase"], state["optimizer"])
@@ -167,10 +171,10 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     preflight.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
     check_resume(cfg)
     connect(cfg.ray.address)
-    pixels = ray.put(to_uint8(data.images))
+    pixels = ray.put(data.pixels())  # uint8, as read: the workers make floats of their batches only
     size = cfg.bank_size or len(data)
     bounds = shard_bounds(size, cfg.ray.bank_shards)
-    shape = tuple(data.images.shape[1:])
+    shape = tuple(data.data.shape[1:])
     shards = [BankShard.options(num_cpus=0, name=f"debm-bank-{cfg.name}-{k}").remote(
                   lo, hi, shape, cfg.bank_init, cfg.seed, pixels if cfg.bank_init == "data" else None)
               for k, (lo, hi) in enumerate(bounds)]

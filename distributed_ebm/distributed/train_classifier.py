@@ -15,7 +15,7 @@ import torch
 
 from .. import preflight, storage
 from ..config import TrainClassifierConfig
-from ..data import ImageSet, load, to_uint8, to_unit_range
+from ..data import ImageSet, load, to_unit_range
 from ..nets import load_classifier, save_classifier
 from ..training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
 from .cluster import connect
@@ -78,8 +78,8 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     preflight.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     config = {"cfg": cfg.model_dump(mode="json"),
-              "train": [ray.put((to_uint8(data.images), data.labels.numpy()))],
-              "test": [ray.put((to_uint8(test.images), test.labels.numpy()))] if test is not None else None}
+              "train": [ray.put((data.pixels(), data.labels.numpy()))],
+              "test": [ray.put((test.pixels(), test.labels.numpy()))] if test is not None else None}
     url = storage.join(run_dir(cfg), "classifier.pt")
 
     def log_final(mlflow, _result):

@@ -22,7 +22,7 @@ import os
 from .. import preflight as checks
 from .. import storage
 from ..config import AttackConfig, InputError, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
-from ..data import load
+from ..data import choose, load
 from ..nets import load_classifier
 from ..tracking import check_tracking
 from .cluster import available, connect
@@ -192,7 +192,7 @@ def _write(cfg: SearchConfig, name: str, what: str, body) -> str:
 
 
 def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
-    ids = load(cfg.validation).ids.tolist()
+    ids = choose(cfg.validation).ids.tolist()  # ids alone: the trials' engines read the pixels
     if len(ids) < needed:
         raise InputError(f"the search needs {needed} validation images but validation holds {len(ids)}")
     return ids
