@@ -96,7 +96,8 @@ def read_records(output: str, columns=None) -> pa.Table:
 
 def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     """Summary of the records of the selected images `ids` (accuracies, 95% intervals, curve,
-    throughput of the images computed by this run, `new_ids`), written with its plot."""
+    throughput of the images computed by this run, `new_ids`; `seconds`: the wall time of every run that computed
+    records here, this one's as `seconds_this_run`), written with its plot."""
     columns = ["index", "natural_correct", "broken_at", "image_steps"]
     columns += ["reeval_correct"] if cfg.attack.reevaluations else []
     columns += ["broken_by"] if cfg.attack.ensemble is not None else []
@@ -113,14 +114,30 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
         summary["ensemble"] = ensemble_summary(cfg.attack, table.column("broken_by").to_pylist())
     steps = table.column("image_steps").to_pylist()
     fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
+    earlier = _earlier_seconds(cfg.output)  # before this summary replaces it
     summary.update({
-        "mode": cfg.attack.mode, "seconds": seconds, "image_steps": int(sum(steps)),
+        "mode": cfg.attack.mode, "seconds": earlier + seconds if new_ids else earlier, "seconds_this_run": seconds,
+        "image_steps": int(sum(steps)),
         "image_steps_this_run": int(fresh), "image_steps_per_second": fresh / seconds if seconds > 0 else None,
         "config": cfg.model_dump(mode="json"),
     })
     storage.write_bytes(storage.join(cfg.output, SUMMARY), json.dumps(summary, indent=2).encode())
     plot_curves([summary], storage.join(cfg.output, PLOT))
     return summary
+
+
+def _earlier_seconds(output: str) -> float:
+    """The wall time of the earlier runs into `output`, as their summary counted it: a summary's `seconds` sums
+    the runs that computed its records (a run that computed nothing adds nothing; a run killed before its
+    summary was written is lost to the count)."""
+    url = storage.join(output, SUMMARY)
+    if not storage.exists(url):
+        return 0.0
+    try:
+        earlier = json.loads(storage.read_bytes(url)).get("seconds")
+        return float(earlier) if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
+    except (ValueError, UnicodeDecodeError, AttributeError):  # not a summary: it is replaced, its time unknown
+        return 0.0
 
 
 class _Part(BaseModel):

@@ -45,9 +45,11 @@ def test_runs_without_ray_mlflow_or_s3fs_equal_to_the_engine_and_resumes(tmp_pat
     for a, b in zip(mine, theirs):
         assert {k: v for k, v in a.items() if k != "adv_image"} == {k: v for k, v in b.items() if k != "adv_image"}
         assert np.array_equal(a["adv_image"], b["adv_image"])
+    first = results.load_summary(out)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # every image has a record
     assert again.returncode == 0, again.stderr[-3000:]
-    assert results.load_summary(out)["image_steps_this_run"] == 0
+    summary = results.load_summary(out)
+    assert summary["image_steps_this_run"] == 0 and summary["seconds"] == first["seconds"] > 0
 
 
 def test_bad_device_is_one_line(tmp_path, capsys):

@@ -51,9 +51,13 @@ def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(t
     def cfg(*extra):
         return load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
                            ["data.count=2", "attack.steps=2", f"output={tmp_path}/out", "mlflow.enabled=false", *extra])
-    run_attack(cfg(), show=False)
+    first = run_attack(cfg(), show=False)
     # settings that cannot change a record may differ: more images, another batch size
-    assert run_attack(cfg("data.count=3", "batch_size=1", "chunk_size=7"), show=False)["images"] == 3
+    more = run_attack(cfg("data.count=3", "batch_size=1", "chunk_size=7"), show=False)
+    assert more["images"] == 3
+    assert more["seconds"] == first["seconds"] + more["seconds_this_run"]  # the summary counts every run's time
+    again = run_attack(cfg("data.count=3"), show=False)  # nothing left to compute: its time is not counted
+    assert again["seconds"] == more["seconds"] and again["seconds_this_run"] > 0
     with pytest.raises(InputError) as err:
         run_attack(cfg("data.count=4", "attack.steps=3", "attack.eps=0.01"), show=False)
     assert str(err.value).startswith(f"{tmp_path}/out/records was written with other settings: "

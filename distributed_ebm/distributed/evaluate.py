@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -167,10 +168,13 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
             images = image_dataset(ray, cfg, todo).materialize()
     except Exception as err:  # an image that does not decode: the data's one-line error, before any attack
         raise data_error(err) or err
-    out = images.map_batches(
-        AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings, "threads": max(1, int(cpus))},
-        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
+    with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a deprecated extra keyword; none named
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        out = images.map_batches(
+            AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings,
+                                                "threads": max(1, int(cpus))},
+            batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         broken += int(batch["broken"].sum())
         bar.update(len(batch["index"]), broken=broken)
