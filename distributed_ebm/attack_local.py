@@ -33,7 +33,7 @@ def _main(args: argparse.Namespace) -> int:
         raise InputError(f"--device {args.device!r} is not a torch device (auto, cuda, cuda:N, cpu)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")
-    print(f"attack-local: {cfg.attack.mode} on {device}, output {cfg.output}", flush=True)
+    print(f"attack-local: {cfg.attack.name} on {device}, output {cfg.output}", flush=True)
     summary = run_attack(cfg, device=str(device))
     print(attack_done(summary, cfg.output))
     return 0

@@ -287,6 +287,11 @@ class AttackSettings(Section):
             raise ValueError("attack.reevaluations judges with attack.eot_defense chains: set eot_defense >= 1")
         return self
 
+    @property
+    def name(self) -> str:
+        """What progress lines and run names call this attack: its mode, or `ensemble`."""
+        return self.mode if self.ensemble is None else "ensemble"
+
     def members(self) -> list["AttackSettings"]:
         """The ensemble's attacks (these settings with each entry's overrides), or [self]."""
         if self.ensemble is None:

@@ -82,7 +82,7 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     attack = build_attack(cfg, device)
     settings = attack_settings(cfg)
     todo = pending(data, cfg.output, settings)
-    bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
+    bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
     t0, broken = time.time(), 0  # broken: this run's images, counted across batches
     for batch in batches(todo, cfg.batch_size):
         images = unit_range(batch.data, device).to(dtype_of(cfg))  # uint8 to the device, floats there

@@ -131,7 +131,7 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
     from .report import describe
 
     system, attack = describe(summary)
-    with mlflow_run(cfg.mlflow, f"{cfg.attack.mode}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
+    with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
                     tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
         metrics = {k: summary[k] for k in ("natural_accuracy", "robust_accuracy", "images", "seconds", "image_steps")}
         metrics.update({"natural_ci95_low": summary["natural_ci95"][0], "natural_ci95_high": summary["natural_ci95"][1],

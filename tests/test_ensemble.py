@@ -81,6 +81,7 @@ def test_debm_attack_runs_an_ensemble_on_ray_resumes_and_reports_each_attack(ray
     cfg = tmp_path / "ens.yaml"
     cfg.write_text(yaml.safe_dump({**_tree(ebm, out, ensemble=MEMBERS), "ray": {"actors": 2}}))
     assert main(["attack", "--config", str(cfg)]) == 0
+    assert "[attack:ensemble] 6/6" in capsys.readouterr().err  # progress names the ensemble, not its first mode
     parts = results.list_parts(out)
     assert len(parts) == 2
     os.remove(parts[0])  # a lost batch: the rerun attacks only its images

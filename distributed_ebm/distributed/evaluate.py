@@ -189,7 +189,7 @@ def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bo
     data = preflight(cfg, data)
     settings = attack_settings(cfg)
     todo = first = pending(data, cfg.output, settings)
-    bar = Progress(len(data), f"attack:{cfg.attack.mode}", start=len(data) - len(todo), enabled=show, unit="img")
+    bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
     t0 = time.time()
     broken, failures = 0, 0  # broken: this run's images, counted across batches
     while len(todo):
