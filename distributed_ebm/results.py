@@ -130,13 +130,11 @@ def _earlier_seconds(output: str) -> float:
     """The wall time of the earlier runs into `output`, as their summary counted it: a summary's `seconds` sums
     the runs that computed its records (a run that computed nothing adds nothing; a run killed before its
     summary was written is lost to the count)."""
-    url = storage.join(output, SUMMARY)
-    if not storage.exists(url):
+    if not storage.exists(storage.join(output, SUMMARY)):
         return 0.0
     try:
-        earlier = json.loads(storage.read_bytes(url)).get("seconds")
-        return float(earlier) if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
-    except (ValueError, UnicodeDecodeError, AttributeError):  # not a summary: it is replaced, its time unknown
+        return float(load_summary(output).get("seconds") or 0.0)
+    except (InputError, TypeError, ValueError):  # not a summary: it is replaced, its time unknown
         return 0.0
 
 
