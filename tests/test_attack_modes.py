@@ -3,7 +3,8 @@ compared with in test_ray_evaluate.py; the ensemble is held to its members alone
 must keep giving these records.
 
 The values were recorded from the engine before its mode strings became the classes of
-attack_modes.py (float64 on the CPU: integers exact, adversarial images to 1e-9). A new mode adds
+attack_modes.py (float64 on the CPU: integers exact, sums of adversarial images to a relative 1e-9, since the last bits of
+float64 convolutions and sums depend on the CPU's vector kernels). A new mode adds
 a case here; `test_every_mode_is_pinned` fails until it does.
 """
 import numpy as np
@@ -89,7 +90,7 @@ def test_records_are_the_pinned_ones(ebm, name):
     got = [_summary(r) for r in build_attack(cfg, "cpu")(data.images.double(), data.labels, data.ids)]
     for g, e in zip(got, EXPECTED[name], strict=True):
         assert g[:6] == tuple(e[:6]), (name, g[:6], e[:6])
-        assert g[6:] == pytest.approx(e[6:], rel=0, abs=1e-9), name
+        assert g[6:] == pytest.approx(e[6:], rel=1e-9, abs=1e-9), name  # float64 rounding: CPUs differ
 
 
 def test_every_mode_is_pinned():
