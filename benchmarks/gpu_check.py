@@ -38,13 +38,14 @@ from distributed_ebm.training import EBMTraining  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED = os.environ.get("DEBM_SHARED", str(REPO.parent / "shared"))
 FLOP_PER_IMAGE_STEP = 104e6  # the paper's EBM (width 32): forward plus input gradient
-PAPER = {"images": 500, "attack_steps": 50, "eot_attack": 15, "purify_steps": 1500, "train_iterations": 250_000}
+PAPER = {"images": 500, "attack_steps": 50, "eot_attack": 15, "eot_defense": 150, "purify_steps": 1500,
+         "train_iterations": 250_000}
 
 FULL = dict(noise_chains=2000, chain=(64, 50), attack=dict(images=5, steps=3, purify=100, eot=(5, 10)),
-            exact=(4, 12, 3), train=dict(batch=100, steps=100, bank=1000, iterations=20),
+            exact=(4, 12, 3), judged_chain=(4, 1500), train=dict(batch=100, steps=100, bank=1000, iterations=20),
             batches=(150, 1500, 15000), bench_steps=20, engine=dict(images=100, cap_s=90))
 QUICK = dict(noise_chains=8, chain=(2, 3), attack=dict(images=1, steps=1, purify=3, eot=(2, 2)),
-             exact=(2, 3, 1), train=dict(batch=4, steps=2, bank=8, iterations=1),
+             exact=(2, 3, 1), judged_chain=(2, 12), train=dict(batch=4, steps=2, bank=8, iterations=1),
              batches=(4,), bench_steps=2, engine=dict(images=1, cap_s=3, purify=3))
 
 TOL = {"noise_normal_abs": 1e-5, "chain_fp32_abs": 1e-4, "chain_fp32_vs_cpu": 2.0, "exact_rel": 1e-4, "train_negatives_abs": 1e-3,
@@ -137,8 +138,8 @@ def check_attack(dev, S, a, data):
     cpu = run_records(cfg, torch.device("cpu"), imgs)
     devr = run_records(cfg, dev, imgs, strict=True)
     out = {"images": len(cpu), "purify_steps": s["purify"], "attack_steps": s["steps"], "eot": list(s["eot"])}
-    same = [c.broken_at == d.broken_at and c.final_pred == d.final_pred and c.natural_pred == d.natural_pred
-            for c, d in zip(cpu, devr)]
+    same = [c.broken_at == d.broken_at and c.final_pred == d.final_pred and c.natural_protocol_pred == d.natural_protocol_pred
+            and c.natural_defense_pred == d.natural_defense_pred for c, d in zip(cpu, devr)]
     out["records_equal"] = sum(same)
     out["records_differ"] = len(same) - sum(same)
     # Signed-gradient steps flip a pixel by 2 * step wherever a gradient entry is near zero, so one
@@ -171,6 +172,35 @@ def check_exact(dev, S, a):
             grads.append(gx)
     rel = float((grads[0] - grads[1]).norm() / grads[1].norm())
     return {"chains": n, "steps": steps, "segment": segment, "rel_diff": rel, "ok": rel <= TOL["exact_rel"]}
+
+
+def check_judged_chain(dev, S, a):
+    """The exact gradient is the judged chain's: at the paper's K = 1500, with the attack's own settings on the
+    device (TF32, the CUDA graph; and bf16 autocast), the recomputation in the backward repeats the sampler's
+    states bit for bit (the backward compares every segment and raises ChainMismatch otherwise)."""
+    from distributed_ebm.exact_chain import ChainMismatch
+
+    n, steps = S["judged_chain"]
+    ebm = prepare_energy(load_ebm(a.ebm).to(dev))
+    g = torch.Generator().manual_seed(3)
+    x0 = (torch.rand(n, 3, 32, 32, generator=g) * 2 - 1).to(dev)
+    keys = ChainKeys.replicated(11, torch.arange(n), 1, call=2)
+    out = {"chains": n, "steps": steps}
+    for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
+        x = x0.clone().requires_grad_(True)
+        t = time.perf_counter()
+        with torch.enable_grad():
+            y = differentiable_langevin(ebm, x, keys, steps, amp=amp)
+        out[f"{name}_forward_is_the_sampler"] = torch.equal(y.detach(), langevin(ebm, x0, keys, steps, amp=amp))
+        try:
+            y.sum().backward()
+            out[f"{name}_recomputation_equal"] = True
+        except ChainMismatch as err:
+            out[f"{name}_recomputation_equal"] = False
+            out[f"{name}_mismatch"] = str(err)
+        out[f"{name}_seconds"] = round(time.perf_counter() - t, 2)
+    out["ok"] = all(out[f"{k}_{w}"] for k in ("fp32", "bf16") for w in ("forward_is_the_sampler", "recomputation_equal"))
+    return out
 
 
 def train_config(a, batch, steps, bank):
@@ -349,6 +379,7 @@ def main() -> None:
     section("correctness", "noise", lambda: check_noise(dev, S, a))
     section("correctness", "langevin_chain", lambda: check_chain(dev, S, a, ebm_cpu))
     section("correctness", "exact_gradient", lambda: check_exact(dev, S, a))
+    section("correctness", "exact_gradient_judged_chain", lambda: check_judged_chain(dev, S, a), need=20)
     section("correctness", "training_iteration", lambda: check_training(dev, S, a, data))
     section("correctness", "bpda_eot_records", lambda: check_attack(dev, S, a, data), need=20)
     section("throughput", "bf16_peak_flops", lambda: bf16_peak(dev, a.quick))
@@ -374,7 +405,9 @@ def project(report) -> None:
         pr["best_langevin_image_steps_per_s"] = {"rate": best[0], "variant": best[1], "batch": best[2]}
         if peak:
             pr["share_of_bf16_peak"] = best[0] * FLOP_PER_IMAGE_STEP / peak
-    per_image = (PAPER["attack_steps"] + 2) * PAPER["eot_attack"] * PAPER["purify_steps"]  # without confirmations
+    # checks and gradients at 52 points, plus the clean image's 150-chain vote and one 150-chain confirmation (the
+    # break's): a floor, since every wrong check of a robust image costs another confirmation
+    per_image = ((PAPER["attack_steps"] + 2) * PAPER["eot_attack"] + 2 * PAPER["eot_defense"]) * PAPER["purify_steps"]
     eng = th.get("bpda_eot_engine")
     if eng and eng["image_steps_per_s"] > 0:
         pr["eval_500_images_hours"] = PAPER["images"] * per_image / eng["image_steps_per_s"] / 3600

@@ -12,6 +12,9 @@ from .data import unit_range
 from .noise import ChainKeys
 
 CALL_INIT = 0x7FFF0002  # the call number of the initial starts; rejuvenation at iteration t uses call t
+# The replica word of a rejuvenated start: the training chain of iteration t draws its noise with call t and
+# replica 0, so a restart drawn there too would reuse its first step's Philox words.
+STREAM_REJUVENATION = 1
 
 
 class ImageBank:
@@ -37,9 +40,10 @@ class ImageBank:
         self.states = self.fresh(slots, CALL_INIT)
         self.steps = torch.zeros(len(slots), dtype=torch.int64)
 
-    def fresh(self, slots: torch.Tensor, call: int) -> torch.Tensor:
-        """New starts for these slots: uniform noise in [-1, 1], or a random training image."""
-        keys = ChainKeys(self.seed, slots, torch.zeros_like(slots), call)
+    def fresh(self, slots: torch.Tensor, call: int, stream: int = 0) -> torch.Tensor:
+        """New starts for these slots: uniform noise in [-1, 1], or a random training image (keyed by
+        (seed, slot, call, stream): stream 0 the initial starts, STREAM_REJUVENATION the restarts)."""
+        keys = ChainKeys(self.seed, slots, torch.full_like(slots, stream), call)
         if self.init == "noise":
             return keys.uniform(0, self.shape) * 2 - 1
         pick = (keys.uniform(0, (1,)).flatten() * len(self.data)).long().clamp(max=len(self.data) - 1)
@@ -49,7 +53,7 @@ class ImageBank:
         """The chains in these (global) slots; those flagged in `restart` start afresh instead."""
         x = self.states[slots - self.offset].clone()
         if restart is not None and restart.any():
-            x[restart] = self.fresh(slots[restart], call)
+            x[restart] = self.fresh(slots[restart], call, STREAM_REJUVENATION)
         return x
 
     def write(self, slots: torch.Tensor, states: torch.Tensor, steps_taken: int,

@@ -80,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "report":
         from . import storage
-        from .report import format_table, plot_curves
-        from .results import load_summary
+        from .report import format_paired, format_table, plot_curves
+        from .results import load_summary, paired_comparison
         try:
             if args.plot:
                 storage.check_destination(args.plot, "--plot")
             summaries = [load_summary(url) for url in args.urls]
             print(format_table(summaries))
+            pairs = [(a, b, paired_comparison(a, b)) for k, a in enumerate(args.urls) for b in args.urls[k + 1:]]
+            pairs = [p for p in pairs if p[2] is not None]
+            if pairs:
+                print("\n" + format_paired(pairs))
             if args.plot:
                 plot_curves(summaries, args.plot)
         except FileNotFoundError as err:

@@ -98,12 +98,16 @@ class DataConfig(Section):
     random: Optional[int] = Field(None, ge=1, description="a seeded random subset of this size")
     subset_seed: int = Field(0, ge=0)
     exclude: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="ids held out (before the subset)")
+    id_range: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, min_length=2, max_length=2, description=
+                                                                  "[low, high): only images with these ids (before the subset)")
 
     @model_validator(mode="after")
     def _one_subset(self):
         chosen = [k for k in ("count", "indices", "random") if getattr(self, k) is not None]
         if len(chosen) > 1:
             raise ValueError(f"choose at most one of count, indices, random (got {', '.join(chosen)})")
+        if self.id_range is not None and self.id_range[0] >= self.id_range[1]:
+            raise ValueError(f"data.id_range = {self.id_range}: [low, high) needs low < high")
         if self.indices is not None and not self.indices:
             raise ValueError("indices is empty: the subset would hold no image")
         if self.indices is not None and len(set(self.indices)) != len(self.indices):
@@ -268,6 +272,11 @@ class AttackSettings(Section):
     ensemble: Optional[list[dict[str, Any]]] = Field(None, description="worst case over attacks: each entry "
                                                      "overrides these settings; an image is attacked by each in turn "
                                                      "until one breaks it")
+    restarts: int = Field(1, ge=1, le=1000, description="random starts per attack (each member of an ensemble), "
+                          "each with keys of its own; an image is robust only if it survives every one")
+    ensemble_keys: Literal["independent", "paired"] = Field(
+        "independent", description="independent: each ensemble member draws its own keys; paired: every member "
+        "the run seed's (restart r of each member shares restart r's), for paired comparisons of members")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -279,6 +288,11 @@ class AttackSettings(Section):
             self.members()  # each member must be a valid attack on its own
             if self.reevaluations:
                 raise ValueError("attack.reevaluations is not supported with attack.ensemble")
+        if self.restarts > 1:
+            if self.ensemble is None and not mode.moves:
+                raise ValueError(f"attack.restarts = {self.restarts}: mode {self.mode} does not attack (restarts = 1)")
+            if self.reevaluations:
+                raise ValueError("attack.reevaluations is not supported with attack.restarts > 1")
         if self.surrogate and not mode.exact:
             exact = " or ".join(m.name for m in MODES.values() if m.exact)
             raise ValueError(f"attack.surrogate differentiates through the chain: it needs attack.mode={exact} "
@@ -292,6 +306,11 @@ class AttackSettings(Section):
         """What progress lines and run names call this attack: its mode, or `ensemble`."""
         return self.mode if self.ensemble is None else "ensemble"
 
+    @property
+    def worst_case(self) -> bool:
+        """Whether more than one run attacks each image (an ensemble, or restarts): records name the breaker."""
+        return self.ensemble is not None or self.restarts > 1
+
     def members(self) -> list["AttackSettings"]:
         """The ensemble's attacks (these settings with each entry's overrides), or [self]."""
         if self.ensemble is None:
@@ -301,7 +320,7 @@ class AttackSettings(Section):
         base = self.model_dump(exclude={"ensemble"})
         out = []
         for k, entry in enumerate(self.ensemble):
-            bad = {"ensemble", "reevaluations"} & set(entry)
+            bad = {"ensemble", "reevaluations", "restarts", "ensemble_keys"} & set(entry)
             if bad:
                 raise ValueError(f"attack.ensemble[{k}]: {', '.join(sorted(bad))} cannot be set per attack")
             try:
@@ -365,12 +384,18 @@ class SearchConfig(Section):
     """What both Ray Tune searches share: the evaluation, held-out images, space, ASHA, objective."""
 
     attack: AttackConfig = Field(default_factory=lambda: AttackConfig(
-        ebm="runs/ebm-cpu/ebm.pt", purify=LangevinConfig(steps=200), batch_size=5,
+        data=DataConfig(id_range=[0, 500]), ebm="runs/ebm-cpu/ebm.pt", purify=LangevinConfig(steps=200), batch_size=5,
         attack=AttackSettings(steps=10, eot_attack=4, eot_defense=8)),
         description="the evaluation every trial runs (a cheap BPDA+EOT)")
-    validation: DataConfig = Field(default_factory=lambda: DataConfig(
-        path=shared("datasets/cifar10/train-exact-4000.parquet"), split="train",
-        random=200, subset_seed=0), description="held-out training images: never the test images")
+    validation: DataConfig = Field(default_factory=lambda: DataConfig(id_range=[500, 1000], random=200),
+                                   description="the search's images: exact test images disjoint (by id) from the "
+                                   "evaluation's (attack.data), by default 200 of ids 500-999")
+    validation_images: Literal["held_out_test", "training"] = Field(
+        "held_out_test", description="held_out_test: validation comes from the evaluation's test file, no id shared "
+        "with attack.data; training: training images (which the classifier and the EBM learned from: optimistic)")
+    natural_figure: Literal["defense", "protocol"] = Field(
+        "defense", description="which natural accuracy natural_floor and the natural objective read: the defense's "
+        "own vote on the clean image, or the protocol's (check or confirmation right)")
     space: dict[str, SearchRange] = Field(default_factory=lambda: {
         "step_size": SearchRange(low=0.25, high=2.0), "noise": SearchRange(low=0.003, high=0.03),
         "steps": SearchRange(low=50, high=1500)})
@@ -407,9 +432,13 @@ class SearchConfig(Section):
                 raise ValueError(f"space.steps: integer bounds >= 1 (got {r.low:g}..{r.high:g})")
         if sorted(self.rungs) != self.rungs or len(set(self.rungs)) != len(self.rungs):
             raise ValueError(f"rungs must grow strictly (got {self.rungs})")
-        if self.validation.split != "train" or self.validation.path == self.attack.data.path:
-            raise ValueError("validation: held-out images come from the training split, never from the test images "
-                             f"(split={self.validation.split}, path={self.validation.path})")
+        v = self.validation
+        if self.validation_images == "training" and (v.split != "train" or v.path == self.attack.data.path):
+            raise ValueError("validation_images = training: validation must be a training-split file, not the "
+                             f"evaluation's (split={v.split}, path={v.path})")
+        if self.validation_images == "held_out_test" and v.split != "test":
+            raise ValueError(f"validation_images = held_out_test: validation.split must be test (got {v.split}); "
+                             "for training images set validation_images=training")
         return self
 
 

@@ -251,6 +251,11 @@ def choose(cfg: DataConfig) -> Catalog | ImageSet:
             raise DataError(f"{cfg.name} images are {data.data.shape[-1]} pixels wide, data.image_size is {cfg.image_size}")
     if len(data) == 0:
         raise DataError(f"data file {cfg.path} holds no images")
+    if cfg.id_range is not None:
+        low, high = cfg.id_range
+        data = data.take([k for k, i in enumerate(data.ids.tolist()) if low <= i < high])
+        if len(data) == 0:
+            raise DataError(f"data.id_range = [{low}, {high}): no image of {cfg.path} has an id there")
     if cfg.exclude:
         held_out = set(cfg.exclude)
         data = data.take([k for k, i in enumerate(data.ids.tolist()) if i not in held_out])

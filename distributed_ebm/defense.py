@@ -147,7 +147,7 @@ class EOTDefense:
         with torch.enable_grad():
             for a, x0, chunk_keys in chunks:
                 x0 = x0.detach().requires_grad_(True)
-                xp = (differentiable_langevin(p.ebm, x0, chunk_keys, p.steps, p.step_size, p.noise, segment, smooth)
+                xp = (differentiable_langevin(p.ebm, x0, chunk_keys, p.steps, p.step_size, p.noise, segment, smooth, p.amp)
                       if through_chain else x0)
                 v = _rows(g_mean, a, a + x0.shape[0], replicates)
                 surrogate = (self._per_replicate(self.classifier(xp)) * v).sum() / replicates

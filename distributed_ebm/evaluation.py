@@ -57,7 +57,7 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     if chunk is None:  # an exact gradient's footprint grows with the chain length: the fixed default there
         chunk = 1024 if any(MODES[m.mode].exact for m in cfg.attack.members()) else auto_chunk_size(
             purifier, clf, (3, cfg.data.image_size, cfg.data.image_size), device, dtype)
-    kind = EnsembleAttack if cfg.attack.ensemble is not None else Attack
+    kind = EnsembleAttack if cfg.attack.worst_case else Attack
     return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk)
 
 

@@ -10,6 +10,13 @@ start (each step's input gradient built with create_graph=True), back-propagates
 vector through it, and frees it. Memory is therefore about steps / segment chain states plus one
 segment's graph: with segment ~ sqrt(steps), it grows with sqrt(steps), not with steps.
 
+The gradient is that of the chain that is judged. The forward pass is the purifier's own sampler
+(`langevin`: its layout, its CUDA graph, its autocast), and the recomputation repeats its arithmetic
+op for op (channels-last states, the same fused subtract and add, the same autocast), so it rebuilds
+the same states bit for bit; every recomputed segment is compared with the state the forward pass
+stored, and a difference (kernels that are not deterministic on a device) fails the gradient with
+one line (`ChainMismatch`) instead of differentiating another chain.
+
 Kink-aware gradients (`surrogate`): for a piecewise-linear EBM (the paper's LeakyReLU) Hess f is
 zero almost everywhere, so the pathwise gradient equals BPDA's and misses how the noise smooths the
 drift's jumps at the kinks. With a smooth stand-in f_T of f (`EBM.smooth_surrogate`), each step is
@@ -32,53 +39,68 @@ import math
 import torch
 from torch import nn
 
-from .langevin import frozen
+from .langevin import _autocast, frozen, langevin
 from .noise import ChainKeys
 
 
-def _grad(energy: nn.Module, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+class ChainMismatch(RuntimeError):
+    """The recomputed chain is not the judged chain: its gradient would belong to another chain."""
+
+
+def _grad(energy: nn.Module, x: torch.Tensor, create_graph: bool, amp) -> torch.Tensor:
+    """`langevin.energy_grad`'s gradient; with create_graph, differentiable in x."""
     with torch.enable_grad():
         xg = x if create_graph else x.detach().requires_grad_(True)
-        return torch.autograd.grad(energy(xg).sum(), xg, create_graph=create_graph)[0]
+        with _autocast(x.device, amp):
+            f = energy(xg).sum()
+        return torch.autograd.grad(f, xg, create_graph=create_graph)[0]
 
 
-def _steps(energy: nn.Module, x: torch.Tensor, keys: ChainKeys, start: int, count: int,
-           step_size: float, noise: float, create_graph: bool, surrogate: nn.Module | None = None) -> torch.Tensor:
-    """`count` Langevin steps from step number `start`; with create_graph the result is differentiable in x
-    (through `surrogate`'s Hessian instead of the energy's when given: the values stay the exact chain's)."""
+def _steps(energy: nn.Module, x: torch.Tensor, keys: ChainKeys, start: int, count: int, step_size: float,
+           noise: float, amp=None, surrogate: nn.Module | None = None) -> torch.Tensor:
+    """`count` differentiable Langevin steps from step number `start`, in `langevin._step`'s arithmetic (out of
+    place); through `surrogate`'s Hessian instead of the energy's when given (the values stay the exact chain's)."""
     n, c, h, w = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
     for t in range(start, start + count):
-        if step_size and create_graph and surrogate is not None:
-            g_sur = _grad(surrogate, x, create_graph=True)
-            x = x - step_size * _grad(energy, x, create_graph=False) - step_size * (g_sur - g_sur.detach())
+        if step_size and surrogate is not None:
+            g_sur = _grad(surrogate, x, True, amp)
+            x = torch.sub(x, _grad(energy, x, False, amp), alpha=step_size) - step_size * (g_sur - g_sur.detach())
         elif step_size:
-            x = x - step_size * _grad(energy, x, create_graph)
+            x = torch.sub(x, _grad(energy, x, True, amp), alpha=step_size)
         if noise:
-            x = x + noise * keys.normal(t, (h, w, c), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+            x = torch.add(x, keys.normal(t, (h, w, c), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2), alpha=noise)
     return x
 
 
 class _CheckpointedChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, energy, keys, steps, step_size, noise, segment, surrogate):
-        starts, boundaries = list(range(0, steps, segment)), []
-        for start in starts:
-            boundaries.append(x)
-            x = _steps(energy, x, keys, start, min(segment, steps - start), step_size, noise, create_graph=False)
+    def forward(ctx, x, energy, keys, steps, step_size, noise, segment, surrogate, amp):
+        starts = list(range(0, steps, segment))
+        boundaries = [x.detach().contiguous(memory_format=torch.channels_last)]
+        for start in starts:  # the purifier's sampler, segment by segment (the same chain as in one piece)
+            boundaries.append(langevin(energy, boundaries[-1], keys, min(segment, steps - start), step_size, noise,
+                                       start_step=start, amp=amp))
         ctx.save_for_backward(*boundaries)
-        ctx.setup = (energy, keys, steps, step_size, noise, segment, starts, surrogate)
-        return x
+        ctx.setup = (energy, keys, steps, step_size, noise, segment, starts, surrogate, amp)
+        return boundaries[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        energy, keys, steps, step_size, noise, segment, starts, surrogate = ctx.setup
-        v = grad_out
-        for start, x0 in zip(reversed(starts), reversed(ctx.saved_tensors)):
+        energy, keys, steps, step_size, noise, segment, starts, surrogate, amp = ctx.setup
+        states, v = ctx.saved_tensors, grad_out
+        for k in reversed(range(len(starts))):
+            start, count = starts[k], min(segment, steps - starts[k])
             with torch.enable_grad(), frozen(energy):
-                x0 = x0.detach().requires_grad_(True)
-                x1 = _steps(energy, x0, keys, start, min(segment, steps - start), step_size, noise, True, surrogate)
+                x0 = states[k].detach().requires_grad_(True)
+                x1 = _steps(energy, x0, keys, start, count, step_size, noise, amp, surrogate)
+                if not torch.equal(x1.detach(), states[k + 1]):
+                    diff = (x1.detach() - states[k + 1]).abs().max().item()
+                    raise ChainMismatch(f"exact gradient: the recomputed chain left the judged one in steps "
+                                        f"{start}..{start + count - 1} (max |difference| {diff:.3g}); this device's "
+                                        "kernels do not repeat bit for bit, so the gradient would be another chain's")
                 (v,) = torch.autograd.grad(x1, x0, v)
-        return v, None, None, None, None, None, None, None
+        return v, None, None, None, None, None, None, None, None
 
 
 def default_segment(steps: int) -> int:
@@ -88,13 +110,13 @@ def default_segment(steps: int) -> int:
 
 def differentiable_langevin(energy: nn.Module, x: torch.Tensor, keys: ChainKeys, steps: int, step_size: float = 1.0,
                             noise: float = 0.01, segment: int | None = None,
-                            surrogate: nn.Module | None = None) -> torch.Tensor:
-    """The purifier's chain from x, differentiable with respect to x (not to the EBM's parameters).
+                            surrogate: nn.Module | None = None, amp: torch.dtype | None = None) -> torch.Tensor:
+    """The purifier's chain from x (`langevin`'s states, bit for bit), differentiable with respect to x
+    (not to the EBM's parameters).
 
-    segment: Langevin steps per checkpointed segment; None = `default_segment(steps)`;
-    segment >= steps keeps the whole graph (plain autograd through the unrolled chain).
-    surrogate: an energy whose Hessian replaces the energy's in the backward pass (module docstring);
-    None = the exact pathwise gradient.
+    segment: Langevin steps per checkpointed segment; None = `default_segment(steps)`; segment >= steps
+    recomputes the whole chain in one graph. surrogate: an energy whose Hessian replaces the energy's in the
+    backward pass (module docstring); None = the exact pathwise gradient. amp: the purifier's autocast dtype.
     """
     if len(keys) != x.shape[0]:
         raise ValueError(f"{len(keys)} chain keys for {x.shape[0]} chains")
@@ -103,8 +125,5 @@ def differentiable_langevin(energy: nn.Module, x: torch.Tensor, keys: ChainKeys,
     if segment < 1:
         raise ValueError(f"segment must be at least 1 (got {segment})")
     with frozen(energy):
-        if segment >= steps:
-            with torch.enable_grad():
-                x = x if x.requires_grad else x.detach().requires_grad_(True)
-                return _steps(energy, x, keys, 0, steps, step_size, noise, True, surrogate)
-        return _CheckpointedChain.apply(x, energy, keys, steps, step_size, noise, segment, surrogate)
+        return _CheckpointedChain.apply(x, energy, keys, steps, step_size, noise, min(segment, max(steps, 1)),
+                                        surrogate, amp)

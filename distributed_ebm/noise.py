@@ -25,6 +25,7 @@ _ROUNDS = 10
 
 # Reserved "call" numbers for draws that are not Langevin steps of an attack point.
 CALL_RANDOM_START = 0x7FFF0001
+_STREAM_TAG = 0x5354524D  # "STRM": the counter word that marks a derived seed
 
 
 def philox4x32(counter: list, key: list) -> list:
@@ -41,6 +42,22 @@ def philox4x32(counter: list, key: list) -> list:
         hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return [c0, c1, c2, c3]
+
+
+def stream_seed(seed: int, *stream: int) -> int:
+    """The run seed of key stream `stream` (e.g. (ensemble member, restart)) of a run with `seed`.
+
+    Stream (0, ..., 0) is the run seed itself, so a run with one stream keys exactly as before. Any
+    other stream is Philox of the stream numbers under the run seed: a 32-bit seed whose chains,
+    random starts and confirmations draw noise independent of every other stream's (a collision with
+    another stream or run seed has probability about 2**-32).
+    """
+    if len(stream) > 2 or any(not 0 <= k <= _MASK32 for k in stream):
+        raise ValueError(f"a stream is at most two numbers in [0, 2**32) (got {stream})")
+    if not any(stream):
+        return seed
+    words = list(stream) + [0] * (2 - len(stream))
+    return int(philox4x32([words[0], words[1], 0, _STREAM_TAG], [seed & _MASK32, _STREAM_TAG])[0])
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ def describe(summary: dict) -> tuple[str, str]:
         system = f"{clf} + EBM (K={p['steps']}, s={p['step_size']:g}, sigma={p['noise']:g})"
     if a.get("ensemble") is not None:
         return system, f"ensemble of {len(a['ensemble'])}: worst case over the attacks (debm report shows each)"
-    return system, describe_attack(a)
+    restarts = a.get("restarts", 1)
+    return system, describe_attack(a) + (f", worst of {restarts} restarts" if restarts > 1 else "")
 
 
 def describe_attack(a: dict) -> str:
@@ -41,19 +42,21 @@ def _pct(value: float, ci) -> str:
 
 
 def format_table(summaries: list[dict]) -> str:
-    """Natural and robust accuracy, in percent with 95% Wilson intervals."""
+    """Both natural accuracies and robust accuracy, in percent with 95% Wilson intervals."""
     reeval = any("reevaluations" in s for s in summaries)
-    rows = [("system", "images", "natural % [95% CI]", "robust % [95% CI]")
+    rows = [("system", "images", "natural, protocol % [95% CI]", "natural, defense % [95% CI]", "robust % [95% CI]")
             + (("R-eval mean %", "worst of R % [95% CI]") if reeval else ()) + ("attack",)]
     for s in summaries:
         system, attack = describe(s)
         robust = "-" if not MODES[s["config"]["attack"]["mode"]].moves else _pct(s["robust_accuracy"], s["robust_ci95"])
-        row = (system, str(s["images"]), _pct(s["natural_accuracy"], s["natural_ci95"]), robust)
+        defense = ("-" if s.get("natural_defense_accuracy") is None
+                   else _pct(s["natural_defense_accuracy"], s["natural_defense_ci95"]))
+        row = (system, str(s["images"]), _pct(s["natural_protocol_accuracy"], s["natural_protocol_ci95"]), defense, robust)
         if reeval:
             row += ((f"{100 * s['reeval_mean_accuracy']:5.1f} (R={s['reevaluations']})",
                      _pct(s["worst_case_accuracy"], s["worst_case_ci95"])) if "reevaluations" in s else ("-", "-"))
         rows.append(row + (attack,))
-    tables = [_aligned(rows)] + [format_ensemble(s) for s in summaries if "ensemble" in s]
+    tables = [_aligned(rows)] + [format_worst_case(s) for s in summaries if "ensemble" in s or "restarts" in s]
     return "\n\n".join(tables)
 
 
@@ -63,15 +66,31 @@ def attack_done(summary: dict, output: str) -> str:
             + f"results: {output}/records/, {output}/summary.json, {output}/accuracy.png")
 
 
-def format_ensemble(summary: dict) -> str:
-    """A column per attack of an ensemble, in the order they ran, and the ensemble's: the images each
-    broke and the robust accuracy after it (the ensemble's = after the last)."""
-    members = summary["ensemble"]
-    rows = [("", *(f"{k + 1}. {m['attack']}" for k, m in enumerate(members)), "ensemble"),
-            ("images broken", *(str(m["broken"]) for m in members), str(sum(m["broken"] for m in members))),
-            ("robust % after it", *(_pct(m["robust_accuracy"], m["robust_ci95"]) for m in members),
-             _pct(summary["robust_accuracy"], summary["robust_ci95"]))]
-    return f"{describe(summary)[0]}, {summary['images']} images:\n" + _aligned(rows)
+def format_worst_case(summary: dict) -> str:
+    """A column per attack of an ensemble (or the one attack of a run with restarts), in the order they ran,
+    and the worst case's: the images each broke (per restart where there are several) and the robust
+    accuracy after it (the worst case's = after the last)."""
+    members = summary.get("ensemble") or summary["restarts"]
+    restarts = len(members[0].get("broken_per_restart", [0]))
+    rows = [("", *(f"{k + 1}. {m['attack']}" for k, m in enumerate(members)), "worst case"),
+            ("images broken", *(str(m["broken"]) for m in members), str(sum(m["broken"] for m in members)))]
+    if restarts > 1:
+        rows.append(("  in restarts 1..R", *("/".join(map(str, m["broken_per_restart"])) for m in members), ""))
+    rows.append(("robust % after it", *(_pct(m["robust_accuracy"], m["robust_ci95"]) for m in members),
+                 _pct(summary["robust_accuracy"], summary["robust_ci95"])))
+    keys = summary["config"]["attack"].get("ensemble_keys", "paired")
+    what = f"{restarts} restart(s) each" + (f", {keys} keys" if "ensemble" in summary else "")
+    return f"{describe(summary)[0]}, {summary['images']} images, {what}:\n" + _aligned(rows)
+
+
+def format_paired(pairs: list[tuple[str, str, dict]]) -> str:
+    """One row per pair of runs that share images: what each breaks that the other leaves robust, and the
+    two-sided sign test on those images (p: the chance of so uneven a split between equally strong attacks)."""
+    rows = [("A", "B", "shared images", "broken by A only", "by B only", "by both", "robust in both", "sign test p")]
+    for a, b, d in pairs:
+        rows.append((a, b, str(d["images"]), str(d["broken_by_a_only"]), str(d["broken_by_b_only"]),
+                     str(d["broken_by_both"]), str(d["robust_in_both"]), f"{d['sign_test_p']:.3g}"))
+    return "paired comparison (the images both runs attacked):\n" + _aligned(rows)
 
 
 def _aligned(rows: list[tuple]) -> str:

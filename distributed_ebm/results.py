@@ -98,26 +98,30 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     """Summary of the records of the selected images `ids` (accuracies, 95% intervals, curve,
     throughput of the images computed by this run, `new_ids`; `seconds`: the wall time of every run that computed
     records here, this one's as `seconds_this_run`), written with its plot."""
-    columns = ["index", "natural_correct", "broken_at", "image_steps"]
-    columns += ["reeval_correct"] if cfg.attack.reevaluations else []
-    columns += ["broken_by"] if cfg.attack.ensemble is not None else []
+    a = cfg.attack
+    columns = ["index", "natural_protocol_correct", "natural_defense_correct", "broken_at", "image_steps",
+               "confirm_image_steps"]
+    columns += ["reeval_correct"] if a.reevaluations else []
+    columns += ["broken_by", "broken_restart"] if a.worst_case else []
     table = read_records(cfg.output, columns)
     table = table.filter(pc.is_in(table.column("index"), pa.array(sorted(ids), type=pa.int64())))
     missing = len(ids) - table.num_rows
     if missing:
         raise RuntimeError(f"{missing} selected images have no record under {cfg.output}/records")
-    points = evaluation_points(cfg.attack)
-    reeval = table.column("reeval_correct").to_pylist() if cfg.attack.reevaluations else None
-    summary = summarize(table.column("natural_correct").to_pylist(), table.column("broken_at").to_pylist(), points,
-                        reeval)
-    if cfg.attack.ensemble is not None:
-        summary["ensemble"] = ensemble_summary(cfg.attack, table.column("broken_by").to_pylist())
+    col = lambda name: table.column(name).to_pylist()  # noqa: E731
+    summary = summarize(col("natural_protocol_correct"), col("natural_defense_correct"), col("broken_at"),
+                        evaluation_points(a), col("reeval_correct") if a.reevaluations else None)
+    if a.worst_case:
+        summary["ensemble" if a.ensemble is not None else "restarts"] = worst_case_summary(
+            a, col("broken_by"), col("broken_restart"))
+    confirm = int(sum(col("confirm_image_steps")))
     steps = table.column("image_steps").to_pylist()
     fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
     earlier = _earlier_seconds(cfg.output)  # before this summary replaces it
     summary.update({
         "mode": cfg.attack.mode, "seconds": earlier + seconds if new_ids else earlier, "seconds_this_run": seconds,
-        "image_steps": int(sum(steps)),
+        "image_steps": int(sum(steps)), "confirm_image_steps": confirm,
+        "confirm_share": confirm / sum(steps) if sum(steps) else None,
         "image_steps_this_run": int(fresh), "image_steps_per_second": fresh / seconds if seconds > 0 else None,
         "config": cfg.model_dump(mode="json"),
     })
@@ -171,11 +175,14 @@ Interval = tuple[float, float]
 
 
 class _Summary(_Part):
-    """What `debm report` reads from a summary.json (extra keys are kept)."""
+    """What `debm report` reads from a summary.json (extra keys are kept). A summary written before the two
+    natural figures has `natural_accuracy` (the protocol's) instead: it is read as that, the defense's unknown."""
 
     images: int
-    natural_accuracy: float
-    natural_ci95: Interval
+    natural_protocol_accuracy: float
+    natural_protocol_ci95: Interval
+    natural_defense_accuracy: Optional[float] = None
+    natural_defense_ci95: Optional[Interval] = None
     robust_accuracy: float
     robust_ci95: Interval
     accuracy_curve: list[float]
@@ -204,20 +211,22 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(natural_correct: list[bool], broken_at: list[int], points: int,
+def summarize(natural_protocol: list[bool], natural_defense: list[bool], broken_at: list[int], points: int,
               reeval_correct: list[list[bool]] | None = None) -> dict:
-    """Natural and robust accuracy (with 95% Wilson intervals) and the accuracy curve; with
-    re-evaluations, also their mean accuracy, each one's accuracy, and the worst case (images
-    judged correctly every time)."""
+    """Both natural accuracies (the protocol's: not broken at the clean image; the defense's own: its
+    eot_defense-chain vote on the clean image) and robust accuracy, with 95% Wilson intervals, and the
+    accuracy curve; with re-evaluations, also their mean accuracy, each one's accuracy, and the worst
+    case (images judged correctly every time)."""
     n = len(broken_at)
-    natural = int(sum(bool(c) for c in natural_correct))
+    share = lambda k: k / n if n else float("nan")  # noqa: E731
+    protocol = int(sum(bool(c) for c in natural_protocol))
+    defense = int(sum(bool(c) for c in natural_defense))
     robust = int(sum(b == NEVER for b in broken_at))
     summary = {
         "images": n,
-        "natural_accuracy": natural / n if n else float("nan"),
-        "natural_ci95": wilson_interval(natural, n),
-        "robust_accuracy": robust / n if n else float("nan"),
-        "robust_ci95": wilson_interval(robust, n),
+        "natural_protocol_accuracy": share(protocol), "natural_protocol_ci95": wilson_interval(protocol, n),
+        "natural_defense_accuracy": share(defense), "natural_defense_ci95": wilson_interval(defense, n),
+        "robust_accuracy": share(robust), "robust_ci95": wilson_interval(robust, n),
         "accuracy_curve": accuracy_curve(list(broken_at), points),
     }
     if reeval_correct and n and len(reeval_correct[0]):
@@ -233,16 +242,52 @@ def summarize(natural_correct: list[bool], broken_at: list[int], points: int,
     return summary
 
 
-def ensemble_summary(settings, broken_by: list[int]) -> list[dict]:
-    """Per member, in order: its label, the images it broke, and the robust accuracy after it and
-    every member before it (the last entry's is the ensemble's)."""
+def summarize_records(records: list[ImageRecord], points: int) -> dict:
+    """`summarize` of records in memory (what `finalize` computes from the record files)."""
+    return summarize([r.natural_protocol_correct for r in records], [r.natural_defense_correct for r in records],
+                     [r.broken_at for r in records], points,
+                     [r.reeval_correct for r in records] if records and records[0].reeval_correct else None)
+
+
+def worst_case_summary(settings, broken_by: list[int], broken_restart: list[int]) -> list[dict]:
+    """Per member, in order: its label, the images it broke (in all, and in each restart), and the robust
+    accuracy after it and every member before it (the last entry's is the ensemble's)."""
     n, standing, out = len(broken_by), len(broken_by), []
     for k, member in enumerate(settings.members()):
         broke = sum(b == k for b in broken_by)
         standing -= broke
+        per_restart = [sum(b == k and r == j for b, r in zip(broken_by, broken_restart)) for j in range(settings.restarts)]
         out.append({"attack": describe_attack(member.model_dump(mode="json")), "broken": broke,
+                    "broken_per_restart": per_restart,
                     "robust_accuracy": standing / n if n else float("nan"), "robust_ci95": wilson_interval(standing, n)})
     return out
+
+
+def sign_test_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact sign test (binomial, p = 1/2) on the discordant pairs: the chance of a split at least
+    this uneven if neither run breaks more images than the other."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(output_a: str, output_b: str) -> dict | None:
+    """Robustness of the images two runs share, paired: how many each breaks that the other leaves robust,
+    and the sign test's p on those; None when they share no image."""
+    broken = []
+    for url in (output_a, output_b):
+        t = read_records(url, ["index", "broken_at"])
+        broken.append(dict(zip(t.column("index").to_pylist(), (b != NEVER for b in t.column("broken_at").to_pylist()))))
+    shared = sorted(set(broken[0]) & set(broken[1]))
+    if not shared:
+        return None
+    a_only = sum(broken[0][i] and not broken[1][i] for i in shared)
+    b_only = sum(broken[1][i] and not broken[0][i] for i in shared)
+    both = sum(broken[0][i] and broken[1][i] for i in shared)
+    return {"images": len(shared), "broken_by_a_only": a_only, "broken_by_b_only": b_only, "broken_by_both": both,
+            "robust_in_both": len(shared) - a_only - b_only - both, "sign_test_p": sign_test_p(a_only, b_only)}
 
 
 def load_summary(output: str) -> dict:
@@ -255,6 +300,10 @@ def load_summary(output: str) -> dict:
         raise InputError(f"{url} is not valid JSON ({type(err).__name__})") from None
     if not isinstance(summary, dict):
         raise InputError(f"{url} holds a {type(summary).__name__}, not the summary object of an attack")
+    if "natural_accuracy" in summary and "natural_protocol_accuracy" not in summary:  # written before both figures
+        summary["natural_protocol_accuracy"] = summary.pop("natural_accuracy")
+        summary["natural_protocol_ci95"] = summary.pop("natural_ci95", None)
+        raw = json.dumps(summary)
     try:
         _Summary.model_validate_json(raw)  # JSON mode: lists are intervals, strings are not numbers
     except ValidationError as err:

@@ -133,9 +133,10 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
     system, attack = describe(summary)
     with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
                     tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
-        metrics = {k: summary[k] for k in ("natural_accuracy", "robust_accuracy", "images", "seconds", "image_steps")}
-        metrics.update({"natural_ci95_low": summary["natural_ci95"][0], "natural_ci95_high": summary["natural_ci95"][1],
-                        "robust_ci95_low": summary["robust_ci95"][0], "robust_ci95_high": summary["robust_ci95"][1]})
+        metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
+                                           "images", "seconds", "image_steps", "confirm_image_steps")}
+        for name in ("natural_protocol", "natural_defense", "robust"):
+            metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0], f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
         if "reevaluations" in summary:
             metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "worst_case_accuracy")})
             for r, acc in enumerate(summary["reeval_accuracies"]):

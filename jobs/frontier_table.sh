@@ -61,7 +61,9 @@ for budget in 8 2; do
             ensemble)
                 members="{mode: bpda_eot}, {mode: bpda_eot, optimizer: apgd, loss: ce}, {mode: bpda_eot, optimizer: apgd, loss: dlr}, {mode: exact_eot, segment: 10}"
                 [ "$ebm" = lrelu ] && members="$members, {mode: exact_eot, segment: 10, surrogate: softplus, surrogate_temperature: 0.01}"
-                run "$name" "${common[@]}" attack.reevaluations=0 "attack.ensemble=[$members]" ;;
+                # paired keys: each member draws the run seed's keys, as its row alone does, so the ensemble's
+                # robust images are exactly those every member's row leaves robust
+                run "$name" "${common[@]}" attack.reevaluations=0 attack.ensemble_keys=paired "attack.ensemble=[$members]" ;;
             esac
         done
     done

@@ -251,7 +251,7 @@ def _summary(tmp_path, case: str) -> str:
     good = json.load(open(GOOD))
     body = {"junk": "{not json", "list": "[1, 2, 3]",
             "no_keys": json.dumps({"hello": 1}),
-            "string_number": json.dumps({**good, "natural_accuracy": "0.9"}),
+            "string_number": json.dumps({**good, "natural_protocol_accuracy": "0.9"}),
             "string_in_config": json.dumps({**good, "config": {**good["config"],
                                             "attack": {**good["config"]["attack"], "steps": "50"}}}),
             "binary": None}[case]
@@ -264,7 +264,7 @@ def _summary(tmp_path, case: str) -> str:
 
 @pytest.mark.parametrize("case, expected", [
     ("junk", "is not valid JSON"), ("list", "holds a list, not the summary object"),
-    ("no_keys", "images: Field required"), ("string_number", "natural_accuracy: Input should be a valid number"),
+    ("no_keys", "images: Field required"), ("string_number", "natural_protocol_accuracy: Input should be a valid number"),
     ("string_in_config", "config.attack.steps: Input should be a valid integer"), ("binary", "is not valid JSON"),
 ])
 def test_report_bad_summaries(tmp_path, capsys, case, expected):

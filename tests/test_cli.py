@@ -24,7 +24,7 @@ def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_
     assert main(["report", f"{s3_bucket}/nothing-here"]) == 2
     table = read_records(out)
     assert table.num_rows == 6 and table.column("index").to_pylist() == list(range(6))
-    assert set(table.column_names) >= {"index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "adv_image"}
+    assert set(table.column_names) >= {"index", "label", "natural_protocol_pred", "natural_protocol_correct", "natural_defense_pred", "natural_defense_correct", "broken_at", "final_pred", "adv_image"}
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
     assert summary["images"] == 6 and len(summary["accuracy_curve"]) == 7
     assert storage.read_bytes(out + "/accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,3 +74,36 @@ def test_exit_status_turns_user_facing_failures_into_one_line(capsys):
                                                    "job: capacity lost", "job: EBM loss is nan"]
     with pytest.raises(KeyError):  # a bug keeps its traceback
         exit_status("job", fail(KeyError("bug")))
+
+
+def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
+    """`debm report A B`: both tables, then per pair of runs that share images, what each breaks that the other
+    leaves robust and the two-sided sign test on those images."""
+    from distributed_ebm.config import AttackConfig, load_config
+    from distributed_ebm.evaluation import run_attack
+    from distributed_ebm.results import paired_comparison, sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 0) == 1.0 and sign_test_p(5, 0) == pytest.approx(2 / 32)
+    assert sign_test_p(3, 7) == sign_test_p(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    outs = {}
+    for name, eps, ids in (("weak", "0.25/255", [0, 1, 2, 3, 4, 5, 6, 7]), ("strong", "2/255", [2, 3, 4, 5, 6, 7, 8, 9])):
+        outs[name] = str(tmp_path / name)
+        cfg = load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
+                          ["data.count=null", f"data.indices={ids}", f"attack.eps={eps}", "attack.steps=3", f"output={outs[name]}",
+                           "mlflow.enabled=false"])
+        run_attack(cfg, show=False)
+    d = paired_comparison(outs["weak"], outs["strong"])
+    weak, strong = (dict(zip(t.column("index").to_pylist(), t.column("broken_at").to_pylist()))
+                    for t in (read_records(outs["weak"]), read_records(outs["strong"])))
+    shared = range(2, 8)
+    assert d["images"] == 6
+    assert d["broken_by_b_only"] == sum(weak[i] == -1 and strong[i] != -1 for i in shared) >= 1
+    assert d["broken_by_a_only"] + d["broken_by_b_only"] + d["broken_by_both"] + d["robust_in_both"] == 6
+    assert d["sign_test_p"] == sign_test_p(d["broken_by_a_only"], d["broken_by_b_only"])
+    assert main(["report", outs["weak"], outs["strong"]]) == 0
+    printed = capsys.readouterr().out
+    assert "paired comparison (the images both runs attacked)" in printed
+    row = printed.splitlines()[-1].split()
+    assert row[:6] == [outs["weak"], outs["strong"], "6", str(d["broken_by_a_only"]), str(d["broken_by_b_only"]),
+                       str(d["broken_by_both"])]
+    assert paired_comparison(outs["weak"], outs["weak"])["sign_test_p"] == 1.0

@@ -305,7 +305,7 @@ def test_train_tune_attack_as_submitted_ray_jobs(cluster):
     (train,), (search,), (attack,) = by_job["train-ebm"], by_job["tune-purification"], by_job["attack"]
     assert all(t.data.tags["mlflow.parentRunId"] == search.info.run_id for t in by_job["trial"])
     assert [m.step for m in client.get_metric_history(train.info.run_id, "energy_diff")] == [2, 4]
-    assert attack.data.metrics["natural_accuracy"] == summary["natural_accuracy"]
+    assert attack.data.metrics["natural_defense_accuracy"] == summary["natural_defense_accuracy"]
     assert {a.path for a in client.list_artifacts(attack.info.run_id)} >= {"summary.json", "accuracy.png"}
     stored = [os.path.basename(k) for k in _keys(cluster, "mlartifacts/")]
     assert "summary.json" in stored and "MLmodel" in stored and any(n.startswith("bank-") for n in stored), stored

@@ -38,6 +38,15 @@ def _grad(ebm, x, keys, loss, segment, steps=5):
     return g
 
 
+def _unrolled(ebm, x, keys, steps, s=1.0, sigma=0.01):
+    """The chain written plainly, one autograd graph through every step (the reference)."""
+    n, c, h, w = x.shape
+    for t in range(steps):
+        (g,) = torch.autograd.grad(ebm(x).sum(), x, create_graph=True)
+        x = x - s * g + sigma * keys.normal(t, (h, w, c), dtype=x.dtype).permute(0, 3, 1, 2)
+    return x
+
+
 def test_forward_is_the_purifier(setup):
     ebm, x, keys, _ = setup
     assert torch.allclose(differentiable_langevin(ebm, x, keys, 5, segment=2).detach(), langevin(ebm, x, keys, 5),
@@ -46,8 +55,9 @@ def test_forward_is_the_purifier(setup):
 
 def test_checkpointed_gradient_equals_unrolled_autograd_and_finite_differences(setup):
     ebm, x, keys, loss = setup
-    unrolled = _grad(ebm, x, keys, loss, segment=5)
-    for segment in (1, 2, 3):
+    xr = x.clone().requires_grad_(True)
+    (unrolled,) = torch.autograd.grad(loss(_unrolled(ebm, xr, keys, 5)), xr)
+    for segment in (1, 2, 3, 5):
         assert torch.allclose(_grad(ebm, x, keys, loss, segment), unrolled, atol=1e-10, rtol=1e-8)
     # finite differences along random directions
     torch.manual_seed(1)
@@ -123,3 +133,43 @@ def test_checkpointed_memory_grows_with_sqrt_steps_and_segment_not_with_steps():
     assert k64 < 2.6 * k16 and k256 < 2.6 * k64, (k16, k64, k256)  # sqrt(4) = 2 per 4x steps
     assert peak(64, 64) > 3 * k64  # the unrolled chain grows with K
     assert peak(64, 4) < peak(64, 16)  # one segment's graph outweighs the stored states
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["float32", "bf16"])
+def test_the_recomputed_chain_is_the_judged_chain_bit_for_bit_at_the_papers_length(amp):
+    """K = 1500 in float32 (and with the EBM under bf16 autocast): the states the gradient is taken through
+    are the sampler's own, bit for bit (the backward compares every recomputed segment with them and would
+    raise ChainMismatch). The former recomputation (eager NCHW, x - s g + sigma xi) ended 6e-7 away."""
+    from distributed_ebm.exact_chain import ChainMismatch  # noqa: F401  (what a difference would raise)
+    from distributed_ebm.langevin import prepare_energy
+
+    from .conftest import tiny_ebm
+    ebm = prepare_energy(tiny_ebm(width=4, scale=20).eval())
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    keys = ChainKeys.replicated(0, torch.tensor([3, 9]), 1, call=2)
+    xr = x.clone().requires_grad_(True)
+    out = differentiable_langevin(ebm, xr, keys, 1500, amp=amp)
+    assert torch.equal(out.detach(), langevin(ebm, x, keys, 1500, amp=amp))
+    (g,) = torch.autograd.grad(out.sum(), xr)  # recomputes all 39 segments, each compared bit for bit
+    assert torch.isfinite(g).all()
+
+
+def test_a_recomputation_that_leaves_the_judged_chain_fails_in_one_line():
+    """Kernels that do not repeat (here an energy that changes between calls) cannot give the judged chain's
+    gradient: the backward refuses, naming the segment."""
+    from distributed_ebm.exact_chain import ChainMismatch
+
+    class Drifting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.tensor(1.0)), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return (self.w + 1e-3 * self.calls) * (x ** 2).flatten(1).sum(1)
+
+    x = torch.zeros(1, 3, 8, 8).requires_grad_(True)
+    out = differentiable_langevin(Drifting(), x, ChainKeys.replicated(0, torch.tensor([1]), 1), 4, 0.1, 0.01, 2)
+    with pytest.raises(ChainMismatch, match=r"recomputed chain left the judged one in steps 2\.\.3"):
+        out.sum().backward()

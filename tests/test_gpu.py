@@ -19,7 +19,7 @@ CUDA = torch.device("cuda")
 
 
 def _fields(records):
-    return [(r.index, r.label, r.natural_pred, r.broken_at, r.final_pred, r.image_steps, r.reeval_correct) for r in records]
+    return [(r.index, r.label, r.natural_protocol_pred, r.natural_defense_pred, r.broken_at, r.final_pred, r.image_steps, r.reeval_correct) for r in records]
 
 
 @pytest.mark.parametrize("mode", ["bpda_eot", "exact_eot", "transfer", "defense", "pgd"])

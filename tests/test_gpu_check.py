@@ -16,7 +16,8 @@ def test_gpu_check_quick_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["errors"] == {}
     c = report["correctness"]
-    assert set(c) == {"noise", "langevin_chain", "exact_gradient", "training_iteration", "bpda_eot_records"}
+    assert set(c) == {"noise", "langevin_chain", "exact_gradient", "exact_gradient_judged_chain", "training_iteration",
+                      "bpda_eot_records"}
     assert all(v["ok"] for v in c.values()), c
     th = report["throughput"]
     assert th["langevin"][0]["plain_fp32"] > 0 and th["training"]["iterations_per_s"] > 0

@@ -152,7 +152,7 @@ def test_the_attack_engine_runs_the_kink_aware_gradient(setup):
         attack = Attack(clf, Purifier(_ebm(), STEPS, S, SIGMA), build(AttackSettings, {**settings, "surrogate": surrogate}))
         runs[surrogate] = attack(x, y, ids)
     plain, kinked = runs[None], runs["softplus"]
-    assert all(r.natural_correct for r in plain) and any(r.robust for r in plain) and any(r.robust for r in kinked)
+    assert all(r.natural_protocol_correct for r in plain) and any(r.robust for r in plain) and any(r.robust for r in kinked)
     # a gradient costs 3 chain runs (4 kink-aware: the recomputation runs both energies), a check 1
     for records, runs_per_grad in ((plain, 3), (kinked, 4)):
         for r in records:

@@ -42,7 +42,8 @@ def _cfg(tmp_path, ebm_url, out, **kw):
 
 
 def _same(a, b):
-    cols = ["index", "label", "natural_pred", "natural_correct", "broken_at", "final_pred", "image_steps",
+    cols = ["index", "label", "natural_protocol_pred", "natural_protocol_correct", "natural_defense_pred",
+            "natural_defense_correct", "broken_at", "final_pred", "image_steps", "confirm_image_steps", "adv_loss",
             "reeval_correct"]
     for c in cols:
         assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
@@ -59,7 +60,7 @@ def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url,
     piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray"), **settings), show=False)
     _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
     assert {r for r in results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()} - {-1}, "some breaks"
-    keys = ["natural_accuracy", "robust_accuracy", "accuracy_curve", "image_steps"]
+    keys = ["natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy", "accuracy_curve", "image_steps"]
     if settings:
         keys += ["reeval_accuracies", "reeval_mean_accuracy", "worst_case_accuracy"]
         assert piped["reevaluations"] == 2

@@ -9,7 +9,7 @@ import yaml
 
 from distributed_ebm import results, storage
 from distributed_ebm.config import ConfigError, TunePurificationConfig, build, load_config
-from distributed_ebm.data import load, to_uint8
+from distributed_ebm.data import load
 from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
 from distributed_ebm.distributed.trainer import run_dir
 from distributed_ebm.nets import save_ebm
@@ -29,7 +29,8 @@ def test_objective_ranks_every_trial_below_the_floor_under_every_trial_above():
     ("space={noise: {low: 0.1, high: 0.01}}", "space.noise: low 0.1 > high 0.01"),
     ("space={temperature: {low: 0.1, high: 1}}", "space.temperature: unknown parameter; searchable: steps, step_size, noise"),
     ("space={noise: {low: 0, high: 1}}", "space.noise: a log-uniform range needs low > 0"),
-    ("validation.split=test", "validation: held-out images come from the training split, never from the test images"),
+    ("validation.split=train", "validation_images = held_out_test: validation.split must be test"),
+    ("validation_images=training", "validation_images = training: validation must be a training-split file"),
     ("rungs=[10, 5]", "rungs must grow strictly"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(override, message):
@@ -58,16 +59,15 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
     assert best["stopped_early"] >= 1, best["trials"]
     assert best["metrics"]["objective"] == max(t["objective"] for t in best["trials"] if t["rungs"] == 3)
 
-    # the validation images are training images, never test images: no test image among them
-    validation = load(cfg.validation)
-    test = load(build(TunePurificationConfig, {}).attack.data.model_copy(update={"path": TEST_EXACT}))
+    # the trials saw only validation images: exact test images of ids 500-999, none of the evaluation's
+    validation = set(load(cfg.validation).ids.tolist())
     seen = set()
     for trial in best["trials"]:
         seen |= set(results.read_records(storage.join(run_dir(cfg), "trials", trial["trial"]),
                                          ["index"]).column("index").to_pylist())
-    assert seen <= set(validation.ids.tolist())
-    test_pixels = {p.tobytes() for p in to_uint8(test.images)}
-    assert not any(p.tobytes() in test_pixels for p in to_uint8(validation.images))
+    assert seen <= validation and min(validation) >= 500 and len(validation) == 8
+    assert not seen & set(load(cfg.attack.data).ids.tolist())
+    assert best["metrics"]["natural_defense_accuracy"] is not None and best["metrics"]["natural_protocol_accuracy"] is not None
 
     # MLflow: the search's parent run and one child run per trial
     mlflow.set_tracking_uri(uri)
@@ -87,7 +87,7 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
     assert done.returncode == 0, done.stderr[-2000:]
     summary = results.load_summary(str(tmp_path / "best-run"))
     assert summary["images"] == 2 and summary["config"]["purify"]["noise"] == pytest.approx(best["params"]["noise"])
-    assert np.isfinite(summary["natural_accuracy"])
+    assert np.isfinite(summary["natural_defense_accuracy"])
 
     # running the search again restores it from its storage instead of starting new trials
     again = tune_purification(cfg)
@@ -105,17 +105,32 @@ def test_training_sampler_search_holds_out_validation_and_writes_a_training_conf
                   "ray": {"workers": 1}},
         "attack": {"classifier": {"weights": RESNET20}, "purify": {"steps": 2},
                    "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 4, "ray": {"actors": 1}},
-        "validation": {"path": exact_train, "random": 4, "subset_seed": 1},
+        "validation": {"path": exact_train, "split": "train", "random": 4, "subset_seed": 1, "id_range": None},
+        "validation_images": "training",  # the named option: held out of each trial's training data
         "space": {"noise": {"low": 0.001, "high": 0.1}, "steps": {"low": 1, "high": 3}},
         "rungs": [2, 4], "trials": 2, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "tt",
         "mlflow": {"enabled": False}})
     best = tune_training(cfg)
-    assert len(best["trials"]) == 2 and all(t["natural_accuracy"] is not None for t in best["trials"])
+    assert len(best["trials"]) == 2 and all(t["natural_defense_accuracy"] is not None for t in best["trials"])
     validation_ids = set(load(cfg.validation).ids.tolist())
     trained_on = set(load(trial_training(cfg, best["params"], "x", sorted(validation_ids)).data).ids.tolist())
     assert trained_on and not trained_on & validation_ids
     tuned = build(TrainEBMConfig, yaml.safe_load(storage.read_bytes(best["file"])))  # what jobs/train_ebm.py reads
     assert tuned.langevin.steps == best["params"]["steps"] and tuned.iterations == cfg.train.iterations
+
+
+def test_a_search_refuses_validation_images_it_would_evaluate_on(tmp_path):
+    """Before any trial (and before Ray starts): one line naming the shared ids; disjoint ids run."""
+    from distributed_ebm.config import InputError
+    from distributed_ebm.distributed.tune import _validation_ids
+    cfg = build(TunePurificationConfig, {"attack": {"data": {"path": TEST_EXACT, "id_range": [0, 600]}},
+                                         "validation": {"path": TEST_EXACT}, "rungs": [10], "output": str(tmp_path)})
+    with pytest.raises(InputError, match=r"validation shares \d+ image ids with attack.data \(e.g. \[5"):
+        tune_purification(cfg)
+    assert not os.path.exists(tmp_path / "tune-purification")
+    defaults = load_config(TunePurificationConfig, "jobs/configs/tune_purification.yaml", [])
+    ids = _validation_ids(defaults, 200)
+    assert len(ids) == 200 and min(ids) >= 500 and defaults.attack.data.id_range == [0, 500]
 
 
 def test_a_stopped_search_resumes(ray_local, tmp_path):

@@ -7,14 +7,14 @@ from distributed_ebm.attacks.apgd import APGD
 from distributed_ebm.config import AttackConfig, AttackSettings, ConfigError, load_config
 from distributed_ebm.data import select
 from distributed_ebm.defense import dlr
-from distributed_ebm.results import summarize
+from distributed_ebm.results import summarize_records
 
 from .test_attacks import _run, defended  # noqa: F401  (module fixture)
 
 
 def _robust(attack, data):
     records = _run(attack, data, 50)
-    return summarize([r.natural_correct for r in records], [r.broken_at for r in records], attack.points)
+    return summarize_records(records, attack.points)
 
 
 @pytest.mark.parametrize("eps, steps", [(8 / 255, 50), (0.5 / 255, 20)])
@@ -25,10 +25,10 @@ def test_apgd_reaches_at_most_pgds_robust_accuracy_on_resnet20(exact_test, resne
     for loss in ("ce", "dlr"):
         s = AttackSettings(mode="pgd", optimizer="apgd", loss=loss, eps=eps, steps=steps)
         apgd = _robust(Attack(resnet20, None, s), data)
-        assert apgd["natural_accuracy"] == pgd["natural_accuracy"]
+        assert apgd["natural_protocol_accuracy"] == pgd["natural_protocol_accuracy"]
         assert apgd["robust_accuracy"] <= pgd["robust_accuracy"], (loss, apgd["robust_accuracy"], pgd["robust_accuracy"])
     if eps < 1 / 255:
-        assert 0.1 < pgd["robust_accuracy"] < pgd["natural_accuracy"], "the small budget should discriminate"
+        assert 0.1 < pgd["robust_accuracy"] < pgd["natural_protocol_accuracy"], "the small budget should discriminate"
     else:
         assert pgd["robust_accuracy"] <= 0.02
 
@@ -73,7 +73,7 @@ def test_reevaluations_report_mean_and_worst_case_whatever_the_batching(defended
     assert all(len(r.reeval_correct) == 4 for r in one)
     assert [r.reeval_correct for r in _run(Attack(clf, purifier, s, seed=3), data, 2)] == [r.reeval_correct for r in one]
     flags = [r.reeval_correct for r in one]
-    summary = summarize([r.natural_correct for r in one], [r.broken_at for r in one], 4, flags)
+    summary = summarize_records(one, 4)
     assert summary["worst_case_accuracy"] == sum(all(f) for f in flags) / len(flags)
     assert summary["worst_case_accuracy"] <= summary["reeval_mean_accuracy"] <= max(summary["reeval_accuracies"])
     assert len({tuple(f) for f in flags}) > 1 or len(set(flags[0])) > 1, "fresh chains should disagree somewhere"

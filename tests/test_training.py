@@ -108,3 +108,21 @@ def test_classifier_trains_and_resumes(tmp_path):
     clf = load_classifier("wrn", str(tmp_path / "a" / "classifier.pt"))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(clf(x), straight["classifier"](x))
+
+
+def test_a_rejuvenated_start_and_its_chains_first_noise_are_independent_draws():
+    """Iteration t's chain draws its step-0 noise with call t; a slot restarted at iteration t must not draw
+    its uniform start from the same Philox words (before: the start's log and the noise's radius were the same
+    number, correlation -1)."""
+    from distributed_ebm.bank import ImageBank
+    from distributed_ebm.noise import ChainKeys
+
+    t, shape = 17, (3, 4, 4)
+    bank = ImageBank(2000, shape, seed=3)
+    slots = torch.arange(2000)
+    start = (bank.read(slots, torch.ones(2000, dtype=torch.bool), call=t) + 1) / 2  # U(0, 1), draw order = C H W
+    z = ChainKeys(3, slots, torch.zeros_like(slots), call=t).normal(0, (4, 4, 3)).flatten(1)  # the step's draw order
+    radius = z[:, 0::4] ** 2 + z[:, 1::4] ** 2  # Box-Muller: -2 log of the block's first uniform
+    corr = torch.corrcoef(torch.stack([start.flatten(1)[:, 0::4].log().flatten(), radius.flatten()]))[0, 1]
+    assert abs(corr.item()) < 0.03
+    assert torch.equal(bank.read(slots[:5]), bank.states[:5])  # the initial starts are as they were

@@ -12,15 +12,25 @@ checked. The judge of a defended mode is the defense: `eot_attack` purified repl
 The iterates move by fixed-step PGD or by APGD (`attack.optimizer`, `apgd.UPDATERS`), ascending
 the cross-entropy or the DLR loss (`loss`) of the (EOT-averaged) output.
 
-Stochastic-defense reporting (`reevaluations` = R > 0): after the attack, each image's final
-adversarial image (the one at its break, else the last iterate; the clean image if the clean
-image was already misclassified) is judged R more times by the defense with fresh chains
-(`eot_defense` each); the summary gives the mean accuracy over the R judgements and the
-worst case (the share of images judged correctly all R times) beside the protocol's figure.
+Two natural figures. The protocol's (`natural_protocol_*`): the clean image is not broken at point
+0, i.e. its check is right OR its confirmation is right (the authors' released protocol, the figure
+to set beside the paper's). The defense's own (`natural_defense_*`): the prediction a deployed EOT
+defense makes on the clean image, its `eot_defense`-chain vote (the check's `eot_attack` chains when
+eot_defense = 0; the classifier itself when undefended). Point 0's confirmation chains are that
+vote: they run for every clean image, and the protocol uses them only where the check is wrong, so
+the protocol's records are what they were when only wrong checks were confirmed.
+
+The adversarial image of a record (`adv_image`, its loss `adv_loss`): the iterate at the break, or,
+for an image never broken, its most adversarial checked iterate, the one whose check output had
+the highest attack loss (the clean image for an image broken at point 0 or a mode that does not move).
+Stochastic-defense reporting (`reevaluations` = R > 0): after the attack, each record's adversarial
+image is judged R more times by the defense with fresh chains (`eot_defense` each); the summary
+gives the mean accuracy over the R judgements and the worst case (the share of images judged
+correctly all R times) beside the protocol's figure.
 
 Randomness is keyed by (seed, image id, call), with call = 2 * point for a check, 2 * point + 1
 for its confirmation and 2 * points + r for re-evaluation r, so an image's result does not
-depend on its batch.
+depend on its batch. Restarts and ensemble members run with seeds of their own (`noise.stream_seed`).
 
 Shapes and devices: images N x C x H x W (float, in [-1, 1]) on any device; labels (N,) and
 ids (N,) int64. One rule: every per-image tensor (labels, ids, masks, row numbers, counters)
@@ -50,12 +60,16 @@ NEVER = -1
 class ImageRecord:
     index: int  # dataset id of the image
     label: int
-    natural_pred: int  # defended (or, in mode pgd, undefended) prediction on the clean image
-    natural_correct: bool
+    natural_protocol_pred: int  # the clean image's check prediction, or its confirmation's where the check is wrong
+    natural_protocol_correct: bool  # not broken at point 0: check right or confirmation right
+    natural_defense_pred: int  # the defense's own vote on the clean image (eot_defense chains); -1 = not judged
+    natural_defense_correct: bool
     broken_at: int  # evaluation point of the break (0 = clean image, t + 1 = iterate t); -1 = never
     final_pred: int  # prediction at the break, or at the last evaluation if never broken
     image_steps: int  # Langevin image-steps spent on this image (its share of the compute)
-    adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the image at the break, or the last iterate
+    confirm_image_steps: int  # the part of image_steps spent on confirmations (point 0's vote included)
+    adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the iterate at the break, else the most adversarial one
+    adv_loss: float  # the attack loss of adv_image's check output
     reeval_correct: list = field(default_factory=list)  # one flag per re-evaluation of adv_image
 
     @property
@@ -91,8 +105,10 @@ class Attack:
     """
 
     def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings: AttackSettings, *,
-                 seed: int = 0, chunk_size: int = 1024, on_point: Callable[[int, int], None] | None = None):
+                 seed: int = 0, chunk_size: int = 1024, on_point: Callable[[int, int], None] | None = None,
+                 natural_defense: bool = True):
         self.s, self.seed, self.on_point = settings, seed, on_point
+        self.natural_defense = natural_defense  # False: point 0 confirms wrong checks only (no defense vote)
         self.mode = MODES[settings.mode](self)
         if self.mode.defended and purifier is None:
             raise ValueError(f"attack mode {settings.mode} needs a purifier")
@@ -115,11 +131,14 @@ class Attack:
             (grad,) = torch.autograd.grad(self.loss(logits, labels).sum(), x)
         return logits.detach(), grad
 
-    def eot(self, x, rows, call, replicates, labels=None, *, exact=False, runs=1):
+    def eot(self, x, rows, call, replicates, labels=None, *, exact=False, runs=1, confirm=False):
         """EOT logits (and the attack's gradient when labels are given) of the images at batch rows
-        `rows`; charges the chains to them: `runs` passes of each chain (1, more for an exact gradient)."""
+        `rows`; charges the chains to them: `runs` passes of each chain (1, more for an exact gradient),
+        also as confirmation steps when `confirm`."""
         steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         self.cost[rows] += replicates * steps
+        if confirm:
+            self.confirm_cost[rows] += replicates * steps
         ids = self._ids[rows]
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
@@ -127,24 +146,30 @@ class Attack:
                                             loss=self.loss, exact=exact, segment=self.s.segment,
                                             surrogate_temperature=self.s.surrogate_temperature if self.s.surrogate else None)
 
-    def _judge(self, point, x, labels, rows, check_logits=None):
-        """(broken mask, prediction) at a checked point, with the paper's confirmation by a defended
-        mode; `rows` are the images' batch rows (all on x's device)."""
+    def _judge(self, point, x, labels, rows, check_logits=None, vote_all=False):
+        """(broken mask, prediction, check logits, defense vote or None) at a checked point, with the paper's
+        confirmation by a defended mode; `vote_all`: confirm every image, not only wrong checks, and return
+        the confirmations as the defense's vote. `rows` are the images' batch rows (all on x's device)."""
         same_device(x=x, labels=labels, rows=rows)
-        defended = self.mode.defended
+        defended, h = self.mode.defended, self.s.eot_defense
         if check_logits is None:
             check_logits = self.eot(x, rows, 2 * point, self.s.eot_attack) if defended else self.classifier(x)
         pred = check_logits.argmax(1)
         wrong = pred != labels
-        if defended and self.s.eot_defense > 0 and wrong.any():
-            sub = wrong.nonzero().flatten()
-            confirm = self.eot(x[sub], rows[sub], 2 * point + 1, self.s.eot_defense).argmax(1)
+        vote = None
+        if defended and h > 0 and (vote_all or wrong.any()):
+            sub = torch.arange(len(x), device=x.device) if vote_all else wrong.nonzero().flatten()
+            confirm = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True).argmax(1)
+            vote = confirm if vote_all else None
+            confirm, sub = (confirm[wrong], sub[wrong]) if vote_all else (confirm, sub)
             pred[sub] = confirm
             wrong[sub] = confirm != labels[sub]
-        return wrong, pred
+        elif vote_all:  # no confirmation chains: the check is the defense (or the classifier, undefended)
+            vote = check_logits.argmax(1)
+        return wrong, pred, check_logits, vote
 
     def _reevaluate(self, adv, labels, rows) -> list[list[bool]]:
-        """Judge every final adversarial image `reevaluations` times with fresh chains."""
+        """Judge every record's adversarial image `reevaluations` times with fresh chains."""
         correct = torch.stack([self.eot(adv, rows, 2 * self.points + r, self.s.eot_defense).argmax(1) == labels
                                for r in range(self.s.reevaluations)], dim=1)
         return correct.cpu().tolist()
@@ -158,9 +183,12 @@ class Attack:
         rows = torch.arange(n, device=device)
         broken_at = torch.full((n,), NEVER, dtype=torch.int64, device=device)
         self.cost = torch.zeros(n, dtype=torch.int64, device=device)
+        self.confirm_cost = torch.zeros(n, dtype=torch.int64, device=device)
         adv = images.detach().clone()
 
-        wrong, natural_pred = self._judge(0, images, labels, rows)
+        wrong, natural_pred, logits, vote = self._judge(0, images, labels, rows, vote_all=self.natural_defense)
+        natural_vote = vote if vote is not None else torch.full_like(natural_pred, NEVER)
+        adv_loss = self.loss(logits, labels).to(torch.float64)  # the clean image's, until an iterate is checked
         final_pred = natural_pred.clone()
         broken_at[wrong] = 0
         active = rows[~wrong]
@@ -177,10 +205,13 @@ class Attack:
                 logits, grad = (mode.output(x, active, point), None) if last else mode.gradient(x, y, active, point)
                 loss = self.loss(logits, y) if grad is not None else None
                 if mode.checked(point, self.points):
-                    wrong, pred = self._judge(point, x, y, active, logits if mode.check_from_gradient else None)
+                    wrong, pred, checked, _ = self._judge(point, x, y, active, logits if mode.check_from_gradient else None)
+                    check_loss = self.loss(checked, y).to(torch.float64)
+                    # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
+                    better = wrong | (check_loss > adv_loss[active]) | (point == self._first_checked())
+                    adv[active[better]], adv_loss[active[better]] = x[better], check_loss[better]
                     broken_at[active[wrong]] = point
                     final_pred[active] = pred
-                    adv[active[wrong]] = x[wrong]
                     keep = ~wrong
                     active, x = active[keep], x[keep]
                     update.keep(keep)
@@ -190,16 +221,21 @@ class Attack:
                 if grad is not None:
                     x = update.step(x, grad, loss)
                 self._report(point)
-            adv[active] = x
         reeval = self._reevaluate(adv, labels, rows) if self.s.reevaluations else [[] for _ in range(n)]
         self._report(self.points - 1)
 
         ids, labels = self._ids.tolist(), labels.tolist()
-        natural_pred, broken_at, final_pred = natural_pred.tolist(), broken_at.tolist(), final_pred.tolist()
-        cost, adv = self.cost.tolist(), adv.float().cpu().numpy()
-        return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], broken_at[k],
-                            final_pred[k], cost[k], adv[k], reeval[k])
+        natural_pred, natural_vote = natural_pred.tolist(), natural_vote.tolist()
+        broken_at, final_pred, adv_loss = broken_at.tolist(), final_pred.tolist(), adv_loss.tolist()
+        cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), adv.float().cpu().numpy()
+        return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], natural_vote[k],
+                            natural_vote[k] == labels[k], broken_at[k], final_pred[k], cost[k], confirm_cost[k], adv[k],
+                            adv_loss[k], reeval[k])
                 for k in range(n)]
+
+    def _first_checked(self) -> int:
+        """The first checked iterate's point (transfer checks only the last)."""
+        return next(p for p in range(1, self.points) if self.mode.checked(p, self.points))
 
     def _report(self, point: int) -> None:
         if self.on_point is not None:

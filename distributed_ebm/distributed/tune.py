@@ -1,4 +1,6 @@
-"""Ray Tune searches, judged on held-out training images, never on the test images.
+"""Ray Tune searches, judged on exact test images disjoint by id from the evaluation's (by default ids
+500-999 for the search, 0-499, the paper's 500, for the tuned config), or on training images where
+`validation_images: training` says so (optimistic: the classifier and the EBM learned from them).
 
 - `tune_purification`: the purifier's step size, noise and steps. Each trial runs the attack
   job's own evaluation engine (`evaluate`: Ray Data actors, resumable records) on a growing number
@@ -9,8 +11,8 @@
   the training data) up to each rung's iteration count, resuming its own run, and evaluates the
   EBM as a purifier after each rung.
 
-Optuna proposes, ASHA prunes. The objective ranks every trial whose natural accuracy reaches the
-floor above every trial that misses it. MLflow: a parent run per search, a child run per trial.
+Optuna proposes, ASHA prunes. The objective ranks every trial whose natural accuracy (`natural_figure`: the defense's
+own by default, or the protocol's) reaches the floor above every trial that misses it. MLflow: a parent run per search, a child run per trial.
 The search state lives under output/name (local or S3); running the job again resumes it. The best
 settings are written as a config the attack (or training) job accepts as it is.
 """
@@ -30,7 +32,7 @@ from .evaluate import evaluate, preflight
 from .trainer import run_dir
 
 BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
-REPORTED = ("objective", "natural_accuracy", "robust_accuracy", "images")
+REPORTED = ("objective", "natural_defense_accuracy", "natural_protocol_accuracy", "robust_accuracy", "images")
 
 
 def objective(kind: str, natural: float, robust: float, floor: float) -> float:
@@ -59,8 +61,9 @@ def trial_attack(cfg: SearchConfig, ids: list[int], output: str, purify=None, eb
 
 
 def _scores(cfg: SearchConfig, summary: dict, images: int) -> dict:
-    nat, rob = summary["natural_accuracy"], summary["robust_accuracy"]
-    return {"objective": objective(cfg.objective, nat, rob, cfg.natural_floor), "natural_accuracy": nat,
+    nat, rob = summary[f"natural_{cfg.natural_figure}_accuracy"], summary["robust_accuracy"]
+    return {"objective": objective(cfg.objective, nat, rob, cfg.natural_floor),
+            **{k: summary[k] for k in ("natural_defense_accuracy", "natural_protocol_accuracy")},
             "robust_accuracy": rob, "images": images}
 
 
@@ -105,7 +108,8 @@ def training_trial(params: dict, setup: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     out = storage.join(run_dir(cfg), "trials", trial_id)
     logger = _child_logger(setup, trial_id, params)
-    train = trial_training(cfg, params, out, setup["ids"]).model_copy(update={"name": f"ebm-{trial_id}"})
+    held_out = setup["ids"] if cfg.validation_images == "training" else []  # test images are never trained on
+    train = trial_training(cfg, params, out, held_out).model_copy(update={"name": f"ebm-{trial_id}"})
     for rung, iterations in enumerate(cfg.rungs, start=1):
         trained = train_ebm_on_ray(train.model_copy(update={"iterations": iterations}), show=False)
         attack = trial_attack(cfg, setup["ids"], storage.join(out, f"eval-{iterations}"), ebm=trained["ebm"])
@@ -192,9 +196,16 @@ def _write(cfg: SearchConfig, name: str, what: str, body) -> str:
 
 
 def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
-    ids = choose(cfg.validation).ids.tolist()  # ids alone: the trials' engines read the pixels
+    """The search's image ids (ids alone: the trials' engines read the pixels); none may be an evaluation image."""
+    ids = choose(cfg.validation).ids.tolist()
     if len(ids) < needed:
         raise InputError(f"the search needs {needed} validation images but validation holds {len(ids)}")
+    if cfg.validation.path == cfg.attack.data.path:
+        shared_ids = sorted(set(ids) & set(choose(cfg.attack.data).ids.tolist()))
+        if shared_ids:
+            raise InputError(f"validation shares {len(shared_ids)} image ids with attack.data (e.g. {shared_ids[:5]}): "
+                             "a search must not see the images its tuned settings are evaluated on (validation.id_range "
+                             "and attack.data.id_range choose disjoint ids)")
     return ids
 
 

@@ -45,13 +45,21 @@ class SoftplusLeakyReLU(nn.Module):
         return f"slope={self.slope}, temperature={self.temperature}"
 
 
+class SiLU(nn.Module):
+    """x sigmoid(x), written out: torch's fused SiLU differentiates by another formula when the graph is kept
+    (create_graph), so the exact gradient's recomputation would not repeat the sampler's chain bit for bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
 def _activation(name: str, soft_alpha: float, soft_eps: float) -> nn.Module:
     if name == "lrelu":
         return nn.LeakyReLU(LRELU_SLOPE)
     if name == "soft_lrelu":
         return SoftLeakyReLU(soft_alpha, soft_eps)
     if name == "silu":
-        return nn.SiLU()
+        return SiLU()
     raise ValueError(f"ebm.activation must be one of {', '.join(ACTIVATIONS)} (got {name!r})")
 
 
