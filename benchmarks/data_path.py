@@ -19,7 +19,7 @@ def main() -> None:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--mode", choices=["load", "choose"], default="load")
     a = p.parse_args()
-    from distributed_ebm import data
+    from distributed_ebm.store import data
     from distributed_ebm.config import DataConfig
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

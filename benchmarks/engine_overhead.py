@@ -22,8 +22,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
-from distributed_ebm.distributed.evaluate import evaluate  # noqa: E402
-from distributed_ebm.nets import EBM, save_ebm  # noqa: E402
+from distributed_ebm.distributed.attack import evaluate  # noqa: E402
+from distributed_ebm.method.nets import EBM, save_ebm  # noqa: E402
 
 
 def main() -> None:

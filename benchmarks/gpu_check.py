@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's p
 
 from benchmarks.langevin import plain_loop, sync  # noqa: E402
 from distributed_ebm.config import AttackConfig, TrainEBMConfig  # noqa: E402
-from distributed_ebm.data import read_parquet  # noqa: E402
-from distributed_ebm.evaluation import build_attack  # noqa: E402
-from distributed_ebm.exact_chain import differentiable_langevin  # noqa: E402
-from distributed_ebm.langevin import cuda_defaults, langevin, prepare_energy  # noqa: E402
-from distributed_ebm.nets import load_ebm  # noqa: E402
-from distributed_ebm.noise import ChainKeys  # noqa: E402
-from distributed_ebm.training import EBMTraining  # noqa: E402
+from distributed_ebm.store.data import read_parquet  # noqa: E402
+from distributed_ebm.local.attack import build_attack  # noqa: E402
+from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
+from distributed_ebm.method.langevin import cuda_defaults, langevin, prepare_energy  # noqa: E402
+from distributed_ebm.method.nets import load_ebm  # noqa: E402
+from distributed_ebm.method.noise import ChainKeys  # noqa: E402
+from distributed_ebm.method.training import EBMTraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = os.environ.get("DEBM_SHARED", str(REPO.parent / "shared"))
@@ -77,15 +77,15 @@ def check_noise(dev, S, a):
     out = {"chains": len(keys)}
     out["torch_words_equal"] = all(torch.equal(r, d.cpu()) for r, d in zip(ref_w, dkeys._words(12345, 3072, dev)))
     if dev.type == "cuda":
-        from distributed_ebm import philox_triton
+        from distributed_ebm.method import philox_triton
         try:
             out["fused_words_equal"] = all(torch.equal(r, d.cpu()) for r, d in zip(ref_w, philox_triton.words(dkeys, 12345, 3072)))
         except Exception as exc:  # recorded; the tensor path below still runs
             out["fused_words_equal"], out["fused_error"] = False, f"{type(exc).__name__}: {exc}"[:500]
     z_ref = keys.normal(12345, (32, 32, 3))
     out["normal_max_abs"] = max_abs(z_ref, dkeys.normal(torch.tensor(12345, device=dev), (32, 32, 3)))
-    from distributed_ebm import noise
-    from distributed_ebm import langevin as lv
+    from distributed_ebm.method import noise
+    from distributed_ebm.method import langevin as lv
     out["fused_kernel_used"] = bool(noise._FUSED) if dev.type == "cuda" else False
     out["cuda_graph_used"] = lv.GRAPHS_WORK if dev.type == "cuda" else False
     out["ok"] = out["torch_words_equal"] and out.get("fused_words_equal", True) and out["normal_max_abs"] <= TOL["noise_normal_abs"]
@@ -178,7 +178,7 @@ def check_judged_chain(dev, S, a):
     """The exact gradient is the judged chain's: at the paper's K = 1500, with the attack's own settings on the
     device (TF32, the CUDA graph; and bf16 autocast), the recomputation in the backward repeats the sampler's
     states bit for bit (the backward compares every segment and raises ChainMismatch otherwise)."""
-    from distributed_ebm.exact_chain import ChainMismatch
+    from distributed_ebm.method.exact_chain import ChainMismatch
 
     n, steps = S["judged_chain"]
     ebm = prepare_energy(load_ebm(a.ebm).to(dev))

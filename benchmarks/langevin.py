@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from distributed_ebm.langevin import langevin, prepare_energy
-from distributed_ebm.nets import EBM
-from distributed_ebm.noise import ChainKeys
+from distributed_ebm.method.langevin import langevin, prepare_energy
+from distributed_ebm.method.nets import EBM
+from distributed_ebm.method.noise import ChainKeys
 
 
 def plain_loop(ebm, x, steps, step_size, noise):

@@ -21,9 +21,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
-from distributed_ebm.distributed.evaluate import evaluate  # noqa: E402
-from distributed_ebm.evaluation import run_attack  # noqa: E402
-from distributed_ebm.nets import EBM, save_ebm  # noqa: E402
+from distributed_ebm.distributed.attack import evaluate  # noqa: E402
+from distributed_ebm.local.attack import run_attack  # noqa: E402
+from distributed_ebm.method.nets import EBM, save_ebm  # noqa: E402
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from distributed_ebm.config import TrainEBMConfig, load_config  # noqa: E402
-from distributed_ebm.data import load  # noqa: E402
+from distributed_ebm.store.data import load  # noqa: E402
 from distributed_ebm.distributed.train import train_ebm_on_ray  # noqa: E402
-from distributed_ebm.training import EBMTraining  # noqa: E402
+from distributed_ebm.method.training import EBMTraining  # noqa: E402
 
 
 def main() -> None:

@@ -17,8 +17,7 @@ import argparse
 import os
 import sys
 
-from .config import (AttackConfig, InputError, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
-                     TunePurificationConfig, TuneTrainingConfig, exit_status, load_config, to_yaml)
+from .config import AttackConfig, InputError, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, exit_status, load_config, to_yaml
 
 COMMANDS = {
     "train-ebm": (TrainEBMConfig, "train the EBM (maximum likelihood, persistent bank)"),
@@ -61,8 +60,8 @@ def run(command: str, cfg) -> None:
         out = train_classifier_on_ray(cfg)
         print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
     elif command == "attack":
-        from .distributed.evaluate import evaluate
-        from .report import attack_done
+        from .distributed.attack import evaluate
+        from .results.report import attack_done
         print(attack_done(evaluate(cfg), cfg.output))
     elif command in ("tune", "tune-training"):
         from .distributed.tune import tune_purification, tune_training
@@ -79,9 +78,9 @@ def run(command: str, cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "report":
-        from . import storage
-        from .report import format_paired, format_table, plot_curves
-        from .results import load_summary, paired_comparison
+        from .store import storage
+        from .results.report import format_paired, format_table, plot_curves
+        from .results.records import load_summary, paired_comparison
         try:
             if args.plot:
                 storage.check_destination(args.plot, "--plot")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
-from . import storage
+from .store import storage
 from .config import QuickstartConfig
-from .distributed.evaluate import evaluate
-from .tracking import tracking_uri
-from .report import format_table, plot_curves
+from .distributed.attack import evaluate
+from .store.tracking import tracking_uri
+from .results.report import format_table, plot_curves
 from .distributed.train import train_ebm_on_ray
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed_ebm.attack_local import main  # noqa: E402
+from distributed_ebm.local.attack_local import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

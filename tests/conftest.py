@@ -25,13 +25,13 @@ DATA_DIR = os.path.dirname(TEST_EXACT)
 
 @pytest.fixture(scope="session")
 def exact_test():
-    from distributed_ebm.data import read_parquet
+    from distributed_ebm.store.data import read_parquet
     return read_parquet(TEST_EXACT)
 
 
 @pytest.fixture(scope="session")
 def resnet20():
-    from distributed_ebm.nets import load_classifier
+    from distributed_ebm.method.nets import load_classifier
     return load_classifier("resnet20", RESNET20)
 
 
@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_ebm(width: int = 4, seed: int = 0, scale: float = 1.0):
     """A small random EBM; `scale` multiplies its energy so gradients matter at s = 1."""
-    from distributed_ebm.nets import EBM
+    from distributed_ebm.method.nets import EBM
     torch.manual_seed(seed)
     ebm = EBM(width=width)
     with torch.no_grad():

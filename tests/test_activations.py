@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.config import AttackConfig, InputError, TrainEBMConfig, build
-from distributed_ebm.data import ImageSet
-from distributed_ebm.defense import Purifier
-from distributed_ebm.evaluation import build_attack
-from distributed_ebm.nets import EBM, load_ebm, save_ebm
-from distributed_ebm.nets.ebm import SoftLeakyReLU
-from distributed_ebm.noise import ChainKeys
-from distributed_ebm.training import EBMTraining
+from distributed_ebm.store.data import ImageSet
+from distributed_ebm.method.defense import Purifier
+from distributed_ebm.local.attack import build_attack
+from distributed_ebm.method.nets import EBM, load_ebm, save_ebm
+from distributed_ebm.method.nets.ebm import SoftLeakyReLU
+from distributed_ebm.method.noise import ChainKeys
+from distributed_ebm.method.training import EBMTraining
 
 from .conftest import RESNET20
 

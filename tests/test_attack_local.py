@@ -5,11 +5,11 @@ import sys
 
 import numpy as np
 
-from distributed_ebm import results
-from distributed_ebm.attack_local import main
+from distributed_ebm.results import records as results
+from distributed_ebm.local.attack_local import main
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.evaluation import run_attack
-from distributed_ebm.nets import save_ebm
+from distributed_ebm.local.attack import run_attack
+from distributed_ebm.method.nets import save_ebm
 
 from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
 

@@ -3,18 +3,18 @@ compared with in test_ray_evaluate.py; the ensemble is held to its members alone
 must keep giving these records.
 
 The values were recorded from the engine before its mode strings became the classes of
-attack_modes.py (float64 on the CPU: integers exact, sums of adversarial images to a relative 1e-9, since the last bits of
+method/attacks/modes.py (float64 on the CPU: integers exact, sums of adversarial images to a relative 1e-9, since the last bits of
 float64 convolutions and sums depend on the CPU's vector kernels). A new mode adds
 a case here; `test_every_mode_is_pinned` fails until it does.
 """
 import numpy as np
 import pytest
 
-from distributed_ebm.attack_modes import MODES
+from distributed_ebm.method.attacks.modes import MODES
 from distributed_ebm.config import AttackConfig, AttackSettings, build
-from distributed_ebm.data import load
-from distributed_ebm.evaluation import build_attack
-from distributed_ebm.nets import save_ebm
+from distributed_ebm.store.data import load
+from distributed_ebm.local.attack import build_attack
+from distributed_ebm.method.nets import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_ebm.attacks import Attack, project, random_start
-from distributed_ebm.attacks.pgd import ascent_step
+from distributed_ebm.method.attacks import Attack, project, random_start
+from distributed_ebm.method.attacks.pgd import ascent_step
 from distributed_ebm.config import AttackSettings
-from distributed_ebm.data import select
-from distributed_ebm.defense import EOTDefense, Purifier
-from distributed_ebm.results import accuracy_curve, summarize_records, wilson_interval
+from distributed_ebm.store.data import select
+from distributed_ebm.method.defense import EOTDefense, Purifier
+from distributed_ebm.results.records import accuracy_curve, summarize_records, wilson_interval
 
 from .conftest import tiny_ebm
 
@@ -160,7 +160,7 @@ def test_wilson_interval():
 def test_per_image_tensors_share_the_images_device(exact_test, resnet20):
     """The engine's device rule, checked where it is enforced; the CUDA run itself is in test_gpu.py.
     `meta` tensors stand for 'another device' on a CPU-only machine: nothing may run on them."""
-    from distributed_ebm.defense import same_device
+    from distributed_ebm.method.defense import same_device
 
     x, y, ids = exact_test.images[:2], exact_test.labels[:2], exact_test.ids[:2]
     same_device(x=x, labels=y, ids=ids)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, ConfigError, TunePurificationConfig, load_config
-from distributed_ebm.nets import save_ebm
+from distributed_ebm.method.nets import save_ebm
 
 from .conftest import TEST_EXACT, tiny_ebm
 

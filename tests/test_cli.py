@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.cli import main
-from distributed_ebm.nets import load_ebm
-from distributed_ebm.results import read_records
+from distributed_ebm.method.nets import load_ebm
+from distributed_ebm.results.records import read_records
 
 
 def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_job_file_reports_bad_input_in_one_line():
 
 def test_exit_status_turns_user_facing_failures_into_one_line(capsys):
     from distributed_ebm.config import ConfigError, JobFailed, exit_status
-    from distributed_ebm.training import TrainingDiverged
+    from distributed_ebm.method.training import TrainingDiverged
 
     def fail(exc):
         def job():
@@ -80,8 +80,8 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
     """`debm report A B`: both tables, then per pair of runs that share images, what each breaks that the other
     leaves robust and the two-sided sign test on those images."""
     from distributed_ebm.config import AttackConfig, load_config
-    from distributed_ebm.evaluation import run_attack
-    from distributed_ebm.results import paired_comparison, sign_test_p
+    from distributed_ebm.local.attack import run_attack
+    from distributed_ebm.results.records import paired_comparison, sign_test_p
 
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 0) == 1.0 and sign_test_p(5, 0) == pytest.approx(2 / 32)
     assert sign_test_p(3, 7) == sign_test_p(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_ebm.distributed.trainer import all_workers, barrier, collective_device, mean_over_workers
+from distributed_ebm.distributed.ray_train import all_workers, barrier, collective_device, mean_over_workers
 
 
 def test_collective_device_follows_the_backend():

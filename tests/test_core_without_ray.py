@@ -18,15 +18,16 @@ class Blocker(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocker())
 
 import torch
-from distributed_ebm import provenance, results
-from distributed_ebm.attacks import Attack
+from distributed_ebm.store import provenance
+from distributed_ebm.results import records as results
+from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackConfig, AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.data import ImageSet, load
-from distributed_ebm.defense import Purifier
-from distributed_ebm.exact_chain import differentiable_langevin
-from distributed_ebm.nets import EBM, build_classifier, save_ebm
-from distributed_ebm.noise import ChainKeys
-from distributed_ebm.training import EBMTraining
+from distributed_ebm.store.data import ImageSet, load
+from distributed_ebm.method.defense import Purifier
+from distributed_ebm.method.exact_chain import differentiable_langevin
+from distributed_ebm.method.nets import EBM, build_classifier, save_ebm
+from distributed_ebm.method.noise import ChainKeys
+from distributed_ebm.method.training import EBMTraining
 
 torch.manual_seed(0)
 ebm, clf = EBM(width=4), build_classifier("resnet20")

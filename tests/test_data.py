@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.config import AttackConfig, ConfigError, DataConfig, build, load_config
-from distributed_ebm.data import DataError, load, read_parquet, read_torchvision, select, to_uint8
+from distributed_ebm.store.data import DataError, load, read_parquet, read_torchvision, select, to_uint8
 
 from .conftest import TEST_EXACT
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_ebm.defense import EOTDefense, Purifier
-from distributed_ebm.noise import ChainKeys
+from distributed_ebm.method.defense import EOTDefense, Purifier
+from distributed_ebm.method.noise import ChainKeys
 
 from .conftest import tiny_ebm
 
@@ -116,7 +116,7 @@ def test_no_reduction_that_is_nondeterministic_on_cuda(setup):
 
 
 def test_memory_is_bounded_by_chunk_size_not_replicates(exact_test):
-    from distributed_ebm.memory import peak_allocated_bytes
+    from distributed_ebm.method.memory import peak_allocated_bytes
 
     torch.manual_seed(0)
     clf = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 32 * 32, 10))

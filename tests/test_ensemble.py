@@ -4,11 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from distributed_ebm import results, storage
+from distributed_ebm.results import records as results
+from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, ConfigError, build
-from distributed_ebm.evaluation import run_attack
-from distributed_ebm.nets import save_ebm
+from distributed_ebm.local.attack import run_attack
+from distributed_ebm.method.nets import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 
@@ -107,8 +108,8 @@ def test_debm_attack_runs_an_ensemble_on_ray_resumes_and_reports_each_attack(ray
 
 
 def _records(cfg):
-    from distributed_ebm.data import load
-    from distributed_ebm.evaluation import build_attack
+    from distributed_ebm.store.data import load
+    from distributed_ebm.local.attack import build_attack
     data = load(cfg.data)
     return build_attack(cfg, "cpu")(data.images.double(), data.labels, data.ids)
 
@@ -116,7 +117,7 @@ def _records(cfg):
 def test_independent_members_and_restarts_each_draw_a_key_stream_of_their_own(runs, tmp_path):
     """Member k's restart r runs with seed stream_seed(seed, k, r): exactly that attack alone with that seed (member 0,
     restart 0 keeps the run seed). An image is robust only if it survives every run; records name member and restart."""
-    from distributed_ebm.noise import stream_seed
+    from distributed_ebm.method.noise import stream_seed
     ebm = runs[0]
     members, restarts = MEMBERS[:2], 2
     ens = _records(build(AttackConfig, _tree(ebm, str(tmp_path / "e"), ensemble=members, restarts=restarts)))

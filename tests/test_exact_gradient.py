@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_ebm.exact_chain import differentiable_langevin
-from distributed_ebm.langevin import langevin
-from distributed_ebm.nets import EBM
-from distributed_ebm.noise import ChainKeys
+from distributed_ebm.method.exact_chain import differentiable_langevin
+from distributed_ebm.method.langevin import langevin
+from distributed_ebm.method.nets import EBM
+from distributed_ebm.method.noise import ChainKeys
 
 
 class SmoothEnergy(torch.nn.Module):
@@ -95,7 +95,7 @@ def test_no_gradient_reaches_the_ebm(setup):
 def test_exact_eot_gradient_equals_autograd_through_every_replicate(setup, average):
     """The defense's exact gradient (chunked, checkpointed) = one autograd graph through all
     replicate chains and the averaged loss; BPDA's is different for a smooth EBM."""
-    from distributed_ebm.defense import EOTDefense, Purifier
+    from distributed_ebm.method.defense import EOTDefense, Purifier
     ebm, x, keys, _ = setup
     torch.manual_seed(2)
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).double()
@@ -117,7 +117,7 @@ def test_exact_eot_gradient_equals_autograd_through_every_replicate(setup, avera
 
 def test_checkpointed_memory_grows_with_sqrt_steps_and_segment_not_with_steps():
     """Allocator peaks (CPU: PyTorch's allocator books through the profiler) of one exact gradient."""
-    from distributed_ebm.memory import peak_allocated_bytes
+    from distributed_ebm.method.memory import peak_allocated_bytes
     torch.manual_seed(0)
     ebm = EBM(width=4)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -140,8 +140,8 @@ def test_the_recomputed_chain_is_the_judged_chain_bit_for_bit_at_the_papers_leng
     """K = 1500 in float32 (and with the EBM under bf16 autocast): the states the gradient is taken through
     are the sampler's own, bit for bit (the backward compares every recomputed segment with them and would
     raise ChainMismatch). The former recomputation (eager NCHW, x - s g + sigma xi) ended 6e-7 away."""
-    from distributed_ebm.exact_chain import ChainMismatch  # noqa: F401  (what a difference would raise)
-    from distributed_ebm.langevin import prepare_energy
+    from distributed_ebm.method.exact_chain import ChainMismatch  # noqa: F401  (what a difference would raise
+    from distributed_ebm.method.langevin import prepare_energy
 
     from .conftest import tiny_ebm
     ebm = prepare_energy(tiny_ebm(width=4, scale=20).eval())
@@ -158,7 +158,7 @@ def test_the_recomputed_chain_is_the_judged_chain_bit_for_bit_at_the_papers_leng
 def test_a_recomputation_that_leaves_the_judged_chain_fails_in_one_line():
     """Kernels that do not repeat (here an energy that changes between calls) cannot give the judged chain's
     gradient: the backward refuses, naming the segment."""
-    from distributed_ebm.exact_chain import ChainMismatch
+    from distributed_ebm.method.exact_chain import ChainMismatch
 
     class Drifting(torch.nn.Module):
         def __init__(self):

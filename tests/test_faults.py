@@ -35,7 +35,7 @@ def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_clu
     temp = Path(tempfile.mkdtemp(prefix="debm"))
     (temp / "ray").mkdir(parents=True)
     (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-    script = ("import ray; from distributed_ebm.distributed.cluster import connect; "
+    script = ("import ray; from distributed_ebm.distributed.cluster import connect;"
               "connect(None); print('cpus', ray.cluster_resources().get('CPU')); ray.shutdown()")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
                           env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0"), cwd=REPO)
@@ -45,8 +45,8 @@ def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_clu
 
 def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(tmp_path):
     from distributed_ebm.config import AttackConfig, InputError, load_config
-    from distributed_ebm.evaluation import run_attack
-    from distributed_ebm.results import read_records
+    from distributed_ebm.local.attack import run_attack
+    from distributed_ebm.results.records import read_records
 
     def cfg(*extra):
         return load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",

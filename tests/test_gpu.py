@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from distributed_ebm.attacks import Attack
+from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.data import ImageSet, select
-from distributed_ebm.defense import EOTDefense, Purifier
-from distributed_ebm.training import EBMTraining
+from distributed_ebm.store.data import ImageSet, select
+from distributed_ebm.method.defense import EOTDefense, Purifier
+from distributed_ebm.method.training import EBMTraining
 
 from .conftest import tiny_ebm
 
@@ -74,7 +74,7 @@ def test_collectives_run_on_nccl(tmp_path):
     """NCCL refuses CPU tensors: the helpers put them on the worker's device."""
     import torch.distributed as dist
 
-    from distributed_ebm.distributed.trainer import all_reduce, barrier, collective_device
+    from distributed_ebm.distributed.ray_train import all_reduce, barrier, collective_device
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

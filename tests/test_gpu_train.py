@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_ebm import storage
-from distributed_ebm.bank import ImageBank
-from distributed_ebm.card import card_text
-from distributed_ebm.compact import energy_stats, load_compact, reburn, save_compact
+from distributed_ebm.store import storage
+from distributed_ebm.method.bank import ImageBank
+from distributed_ebm.results.card import card_text
+from distributed_ebm.store.checkpoints import energy_stats, load_compact, reburn, save_compact
 from distributed_ebm.config import InputError, build
-from distributed_ebm.data import ImageSet, select
-from distributed_ebm.gpu_train import CKPT, Session, StandaloneTrainConfig, main
-from distributed_ebm.nets import load_ebm
-from distributed_ebm.training import EBMTraining, make_ebm_optimizer, new_ebm
+from distributed_ebm.store.data import ImageSet, select
+from distributed_ebm.local.train import CKPT, Session, StandaloneTrainConfig, main
+from distributed_ebm.method.nets import load_ebm
+from distributed_ebm.method.training import EBMTraining, make_ebm_optimizer, new_ebm
 
 from .conftest import REPO, TEST_EXACT
 

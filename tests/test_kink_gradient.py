@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from distributed_ebm.config import ConfigError, build, AttackSettings
-from distributed_ebm.defense import EOTDefense, Purifier
-from distributed_ebm.exact_chain import differentiable_langevin
-from distributed_ebm.langevin import langevin
-from distributed_ebm.nets import EBM
-from distributed_ebm.noise import ChainKeys
+from distributed_ebm.method.defense import EOTDefense, Purifier
+from distributed_ebm.method.exact_chain import differentiable_langevin
+from distributed_ebm.method.langevin import langevin
+from distributed_ebm.method.nets import EBM
+from distributed_ebm.method.noise import ChainKeys
 
 STEPS, S, SIGMA = 4, 1.0, 0.01
 
@@ -141,7 +141,7 @@ def test_surrogate_needs_exact_eot():
 
 
 def test_the_attack_engine_runs_the_kink_aware_gradient(setup):
-    from distributed_ebm.attacks import Attack
+    from distributed_ebm.method.attacks import Attack
     x, _, _ = setup
     torch.manual_seed(3)
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).double()

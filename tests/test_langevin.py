@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from distributed_ebm.langevin import energy_grad, langevin, prepare_energy
-from distributed_ebm.noise import ChainKeys
+from distributed_ebm.method.langevin import energy_grad, langevin, prepare_energy
+from distributed_ebm.method.noise import ChainKeys
 
 from .conftest import tiny_ebm
 
@@ -113,9 +113,9 @@ def test_cuda_graph_chain_matches_the_eager_chain_and_the_cpu():
 
 
 def test_chunk_size_default_off_cuda_and_measured_on_cuda():
-    from distributed_ebm.defense import Purifier
-    from distributed_ebm.memory import auto_chunk_size
-    from distributed_ebm.nets import build_classifier
+    from distributed_ebm.method.defense import Purifier
+    from distributed_ebm.method.memory import auto_chunk_size
+    from distributed_ebm.method.nets import build_classifier
 
     purifier, clf = Purifier(tiny_ebm(), 10), build_classifier("resnet20")
     assert auto_chunk_size(purifier, clf, (3, 32, 32), "cpu") == 1024
@@ -124,9 +124,9 @@ def test_chunk_size_default_off_cuda_and_measured_on_cuda():
 
 @pytest.mark.gpu
 def test_chunk_size_from_free_cuda_memory_fits():
-    from distributed_ebm.defense import Purifier
-    from distributed_ebm.memory import auto_chunk_size
-    from distributed_ebm.nets import EBM, build_classifier
+    from distributed_ebm.method.defense import Purifier
+    from distributed_ebm.method.memory import auto_chunk_size
+    from distributed_ebm.method.nets import EBM, build_classifier
 
     purifier = Purifier(EBM(32).cuda(), 10)
     clf = build_classifier("resnet20").cuda().to(memory_format=torch.channels_last)

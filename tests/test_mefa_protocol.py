@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, load_config
-from distributed_ebm.nets import EBM, save_ebm
-from distributed_ebm.results import read_records
+from distributed_ebm.method.nets import EBM, save_ebm
+from distributed_ebm.results.records import read_records
 
 MEFA = "jobs/configs/attack_mefa.yaml"
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from distributed_ebm.config import InputError
-from distributed_ebm.nets import EBM, build_classifier, load_classifier, load_ebm, save_classifier, save_ebm
-from distributed_ebm.training import accuracy
+from distributed_ebm.method.nets import EBM, build_classifier, load_classifier, load_ebm, save_classifier, save_ebm
+from distributed_ebm.method.training import accuracy
 
 from .conftest import WEIGHTS_DIR, tiny_ebm
 

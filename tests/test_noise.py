@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distributed_ebm.noise import CALL_RANDOM_START, ChainKeys, philox4x32
+from distributed_ebm.method.noise import CALL_RANDOM_START, ChainKeys, philox4x32
 
 
 def _w(v):
@@ -77,8 +77,8 @@ def test_device_resident_keys_and_counters_give_identical_words():
 _TRITON_CHECK = """
 import pytest
 import torch
-from distributed_ebm.noise import ChainKeys
-from distributed_ebm import philox_triton as pt
+from distributed_ebm.method.noise import ChainKeys
+from distributed_ebm.method import philox_triton as pt
 worst = 0.0
 for seed, call in [(0, 0), (2**32 - 1, 0x7FFF0001), (2021, torch.arange(6) * 7919)]:
     k = ChainKeys.replicated(seed, torch.tensor([3, 2**32 - 1, 7]), 2, call)
@@ -106,7 +106,7 @@ def test_fused_triton_kernel_matches_noise_py_in_the_interpreter():
 def test_fused_kernel_on_cuda_matches_the_cpu():
     keys = ChainKeys.replicated(7, torch.arange(300), 5, call=11)
     cuda_keys = keys.to("cuda")
-    from distributed_ebm import philox_triton as pt
+    from distributed_ebm.method import philox_triton as pt
 
     ref = keys._words(3, 3072, None)
     assert all(torch.equal(a, b.cpu()) for a, b in zip(ref, pt.words(cuda_keys, 3, 3072)))

@@ -7,11 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from distributed_ebm import results, storage
+from distributed_ebm.results import records as results
+from distributed_ebm.store import storage
 from distributed_ebm.config import AttackConfig, InputError, build
-from distributed_ebm.distributed.evaluate import evaluate
-from distributed_ebm.evaluation import run_attack
-from distributed_ebm.nets import EBM, save_ebm
+from distributed_ebm.distributed.attack import evaluate
+from distributed_ebm.local.attack import run_attack
+from distributed_ebm.method.nets import EBM, save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
-from distributed_ebm.data import select
+from distributed_ebm.store.data import select
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
-from distributed_ebm.nets import load_ebm
-from distributed_ebm.training import TrainingDiverged, new_ebm, train_ebm
+from distributed_ebm.method.nets import load_ebm
+from distributed_ebm.method.training import TrainingDiverged, new_ebm, train_ebm
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_two_workers_share_the_bank_checkpoint_to_s3_and_log_to_mlflow(ray_local
 
 
 def build_fresh_bank(run):
-    from distributed_ebm.bank import ImageBank
+    from distributed_ebm.method.bank import ImageBank
     return ImageBank(len(run.bank), run.bank.shape, "noise", run.cfg.seed).states
 
 
@@ -207,7 +207,7 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     import mlflow
     from distributed_ebm.config import TrainClassifierConfig
     from distributed_ebm.distributed.train_classifier import train_classifier_on_ray
-    from distributed_ebm.nets import load_classifier
+    from distributed_ebm.method.nets import load_classifier
 
     from .conftest import TEST_EXACT
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import yaml
 
-from distributed_ebm import results, storage
+from distributed_ebm.results import records as results
+from distributed_ebm.store import storage
 from distributed_ebm.config import ConfigError, TunePurificationConfig, build, load_config
-from distributed_ebm.data import load
+from distributed_ebm.store.data import load
 from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
-from distributed_ebm.distributed.trainer import run_dir
-from distributed_ebm.nets import save_ebm
+from distributed_ebm.distributed.ray_train import run_dir
+from distributed_ebm.method.nets import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

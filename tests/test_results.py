@@ -4,8 +4,8 @@ import re
 from pathlib import Path
 
 from distributed_ebm.config import AttackConfig, load_config
-from distributed_ebm.evaluation import run_attack
-from distributed_ebm.nets import EBM, load_ebm
+from distributed_ebm.local.attack import run_attack
+from distributed_ebm.method.nets import EBM, load_ebm
 
 
 def test_committed_ebm_gives_the_natural_accuracy_results_md_states(tmp_path):

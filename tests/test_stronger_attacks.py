@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from distributed_ebm.attacks import Attack
-from distributed_ebm.attacks.apgd import APGD
+from distributed_ebm.method.attacks import Attack
+from distributed_ebm.method.attacks.apgd import APGD
 from distributed_ebm.config import AttackConfig, AttackSettings, ConfigError, load_config
-from distributed_ebm.data import select
-from distributed_ebm.defense import dlr
-from distributed_ebm.results import summarize_records
+from distributed_ebm.store.data import select
+from distributed_ebm.method.defense import dlr
+from distributed_ebm.results.records import summarize_records
 
-from .test_attacks import _run, defended  # noqa: F401  (module fixture)
+from .test_attacks import _run, defended  # noqa: F401  (module fixture
 
 
 def _robust(attack, data):

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from distributed_ebm import storage
+from distributed_ebm.store import storage
 from distributed_ebm.config import TrainClassifierConfig, TrainEBMConfig, build
-from distributed_ebm.data import select
-from distributed_ebm.nets import load_classifier, load_ebm
-from distributed_ebm.training import EBMTraining, TrainingDiverged, augment, train_classifier, train_ebm
+from distributed_ebm.store.data import select
+from distributed_ebm.method.nets import load_classifier, load_ebm
+from distributed_ebm.method.training import EBMTraining, TrainingDiverged, augment, train_classifier, train_ebm
 
 from .conftest import TEST_EXACT
 
@@ -114,8 +114,8 @@ def test_a_rejuvenated_start_and_its_chains_first_noise_are_independent_draws():
     """Iteration t's chain draws its step-0 noise with call t; a slot restarted at iteration t must not draw
     its uniform start from the same Philox words (before: the start's log and the noise's radius were the same
     number, correlation -1)."""
-    from distributed_ebm.bank import ImageBank
-    from distributed_ebm.noise import ChainKeys
+    from distributed_ebm.method.bank import ImageBank
+    from distributed_ebm.method.noise import ChainKeys
 
     t, shape = 17, (3, 4, 4)
     bank = ImageBank(2000, shape, seed=3)

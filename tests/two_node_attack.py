@@ -10,11 +10,11 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from distributed_ebm import results
+from distributed_ebm.results import records as results
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.distributed.evaluate import evaluate
-from distributed_ebm.evaluation import run_attack
-from distributed_ebm.nets import save_ebm
+from distributed_ebm.distributed.attack import evaluate
+from distributed_ebm.local.attack import run_attack
+from distributed_ebm.method.nets import save_ebm
 from tests.conftest import RESNET20, TEST_EXACT, tiny_ebm
 
 IMAGES = 12

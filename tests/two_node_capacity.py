@@ -11,7 +11,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from distributed_ebm.config import TrainEBMConfig, build
-from distributed_ebm.data import read_parquet, select
+from distributed_ebm.store.data import read_parquet, select
 from distributed_ebm.distributed.train import train_ebm_on_ray
 from tests.conftest import TEST_EXACT
 

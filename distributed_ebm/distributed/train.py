@@ -23,15 +23,16 @@ import numpy as np
 import ray
 import torch
 
-from .. import preflight, provenance, storage
+from ..local import checks as preflight
+from ..store import provenance, storage
 from ..config import TrainEBMConfig
-from ..data import ImageSet, load, unit_range
-from ..nets import load_ebm, save_ebm
-from ..report import image_grid_png
-from ..training import EBMIteration, TrainingDiverged, new_ebm, training_state
-from .bank_actor import BankShard, ShardedBank, shard_bounds
+from ..store.data import ImageSet, load, unit_range
+from ..method.nets import load_ebm, save_ebm
+from ..results.report import image_grid_png
+from ..method.training import EBMIteration, TrainingDiverged, new_ebm, training_state
+from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import connect
-from .trainer import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
 METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")

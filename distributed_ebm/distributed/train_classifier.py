@@ -13,13 +13,14 @@ import numpy as np
 import ray
 import torch
 
-from .. import preflight, storage
+from ..local import checks as preflight
+from ..store import storage
 from ..config import TrainClassifierConfig
-from ..data import ImageSet, load, to_unit_range
-from ..nets import load_classifier, save_classifier
-from ..training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
+from ..store.data import ImageSet, load, to_unit_range
+from ..method.nets import load_classifier, save_classifier
+from ..method.training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
 from .cluster import connect
-from .trainer import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 
 def classifier_loop(config: dict) -> None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 import json
 import os
 
-from .. import preflight as checks
-from .. import storage
+from ..local import checks as checks
+from ..store import storage
 from ..config import AttackConfig, InputError, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
-from ..data import choose, load
-from ..nets import load_classifier
-from ..tracking import check_tracking
+from ..store.data import choose, load
+from ..method.nets import load_classifier
+from ..store.tracking import check_tracking
 from .cluster import available, connect
-from .evaluate import evaluate, preflight
-from .trainer import run_dir
+from .attack import evaluate, preflight
+from .ray_train import run_dir
 
 BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
 REPORTED = ("objective", "natural_defense_accuracy", "natural_protocol_accuracy", "robust_accuracy", "images")
@@ -70,7 +70,7 @@ def _scores(cfg: SearchConfig, summary: dict, images: int) -> dict:
 def _child_logger(setup: dict, trial_id: str, params: dict):
     if not setup.get("mlflow"):
         return None
-    from ..tracking import RunLogger
+    from ..store.tracking import RunLogger
     return RunLogger.child(**setup["mlflow"], name=trial_id, params=params)
 
 
@@ -158,7 +158,7 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
 
     if not cfg.mlflow.enabled:
         return _finish(cfg, make_tuner(None).fit(), write_best)
-    from ..tracking import log_url_artifacts, mlflow_run, tracking_uri
+    from ..store.tracking import log_url_artifacts, mlflow_run, tracking_uri
 
     id_url = storage.join(run_dir(cfg), "mlflow_run_id")
     run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None

@@ -11,7 +11,7 @@ import os
 import tempfile
 
 from . import storage
-from .config import InputError, MLflowConfig
+from ..config import InputError, MLflowConfig
 
 
 def tracking_uri(cfg: MLflowConfig) -> str:
@@ -128,7 +128,7 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
     """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
     if not cfg.mlflow.enabled:
         return None
-    from .report import describe
+    from ..results.report import describe
 
     system, attack = describe(summary)
     with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import AttackSettings
 from ..defense import Purifier
 from ..noise import stream_seed
 from .engine import NEVER, Attack, ImageRecord
@@ -37,7 +36,7 @@ class EnsembleAttack:
     The same handles as `Attack`: `defense` (the runs share one purifier), `cost` after a call
     (image-steps per image, on the CPU), `on_point` (handed to every run in turn)."""
 
-    def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings: AttackSettings, *,
+    def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings, *,
                  seed: int = 0, chunk_size: int = 1024):
         paired = settings.ensemble_keys == "paired"
         self.runs = [(k, r, Attack(classifier, purifier, m, seed=stream_seed(seed, 0 if paired else k, r),

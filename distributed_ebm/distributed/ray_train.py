@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import storage
+from ..store import storage
 from ..config import JobFailed
 from .cluster import available
 
@@ -107,7 +107,7 @@ def _follow(board, stop: threading.Event) -> None:
     """The driver's progress line: what rank 0 last posted, every 2 seconds until the run ends."""
     import ray
 
-    from ..progress import Progress
+    from ..store.progress import Progress
 
     bar = None
     while True:
@@ -180,7 +180,7 @@ def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
     run id, and `log_final(mlflow, result)` adds the final model."""
     if not cfg.mlflow.enabled:
         return fit(loop, cfg, config)
-    from ..tracking import mlflow_run, tracking_uri
+    from ..store.tracking import mlflow_run, tracking_uri
 
     id_url = storage.join(run_dir(cfg), "mlflow_run_id")
     run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
@@ -198,5 +198,5 @@ def worker_logger(config: dict, rank: int):
     """Rank 0's MLflow logger, when the run is tracked."""
     if rank != 0 or not config.get("mlflow"):
         return None
-    from ..tracking import RunLogger
+    from ..store.tracking import RunLogger
     return RunLogger(**config["mlflow"])

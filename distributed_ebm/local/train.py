@@ -2,7 +2,7 @@
 
 For the lent GPU machines (no Ray, MLflow or s3fs there; ../shared/STACK.md): each session runs the
 same iteration as the Ray trainer (`training.EBMIteration`) for `--minutes`, then leaves in `--out` a
-compact checkpoint (`compact.py`, about 8 MB for the paper's EBM), a sample grid of the bank, the loss
+compact checkpoint (`store/checkpoints.py`, about 8 MB for the paper's EBM), a sample grid of the bank, the loss
 and energy curves and the model card. The next session, on any machine, continues from that
 checkpoint with `--resume`: the bank, which cannot travel, is re-burned first.
 
@@ -22,17 +22,16 @@ import time
 import torch
 from pydantic import Field
 
-from . import storage
-from .bank import ImageBank
-from .card import write_card
-from .compact import (check_fingerprint, data_fingerprint, energy_stats, load_compact, reburn, save_compact,
-                      settings_fingerprint)
-from .config import InputError, TrainEBMConfig, exit_status, load_config, to_yaml
-from .data import ImageSet, load
-from .langevin import cuda_defaults
-from .progress import Progress
-from .report import image_grid_png
-from .training import EBMIteration, LocalBank, TrainingDiverged, check_sizes, new_ebm
+from ..store import storage
+from ..method.bank import ImageBank
+from ..results.card import write_card
+from ..store.checkpoints import check_fingerprint, data_fingerprint, energy_stats, load_compact, reburn, save_compact, settings_fingerprint
+from ..config import InputError, TrainEBMConfig, exit_status, load_config, to_yaml
+from ..store.data import ImageSet, load
+from ..method.langevin import cuda_defaults
+from ..store.progress import Progress
+from ..results.report import image_grid_png
+from ..method.training import EBMIteration, LocalBank, TrainingDiverged, check_sizes, new_ebm
 
 CKPT = "ckpt.pt"
 HISTORY_KEYS = ("loss", "energy_diff", "energy_pos", "energy_neg", "grad_norm", "bank_age", "step_seconds")

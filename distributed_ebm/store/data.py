@@ -21,7 +21,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from . import storage
-from .config import DataConfig, InputError
+from ..config import DataConfig, InputError
 
 
 class DataError(InputError):

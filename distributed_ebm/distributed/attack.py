@@ -26,13 +26,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import results, storage
+from ..results import records as results
+from ..store import storage
 from ..config import AttackConfig
-from ..data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
-from ..evaluation import build_attack, dtype_of, pending, pick_device
-from ..progress import Progress
-from ..provenance import attack_settings
-from ..tracking import log_attack
+from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
+from ..local.attack import build_attack, dtype_of, pending, pick_device
+from ..store.progress import Progress
+from ..store.provenance import attack_settings
+from ..store.tracking import log_attack
 from .cluster import available, connect
 
 
@@ -97,7 +98,7 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
 
 def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog | ImageSet:
     """Everything that can be checked before Ray starts (`preflight.attack`)."""
-    from .. import preflight as checks
+    from ..local import checks as checks
 
     return checks.attack(cfg, data if data is not None else choose(cfg.data))
 

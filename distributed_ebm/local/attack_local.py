@@ -12,9 +12,9 @@ import argparse
 
 import torch
 
-from .config import AttackConfig, InputError, exit_status, load_config
-from .evaluation import pick_device, run_attack
-from .report import attack_done
+from ..config import AttackConfig, InputError, exit_status, load_config
+from .attack import pick_device, run_attack
+from ..results.report import attack_done
 
 
 def parser() -> argparse.ArgumentParser:

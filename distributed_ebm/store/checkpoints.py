@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from . import storage
-from .bank import ImageBank
-from .config import InputError, TrainEBMConfig
+from ..method.bank import ImageBank
+from ..config import InputError, TrainEBMConfig
 from .data import ImageSet
-from .langevin import langevin
-from .noise import ChainKeys
+from ..method.langevin import langevin
+from ..method.noise import ChainKeys
 
 FORMAT = "debm-compact-ebm-1"
 CALL_REBURN = 0x7FFF0003  # the noise of a re-burn; its replicate number is the iteration it resumes at

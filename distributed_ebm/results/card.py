@@ -6,7 +6,7 @@ import io
 
 import yaml
 
-from . import storage
+from ..store import storage
 
 NAME = "ebm-cifar10-gpu"
 # The device tool's call (cwd: the repository root there; no Ray, no ../shared): see the README's training section.

@@ -3,16 +3,16 @@ destinations, services) checked before any expensive work, so a bad one fails in
 one line instead of after the attack or the training. Plain PyTorch: no Ray starts here."""
 from __future__ import annotations
 
-from . import storage
-from .config import AttackConfig, InputError, TrainClassifierConfig, TrainEBMConfig
-from .data import Catalog, ImageSet, check_labels, load, read_rows
-from .tracking import check_tracking
+from ..store import storage
+from ..config import AttackConfig, InputError, TrainClassifierConfig, TrainEBMConfig
+from ..store.data import Catalog, ImageSet, check_labels, load, read_rows
+from ..store.tracking import check_tracking
 
 
 def attack(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog | ImageSet:
     """Data and subset, labels, classifier and EBM (sizes, finiteness), the output, MLflow. A catalog's
     pixels stay unread but for its first image's (its size)."""
-    from .evaluation import build_attack
+    from .attack import build_attack
 
     data = data if data is not None else load(cfg.data)
     if len(data) == 0:
@@ -29,7 +29,7 @@ def attack(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog
 
 def train_ebm(cfg: TrainEBMConfig, data: ImageSet) -> None:
     """Sizes, channels, the output, MLflow: before Ray Train starts."""
-    from .training import check_sizes
+    from ..method.training import check_sizes
 
     check_sizes(cfg, len(data))
     if data.data.shape[1] != cfg.ebm.channels:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import storage
-from ..config import InputError
+from ...store import storage
+from ...config import InputError
 from .ebm import finite_or_refuse
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

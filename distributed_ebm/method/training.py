@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import storage
+from ..store import storage
 from .bank import ImageBank
-from .config import InputError, JobFailed, TrainClassifierConfig, TrainEBMConfig, to_yaml
-from .data import ImageSet, load
+from ..config import InputError, JobFailed, TrainClassifierConfig, TrainEBMConfig, to_yaml
+from ..store.data import ImageSet, load
 from .langevin import cuda_defaults, langevin, prepare_energy
 from .nets import EBM, build_classifier, save_classifier, save_ebm
 from .noise import ChainKeys
-from .progress import Progress
+from ..store.progress import Progress
 
 
 class TrainingDiverged(JobFailed):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 
-from . import storage
-from .attack_modes import MODES
+from ..store import storage
+from ..method.attacks.modes import MODES
 
 
 def describe(summary: dict) -> tuple[str, str]:

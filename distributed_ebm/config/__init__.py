@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .attack_modes import MODES
+from ..method.attacks.modes import MODES
 
 
 class InputError(ValueError):
@@ -249,7 +249,7 @@ class TrainClassifierConfig(Section):
 class AttackSettings(Section):
     """How the defense is attacked and counted (../shared/PAPER.md, 'The attack')."""
 
-    mode: Literal[tuple(MODES)] = "bpda_eot"  # attack_modes.MODES: one class per mode
+    mode: Literal[tuple(MODES)] = "bpda_eot"  # method/attacks/modes.py MODES: one class per mode
     optimizer: Literal["pgd", "apgd"] = Field("pgd", description="apgd: step size from 2 eps, halved on "
                                               "stagnation, momentum 0.75 (step_size unused)")
     loss: Literal["ce", "dlr"] = "ce"

@@ -10,17 +10,17 @@ import time
 
 import torch
 
-from . import results
-from .attack_modes import MODES
-from .attacks import Attack, EnsembleAttack
-from .config import AttackConfig, InputError
-from .data import ImageSet, load, unit_range
-from .defense import Purifier
-from .langevin import cuda_defaults
-from .memory import auto_chunk_size
-from .nets import load_classifier, load_ebm
-from .progress import Progress
-from .provenance import attack_settings
+from ..results import records as results
+from ..method.attacks.modes import MODES
+from ..method.attacks import Attack, EnsembleAttack
+from ..config import AttackConfig, InputError
+from ..store.data import ImageSet, load, unit_range
+from ..method.defense import Purifier
+from ..method.langevin import cuda_defaults
+from ..method.memory import auto_chunk_size
+from ..method.nets import load_classifier, load_ebm
+from ..store.progress import Progress
+from ..store.provenance import attack_settings
 
 
 def pick_device(name: str = "auto") -> torch.device:

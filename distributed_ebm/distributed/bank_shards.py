@@ -16,8 +16,8 @@ import numpy as np
 import ray
 import torch
 
-from .. import storage
-from ..bank import ImageBank
+from ..store import storage
+from ..method.bank import ImageBank
 
 
 class SlotBusy(RuntimeError):

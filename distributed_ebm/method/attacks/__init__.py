@@ -1,8 +1,8 @@
 """Attacks on any classifier behind any purifier, with the paper's counting protocol.
 
-engine.py: the protocol loop (`Attack`); ../attack_modes.py: one class per `attack.mode`;
+engine.py: the protocol loop (`Attack`); modes.py: one class per `attack.mode`;
 apgd.py: how the iterates move; pgd.py: the geometry; ensemble.py: the worst case over attacks.
-The statistics of the records (Wilson intervals, summaries) are in ../results.py."""
+The statistics of the records (Wilson intervals, summaries) are in results/records.py."""
 from .engine import NEVER, Attack, ImageRecord, evaluation_points
 from .ensemble import EnsembleAttack, EnsembleRecord
 from .pgd import ascent_step, project, random_start

@@ -7,9 +7,9 @@ at which evaluation points (`checked`). The protocol (random start, iterates, br
 costs, re-evaluation) is `attacks.engine.Attack`'s alone, the same for every mode, and how an
 iterate moves (fixed-step PGD or APGD, `attack.optimizer`) is `attacks.apgd`'s.
 
-Config validation (config.py), the engine, the chunk default (evaluation.py) and the report's labels
+Config validation (config/), the engine, the chunk default (local/attack.py) and the report's labels
 all read MODES, so a new attack is a subclass here and its line in MODES. Torch-free on purpose:
-config.py validates against this table without importing torch.
+config/ validates against this table without importing torch.
 
 A mode runs inside one `Attack`, `self.attack`, and calls only its model handles:
 `classifier(x)`, `classifier_gradient(x, labels)` and `eot(x, rows, call, replicates, labels, ...)`
@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from .attacks.engine import Attack
+    from .engine import Attack
 
 
 class Mode:

@@ -5,7 +5,7 @@ random start, t = steps the last iterate), so `steps` PGD steps give steps + 2 p
 At a checked point an image is *broken* when its check prediction is wrong and a fresh
 confirmation prediction is wrong too; once broken it stays broken and leaves the batch.
 
-What differs between attacks lives in their mode class (`attack_modes.MODES[attack.mode]`: pgd,
+What differs between attacks lives in their mode class (`modes.MODES[attack.mode]`: pgd,
 bpda_eot, exact_eot, transfer, defense): what is differentiated, who judges, which points are
 checked. The judge of a defended mode is the defense: `eot_attack` purified replicates check,
 `eot_defense` fresh ones confirm a wrong check; an undefended one's is the classifier alone.
@@ -47,10 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attack_modes import MODES
-from ..config import AttackSettings
 from ..defense import LOSSES, EOTDefense, Purifier, same_device
 from .apgd import UPDATERS
+from .modes import MODES
 from .pgd import random_start, to_signed_units
 
 NEVER = -1
@@ -83,7 +82,7 @@ class ImageRecord:
         return row
 
 
-def evaluation_points(settings: AttackSettings) -> int:
+def evaluation_points(settings) -> int:
     """Clean image + every PGD iterate (steps + 2), or the clean image alone for a mode that does
     not move (defense); an ensemble's longest member."""
     if settings.ensemble is not None:
@@ -95,7 +94,8 @@ class Attack:
     """`attack(images, labels, ids) -> list[ImageRecord]` for images in [-1, 1].
 
     classifier: any module mapping [-1, 1] images to logits; purifier: the defense's purifier
-    (ignored by an undefended mode). Budgets in `settings` are in [0, 1] pixel units.
+    (ignored by an undefended mode); settings: the attack's `AttackSettings` (the config's `attack` section; the
+    method reads its fields and imports no config). Budgets in `settings` are in [0, 1] pixel units.
     After a call, `cost` holds each image's Langevin image-steps (on the images' device);
     `on_point(point, points)` is called as the batch passes each evaluation point.
 
@@ -104,7 +104,7 @@ class Attack:
         records = attack(images, labels, ids)
     """
 
-    def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings: AttackSettings, *,
+    def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings, *,
                  seed: int = 0, chunk_size: int = 1024, on_point: Callable[[int, int], None] | None = None,
                  natural_defense: bool = True):
         self.s, self.seed, self.on_point = settings, seed, on_point
@@ -122,7 +122,7 @@ class Attack:
     def points(self) -> int:
         return evaluation_points(self.s)
 
-    # The model handles a mode calls (attack_modes.py).
+    # The model handles a mode calls (modes.py).
     def classifier_gradient(self, x: torch.Tensor, labels: torch.Tensor):
         """(undefended logits, gradient of the loss) at x."""
         with torch.enable_grad():

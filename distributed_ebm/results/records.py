@@ -5,7 +5,7 @@
 
 Each part is written atomically, so a part is complete or absent: a crash loses at most the
 batches in flight, and a rerun skips every image that has a record (`done_ids`). Each part carries
-the settings that wrote it (provenance.py) in its parquet metadata; `check_settings` refuses a rerun
+the settings that wrote it (store/provenance.py) in its parquet metadata; `check_settings` refuses a rerun
 with other settings before any work.
 
 The statistics of the records live here too, in one implementation: 95% Wilson intervals, the
@@ -25,9 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import provenance, storage
-from .attacks import NEVER, ImageRecord, evaluation_points
-from .config import InputError
+from ..store import provenance, storage
+from ..method.attacks import NEVER, ImageRecord, evaluation_points
+from ..config import InputError
 from .report import describe_attack, plot_curves
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"

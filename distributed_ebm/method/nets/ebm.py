@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import storage
-from ..config import InputError
+from ...store import storage
+from ...config import InputError
 
 ACTIVATIONS = ("lrelu", "soft_lrelu", "silu")
 LRELU_SLOPE = 0.05  # the paper's

@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from . import storage
-from .config import InputError
+from ..config import InputError
 
 ATTACK_FREE = ("ray.", "mlflow.", "output", "batch_size", "chunk_size", "data.count", "data.indices", "data.random",
                "data.subset_seed", "data.exclude", "data.download")

@@ -1,0 +1,1 @@
+"""What an attack leaves: per-image record files and summaries, report tables and plots, model cards."""
