@@ -31,9 +31,9 @@ from distributed_ebm.store.data import read_parquet  # noqa: E402
 from distributed_ebm.local.attack import build_attack  # noqa: E402
 from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
 from distributed_ebm.method.langevin import cuda_defaults, langevin, prepare_energy  # noqa: E402
-from distributed_ebm.method.nets import load_ebm  # noqa: E402
+from distributed_ebm.store.weights import load_ebm  # noqa: E402
 from distributed_ebm.method.noise import ChainKeys  # noqa: E402
-from distributed_ebm.method.training import EBMTraining  # noqa: E402
+from distributed_ebm.local.train import LocalTraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = os.environ.get("DEBM_SHARED", str(REPO.parent / "shared"))
@@ -214,7 +214,7 @@ def check_training(dev, S, a, data):
     runs = []
     for d in (torch.device("cpu"), dev):
         with strict_fp32():
-            run = EBMTraining(cfg, data, d)
+            run = LocalTraining(cfg, data, device=d)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # after cuda_defaults
             runs.append((run, run.step()))
     (rc, mc), (rd, md) = runs
@@ -321,7 +321,7 @@ def bench_engine(dev, S, a, data, remaining):
 def bench_training(dev, S, a, data):
     t = S["train"]
     cfg = train_config(a, t["batch"], t["steps"], t["bank"])
-    run = EBMTraining(cfg, data, dev)
+    run = LocalTraining(cfg, data, device=dev)
     run.step()  # warm-up, graph capture
     sync(dev)
     seconds = timed(lambda: [run.step() for _ in range(t["iterations"])], dev)

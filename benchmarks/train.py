@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from distributed_ebm.config import TrainEBMConfig, load_config  # noqa: E402
 from distributed_ebm.store.data import load  # noqa: E402
 from distributed_ebm.distributed.train import train_ebm_on_ray  # noqa: E402
-from distributed_ebm.method.training import EBMTraining  # noqa: E402
+from distributed_ebm.local.train import LocalTraining  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     cfg = load_config(TrainEBMConfig, "jobs/configs/train_ebm_cpu.yaml", common + ["name=single"])
     data = load(cfg.data)
 
-    run = EBMTraining(cfg, data)
+    run = LocalTraining(cfg, data)
     run.step()  # warm-up
     t = time.perf_counter()
     for _ in range(a.iterations // 2):

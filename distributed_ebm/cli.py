@@ -17,7 +17,9 @@ import argparse
 import os
 import sys
 
-from .config import AttackConfig, InputError, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, exit_status, load_config, to_yaml
+from .errors import InputError, exit_status
+
+from .config import AttackConfig, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml
 
 COMMANDS = {
     "train-ebm": (TrainEBMConfig, "train the EBM (maximum likelihood, persistent bank)"),

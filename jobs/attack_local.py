@@ -1,4 +1,4 @@
-"""Job: run an attack config in one process on one device, without Ray (the lent GPU machines).
+"""Job: run an attack config in one process on one device, without Ray (any machine with one GPU; docs/gpu.md).
 
 Usage: python3 jobs/attack_local.py --config jobs/configs/attack_mefa.yaml [--device cuda] [key=value ...]
 Runs from a bare checkout (the repository root goes on sys.path).

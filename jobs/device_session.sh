@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One lent-GPU call (see benchmarks/README.md, "The GPU check", and models/ebm-cifar10-gpu/README.md):
+# One session on a machine with one GPU, no network and no Ray (docs/gpu.md; benchmarks/README.md, "The GPU check"):
 # the GPU check, then EBM training for the rest of the call, resumed from the committed checkpoint.
-# Prepare first, on the CPU machine: `bash jobs/prepare_device.sh`; the call carries `.device`.
+# Prepare first, on a machine with the network: `bash jobs/prepare_device.sh`; `.device` travels with the checkout.
 #
 #     bash jobs/device_session.sh CHECK_BUDGET_S TRAIN_MINUTES     (0 skips that part)
 #

@@ -8,7 +8,7 @@
 #   IMAGES   how many of the seeded random test images (RESULTS.md uses 40 and 200)
 #   RUNNER   the command that runs an attack config with overrides, e.g.
 #            .venv/bin/python jobs/attack.py --config          (Ray, this machine or a cluster)
-#            python3 jobs/attack_local.py --device cuda --config   (one process, a lent GPU)
+#            python3 jobs/attack_local.py --device cuda --config   (one process, e.g. on a GPU)
 #
 # EBMs: the paper's LeakyReLU one (models/ebm-cifar10-cpu) and MEFA's soft_lrelu one trained with the
 # same CPU budget (EBM_SOFT, default models/ebm-cifar10-cpu-soft_lrelu/ebm.pt). Outputs go to

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fill .device/ (ignored by git) with what a lent GPU machine lacks for jobs/train_ebm_gpu.py and
+# Fill .device/ (ignored by git) with what a machine with one GPU, no network and no Ray lacks for jobs/train_ebm_gpu.py and
 # benchmarks/gpu_check.py: the training and exact test images and the ResNet-20 weights (../shared does
 # not travel), and the wheels of pydantic and OmegaConf (the config loader) for its Python 3.12 (it has
-# no network). Name `.device` in the device call's `carry`. Run from anywhere; idempotent.
+# no network). Copy `.device` there beside the checkout (docs/gpu.md). Run from anywhere; idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exclude="$(git rev-parse --git-path info/exclude)"

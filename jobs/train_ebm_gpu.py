@@ -2,7 +2,7 @@
 
 Usage: python3 jobs/train_ebm_gpu.py --config jobs/configs/train_ebm_cifar10.yaml --minutes 8 \
            [--resume models/ebm-cifar10-gpu/ckpt.pt] --out DIR [key=value ...]
-Runs from a bare checkout (the repository root goes on sys.path): what the lent GPU machines need.
+Runs from a bare checkout (the repository root goes on sys.path): for any machine with one GPU and no Ray (docs/gpu.md).
 """
 import os
 import sys

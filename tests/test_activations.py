@@ -3,14 +3,16 @@ import pytest
 import torch
 
 from distributed_ebm.store import storage
-from distributed_ebm.config import AttackConfig, InputError, TrainEBMConfig, build
+from distributed_ebm.errors import InputError
+from distributed_ebm.config import AttackConfig, TrainEBMConfig, build
 from distributed_ebm.store.data import ImageSet
 from distributed_ebm.method.defense import Purifier
 from distributed_ebm.local.attack import build_attack
-from distributed_ebm.method.nets import EBM, load_ebm, save_ebm
+from distributed_ebm.method.nets import EBM
+from distributed_ebm.store.weights import load_ebm, save_ebm
 from distributed_ebm.method.nets.ebm import SoftLeakyReLU
 from distributed_ebm.method.noise import ChainKeys
-from distributed_ebm.method.training import EBMTraining
+from distributed_ebm.local.train import LocalTraining
 
 from .conftest import RESNET20
 
@@ -33,7 +35,7 @@ def test_each_activation_trains_purifies_and_round_trips(tmp_path, activation):
     cfg = build(TrainEBMConfig, {"data": {"image_size": 8}, "ebm": {"width": 2, "image_size": 8,
                 "activation": activation, "soft_eps": 0.05}, "langevin": {"steps": 2}, "iterations": 1,
                 "batch_size": 4, "bank_size": 8, "output": str(tmp_path)})
-    run = EBMTraining(cfg, data)
+    run = LocalTraining(cfg, data)
     before = [p.detach().clone() for p in run.ebm.parameters()]
     assert torch.isfinite(torch.tensor(run.step()["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, run.ebm.parameters()))

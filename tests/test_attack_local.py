@@ -1,4 +1,4 @@
-"""jobs/attack_local.py: an attack config in one process without Ray, MLflow or s3fs (the lent GPU machines)."""
+"""jobs/attack_local.py: an attack config in one process without Ray, MLflow or s3fs (a machine with one GPU)."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from distributed_ebm.results import records as results
 from distributed_ebm.local.attack_local import main
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
-from distributed_ebm.method.nets import save_ebm
+from distributed_ebm.store.weights import save_ebm
 
 from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
 

@@ -8,7 +8,7 @@ import pytest
 
 from distributed_ebm.store import storage
 from distributed_ebm.cli import main
-from distributed_ebm.method.nets import load_ebm
+from distributed_ebm.store.weights import load_ebm
 from distributed_ebm.results.records import read_records
 
 
@@ -57,7 +57,7 @@ def test_job_file_reports_bad_input_in_one_line():
 
 
 def test_exit_status_turns_user_facing_failures_into_one_line(capsys):
-    from distributed_ebm.config import ConfigError, JobFailed, exit_status
+    from distributed_ebm.errors import ConfigError, JobFailed, exit_status
     from distributed_ebm.method.training import TrainingDiverged
 
     def fail(exc):

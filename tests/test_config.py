@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from distributed_ebm.cli import main
-from distributed_ebm.config import AttackConfig, ConfigError, TrainEBMConfig, load_config
+from distributed_ebm.errors import ConfigError
+from distributed_ebm.config import AttackConfig, TrainEBMConfig, load_config
 
 
 def test_defaults_are_the_papers_numbers():

@@ -1,5 +1,5 @@
 """The method core runs where only torch, numpy, pyarrow, pillow, pydantic, fsspec, pyyaml, tqdm and
-matplotlib exist (the lent GPU machines): importing ray, mlflow, s3fs, boto3 or optuna is made to
+matplotlib exist (a machine with one GPU): importing ray, mlflow, s3fs, boto3 or optuna is made to
 fail, then data, purification, a defended attack, a training step and the attack's record files run."""
 import subprocess
 import sys
@@ -25,9 +25,10 @@ from distributed_ebm.config import AttackConfig, AttackSettings, TrainEBMConfig,
 from distributed_ebm.store.data import ImageSet, load
 from distributed_ebm.method.defense import Purifier
 from distributed_ebm.method.exact_chain import differentiable_langevin
-from distributed_ebm.method.nets import EBM, build_classifier, save_ebm
+from distributed_ebm.method.nets import EBM, build_classifier
+from distributed_ebm.store.weights import save_ebm
 from distributed_ebm.method.noise import ChainKeys
-from distributed_ebm.method.training import EBMTraining
+from distributed_ebm.local.train import LocalTraining
 
 torch.manual_seed(0)
 ebm, clf = EBM(width=4), build_classifier("resnet20")
@@ -40,7 +41,7 @@ results.write_part(cfg.output, records, provenance.attack_settings(cfg))
 keys = ChainKeys.replicated(0, data.ids, 1)
 differentiable_langevin(ebm, data.images.requires_grad_(True), keys, 2, segment=1).sum().backward()
 train = load_config(TrainEBMConfig, None, ["ebm.width=4", "langevin.steps=2", "batch_size=2", "bank_size=3"])
-run = EBMTraining(train, ImageSet(data.images.detach(), data.labels, data.ids))
+run = LocalTraining(train, ImageSet(data.images.detach(), data.labels, data.ids))
 m = run.step()
 assert run.iteration == 1 and all(v == v for v in m.values()), m
 print("core ok", len(records), sorted(k for k in BLOCKED if k in sys.modules))

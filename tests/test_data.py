@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from distributed_ebm.store import storage
-from distributed_ebm.config import AttackConfig, ConfigError, DataConfig, build, load_config
+from distributed_ebm.errors import ConfigError
+from distributed_ebm.config import AttackConfig, DataConfig, build, load_config
 from distributed_ebm.store.data import DataError, load, read_parquet, read_torchvision, select, to_uint8
 
 from .conftest import TEST_EXACT

@@ -263,7 +263,7 @@ def test_train_tune_attack_as_submitted_ray_jobs(cluster):
     state = torch.load(io.BytesIO(_read(cluster, "runs/ebm-e2e/ebm.pt")), weights_only=True)
     assert state["iteration"] == 4
     saved = _keys(cluster, "runs/ebm-e2e/checkpoint_")  # Ray Train's checkpoint folders: model, optimizer, bank
-    assert any(k.endswith("/state.pt") for k in saved) and any(k.endswith("/bank-0.pt") for k in saved), saved
+    assert any(k.endswith("/ckpt.pt") for k in saved) and any(k.endswith("/bank-0.pt") for k in saved), saved
 
     # 2. Search the purifier for that EBM (2 trials at once, each on 2 held-out training images from S3);
     #    the best settings to S3.

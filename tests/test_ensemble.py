@@ -7,9 +7,10 @@ import pytest
 from distributed_ebm.results import records as results
 from distributed_ebm.store import storage
 from distributed_ebm.cli import main
-from distributed_ebm.config import AttackConfig, ConfigError, build
+from distributed_ebm.errors import ConfigError
+from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
-from distributed_ebm.method.nets import save_ebm
+from distributed_ebm.store.weights import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

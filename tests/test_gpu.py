@@ -10,7 +10,7 @@ from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackSettings, TrainEBMConfig, load_config
 from distributed_ebm.store.data import ImageSet, select
 from distributed_ebm.method.defense import EOTDefense, Purifier
-from distributed_ebm.method.training import EBMTraining
+from distributed_ebm.local.train import LocalTraining
 
 from .conftest import tiny_ebm
 
@@ -58,7 +58,7 @@ def test_training_step_on_cuda_equals_the_cpu(exact_test):
     data = select(exact_test, count=16)
     data = ImageSet(data.images, data.labels, data.ids)
     cfg = load_config(TrainEBMConfig, None, ["ebm.width=8", "langevin.steps=5", "batch_size=8", "bank_init=data"])
-    runs = {device: EBMTraining(cfg, data, device) for device in ("cpu", "cuda")}
+    runs = {device: LocalTraining(cfg, data, device=device) for device in ("cpu", "cuda")}
     metrics = {device: run.step() for device, run in runs.items()}
     for k in ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm"):
         assert metrics["cuda"][k] == pytest.approx(metrics["cpu"][k], rel=1e-3, abs=1e-6), k

@@ -1,4 +1,4 @@
-"""The standalone (GPU) trainer on the CPU: the compact checkpoint, resume with a re-burned bank, the job without Ray."""
+"""The one-GPU training job on the CPU: the training checkpoint without its bank, resume with a re-burned bank, the job without Ray."""
 import os
 import subprocess
 import sys
@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from distributed_ebm.store import storage
 from distributed_ebm.method.bank import ImageBank
 from distributed_ebm.results.card import card_text
-from distributed_ebm.store.checkpoints import energy_stats, load_compact, reburn, save_compact
-from distributed_ebm.config import InputError, build
+from distributed_ebm.store.checkpoints import energy_stats, load_checkpoint, reburn, save_checkpoint
+from distributed_ebm.errors import InputError
+from distributed_ebm.config import StandaloneTrainConfig, build
 from distributed_ebm.store.data import ImageSet, select
-from distributed_ebm.local.train import CKPT, Session, StandaloneTrainConfig, main
-from distributed_ebm.method.nets import load_ebm
-from distributed_ebm.method.training import EBMTraining, make_ebm_optimizer, new_ebm
+from distributed_ebm.local.train import CKPT, LocalTraining, main
+from distributed_ebm.store.weights import load_ebm
+from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
 
 from .conftest import REPO, TEST_EXACT
 
@@ -29,6 +30,11 @@ TREE = {"data": {"image_size": 8}, "ebm": {"width": 8, "image_size": 8}, "langev
 
 def _cfg(**kw):
     return build(StandaloneTrainConfig, {**TREE, **kw})
+
+
+def Session(cfg, data, out, device, state=None, **kw):
+    """A session of the one-GPU job: the checkpoint without its bank (re-burned on resume), with the card."""
+    return LocalTraining(cfg, data, out, device, state, keep_bank=False, card=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def first(tiny, tmp_path_factory):
 
 def test_session_runs_the_single_process_iteration_and_loads_as_an_ebm(first, tiny):
     session, out = first
-    single = EBMTraining(_cfg(), tiny)  # the Ray trainer's tests check it against 2 DDP workers
+    single = LocalTraining(_cfg(), tiny)  # the Ray trainer's tests check it against 2 DDP workers
     for _ in range(12):
         single.step()
     for a, b in zip(single.ebm.state_dict().values(), session.ebm.state_dict().values()):
@@ -58,7 +64,7 @@ def test_session_runs_the_single_process_iteration_and_loads_as_an_ebm(first, ti
     ebm = load_ebm(storage.join(out, CKPT), image_size=8)
     for a, b in zip(ebm.state_dict().values(), session.ebm.state_dict().values()):
         assert torch.equal(a, b)
-    state = load_compact(storage.join(out, CKPT))
+    state = load_checkpoint(storage.join(out, CKPT))
     assert state["iteration"] == 12 and state["training"]["phase"] == "adam"
     assert state["training"]["history"]["iteration"] == [4, 8, 12]
     assert [s["end_iteration"] for s in state["training"]["sessions"]] == [12]
@@ -67,7 +73,7 @@ def test_session_runs_the_single_process_iteration_and_loads_as_an_ebm(first, ti
 
 def test_resume_continues_iteration_optimizer_and_phase_and_is_deterministic(first, tiny, tmp_path):
     _, out = first
-    state = load_compact(storage.join(out, CKPT))
+    state = load_checkpoint(storage.join(out, CKPT))
     runs = []
     for k, global_seed in enumerate((1, 2)):  # nothing reads torch's global generator: the iteration is the RNG position
         torch.manual_seed(global_seed)
@@ -86,7 +92,7 @@ def test_resume_continues_iteration_optimizer_and_phase_and_is_deterministic(fir
         assert torch.equal(x, y)
     assert torch.equal(a.bank.states, b.bank.states)
     assert {**a.record["reburn"], "seconds": 0} == {**b.record["reburn"], "seconds": 0}
-    saved = load_compact(str(tmp_path / "r0" / CKPT))
+    saved = load_checkpoint(str(tmp_path / "r0" / CKPT))
     assert [s["session"] for s in saved["training"]["sessions"]] == [1, 2]
     assert saved["training"]["sessions"][1]["start_iteration"] == 12 and saved["iteration"] == 16
     assert saved["training"]["history"]["iteration"] == [4, 8, 12, 16]
@@ -119,7 +125,7 @@ def test_reburned_chains_have_the_banks_energy_statistics(first):
 
 def test_changed_settings_or_data_refuse_to_resume(first, tiny, tmp_path, capsys):
     _, out = first
-    state = load_compact(storage.join(out, CKPT))
+    state = load_checkpoint(storage.join(out, CKPT))
     with pytest.raises(InputError, match=r"data.images=64.*this run has data.images=32"):
         Session(_cfg(), tiny.take(range(32)), str(tmp_path), CPU, state)
     overrides = [f"{k}={v}" for k, v in TREE.items() if not isinstance(v, dict)]
@@ -139,7 +145,7 @@ def test_budget_stops_in_time_with_a_checkpoint(tiny, tmp_path):
     s.run(10_000, deadline, show=False)
     assert s.loop.iteration < 10_000
     assert time.monotonic() < deadline + 5  # the save fits the reserve (+ slack for a crowded CI machine)
-    assert load_compact(str(tmp_path / CKPT))["iteration"] == s.loop.iteration
+    assert load_checkpoint(str(tmp_path / CKPT))["iteration"] == s.loop.iteration
 
 
 def test_paper_sized_compact_checkpoint_is_small(tmp_path):
@@ -149,7 +155,7 @@ def test_paper_sized_compact_checkpoint_is_small(tmp_path):
     ebm(torch.zeros(2, 3, 32, 32)).sum().backward()
     opt.step()  # Adam's two moments exist
     history = {"iteration": list(range(100, 250_001, 100)), "loss": [0.0] * 2500}
-    save_compact(str(tmp_path / CKPT), ebm, 1, "adam", opt, {}, "", history, [])
+    save_checkpoint(str(tmp_path), ebm, 1, "adam", opt, {}, "", history, [])
     size = os.path.getsize(tmp_path / CKPT)
     print(f"compact checkpoint of the paper's EBM with Adam state: {size / 2**20:.2f} MiB")
     assert size < 10 * 2**20
@@ -158,7 +164,7 @@ def test_paper_sized_compact_checkpoint_is_small(tmp_path):
 def test_committed_card_is_the_generators():
     """The committed card is what the generator writes from the committed checkpoint (none before the first session)."""
     folder = REPO / "models" / "ebm-cifar10-gpu"
-    state = load_compact(str(folder / "ckpt.pt")) if (folder / "ckpt.pt").exists() else None
+    state = load_checkpoint(str(folder / "ckpt.pt")) if (folder / "ckpt.pt").exists() else None
     assert (folder / "README.md").read_text() == card_text(state)
 
 

@@ -9,7 +9,9 @@ definition, J_0^T ... J_{K-1}^T grad L(x_K) with J_t = I - s Hess f_T(x_t) at th
 import pytest
 import torch
 
-from distributed_ebm.config import ConfigError, build, AttackSettings
+from distributed_ebm.errors import ConfigError
+
+from distributed_ebm.config import build, AttackSettings
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.method.exact_chain import differentiable_langevin
 from distributed_ebm.method.langevin import langevin

@@ -9,10 +9,12 @@ import pytest
 
 from distributed_ebm.results import records as results
 from distributed_ebm.store import storage
-from distributed_ebm.config import AttackConfig, InputError, build
+from distributed_ebm.errors import InputError
+from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.distributed.attack import evaluate
 from distributed_ebm.local.attack import run_attack
-from distributed_ebm.method.nets import EBM, save_ebm
+from distributed_ebm.method.nets import EBM
+from distributed_ebm.store.weights import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

@@ -13,8 +13,9 @@ from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
 from distributed_ebm.store.data import select
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
-from distributed_ebm.method.nets import load_ebm
-from distributed_ebm.method.training import TrainingDiverged, new_ebm, train_ebm
+from distributed_ebm.store.weights import load_ebm
+from distributed_ebm.local.train import train_ebm
+from distributed_ebm.method.training import TrainingDiverged, new_ebm
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,10 @@ def test_two_workers_share_the_bank_checkpoint_to_s3_and_log_to_mlflow(ray_local
     # the checkpoint (in the bucket) holds the model, the optimizer and its phase, and the whole bank
     ckpt = out["checkpoint"]
     assert ckpt.startswith("debm-test/train/two/checkpoint_")
-    state = storage.load_torch(f"s3://{ckpt}/state.pt")
-    assert state["iteration"] == 6 and state["phase"] == "sgd" and "state" in state["optimizer"]
+    state = storage.load_torch(f"s3://{ckpt}/ckpt.pt")  # the one training checkpoint, as every entry writes it
+    tr = state["training"]
+    assert state["iteration"] == 6 and tr["phase"] == "sgd" and "state" in tr["optimizer"]
+    assert tr["history"]["iteration"] == [1, 2, 3, 4, 5, 6] and tr["fingerprint"]["data.images"] == 64
     banks = [storage.load_torch(f"s3://{ckpt}/bank-{k}.pt") for k in range(2)]
     assert [len(b["states"]) for b in banks] == [16, 16] and sum(int(b["steps"].sum()) for b in banks) == 6 * 8 * 3
     single = _close_to_single_process(tmp_path, _tree(tmp_path, "two"), out["ebm"], small)
@@ -129,7 +132,7 @@ def _wait_for_checkpoint(cfg, timeout=180):
     """Until Ray Train has persisted a checkpoint (its folder holds the state and the bank)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if glob.glob(os.path.join(run_dir(cfg), "checkpoint_*", "state.pt")):
+        if glob.glob(os.path.join(run_dir(cfg), "checkpoint_*", "ckpt.pt")):
             time.sleep(0.5)  # let the report that registers it return
             return
         time.sleep(0.2)
@@ -152,9 +155,9 @@ def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, sm
 
 def _final(out):
     """The final EBM's parameters and the whole bank of a finished run."""
-    state = storage.load_torch(f"{out['checkpoint']}/state.pt")
+    state = storage.load_torch(f"{out['checkpoint']}/ckpt.pt")
     bank = torch.cat([storage.load_torch(f"{out['checkpoint']}/bank-{k}.pt")["states"] for k in range(2)])
-    return state["ebm"], bank
+    return state["state_dict"], bank
 
 
 def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_local, tmp_path, small):
@@ -181,11 +184,11 @@ def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_
 
 
 def test_resume_with_other_settings_fails_before_any_work_naming_them(ray_local, tmp_path, small):
-    from distributed_ebm.config import InputError
+    from distributed_ebm.errors import InputError
     tree = _tree(tmp_path, "prov", iterations=3, **{"mlflow.enabled": False})
     train_ebm_on_ray(build(TrainEBMConfig, tree), data=small)
-    with pytest.raises(InputError, match=r"prov was written with other settings: langevin.step_size \(1.0 there, "
-                                         r"0.5 now\), seed \(0 there, 1 now\); use another output"):
+    with pytest.raises(InputError, match=r"prov was trained with langevin.step_size=1.0, seed=0; this run has "
+                                         r"langevin.step_size=0.5, seed=1 \(settings that change results must match"):
         train_ebm_on_ray(build(TrainEBMConfig, {**tree, "seed": 1, "iterations": 6,
                                                 "langevin": {"steps": 3, "step_size": 0.5}}), data=small)
     assert storage.load_torch(storage.join(run_dir(build(TrainEBMConfig, tree)), "ebm.pt"))["iteration"] == 3
@@ -207,7 +210,7 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     import mlflow
     from distributed_ebm.config import TrainClassifierConfig
     from distributed_ebm.distributed.train_classifier import train_classifier_on_ray
-    from distributed_ebm.method.nets import load_classifier
+    from distributed_ebm.store.weights import load_classifier
 
     from .conftest import TEST_EXACT
 

@@ -9,11 +9,12 @@ import yaml
 
 from distributed_ebm.results import records as results
 from distributed_ebm.store import storage
-from distributed_ebm.config import ConfigError, TunePurificationConfig, build, load_config
+from distributed_ebm.errors import ConfigError
+from distributed_ebm.config import TunePurificationConfig, build, load_config
 from distributed_ebm.store.data import load
 from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
 from distributed_ebm.distributed.ray_train import run_dir
-from distributed_ebm.method.nets import save_ebm
+from distributed_ebm.store.weights import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 
@@ -122,7 +123,7 @@ def test_training_sampler_search_holds_out_validation_and_writes_a_training_conf
 
 def test_a_search_refuses_validation_images_it_would_evaluate_on(tmp_path):
     """Before any trial (and before Ray starts): one line naming the shared ids; disjoint ids run."""
-    from distributed_ebm.config import InputError
+    from distributed_ebm.errors import InputError
     from distributed_ebm.distributed.tune import _validation_ids
     cfg = build(TunePurificationConfig, {"attack": {"data": {"path": TEST_EXACT, "id_range": [0, 600]}},
                                          "validation": {"path": TEST_EXACT}, "rungs": [10], "output": str(tmp_path)})

@@ -4,7 +4,8 @@ import torch
 
 from distributed_ebm.method.attacks import Attack
 from distributed_ebm.method.attacks.apgd import APGD
-from distributed_ebm.config import AttackConfig, AttackSettings, ConfigError, load_config
+from distributed_ebm.errors import ConfigError
+from distributed_ebm.config import AttackConfig, AttackSettings, load_config
 from distributed_ebm.store.data import select
 from distributed_ebm.method.defense import dlr
 from distributed_ebm.results.records import summarize_records

@@ -14,7 +14,7 @@ from distributed_ebm.results import records as results
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.distributed.attack import evaluate
 from distributed_ebm.local.attack import run_attack
-from distributed_ebm.method.nets import save_ebm
+from distributed_ebm.store.weights import save_ebm
 from tests.conftest import RESNET20, TEST_EXACT, tiny_ebm
 
 IMAGES = 12

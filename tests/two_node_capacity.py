@@ -34,7 +34,7 @@ def main(out: str) -> None:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     deadline = time.time() + 240
-    while not glob.glob(os.path.join(out, "twonode", "checkpoint_0*", "state.pt")) and time.time() < deadline:
+    while not glob.glob(os.path.join(out, "twonode", "checkpoint_0*", "ckpt.pt")) and time.time() < deadline:
         time.sleep(0.5)
     killed = time.time()
     cluster.remove_node(node, allow_graceful=False)

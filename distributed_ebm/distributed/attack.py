@@ -33,7 +33,7 @@ from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose,
 from ..local.attack import build_attack, dtype_of, pending, pick_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
-from ..store.tracking import log_attack
+from ..results.report import log_attack
 from .cluster import available, connect
 
 

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from ..config import InputError
+from ..errors import InputError
 
 CONNECT_TIMEOUT_S = 10.0
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..store import storage
-from ..config import JobFailed
+from ..errors import JobFailed
 from .cluster import available
 
 

@@ -1,41 +1,42 @@
 """EBM training on Ray Train: DDP workers, the bank in replay-buffer actors, checkpoints, MLflow.
 
-Every worker runs the paper's update on its share of the batch: it leases its chains from the
-bank actors, advances them K Langevin steps, returns them, and takes a DDP step on its positives
-and negatives (the gradients averaged over workers are those of the whole batch). Iteration t's
-draws (chains, restarts, data rows, data noise) come from (seed, t) and the chains' noise from
-(seed, slot, t), so a run is the same for any number of workers and resumes exactly.
+Every worker runs the method's loop (`training.run_ebm` over `EBMIteration`) on its share of the batch: it
+leases its chains from the bank actors, advances them K Langevin steps, returns them, and takes a DDP step
+on its positives and negatives (the gradients averaged over workers are those of the whole batch).
+Iteration t's draws (chains, restarts, data rows, data noise) come from (seed, t) and the chains' noise
+from (seed, slot, t), so a run is the same for any number of workers and resumes exactly.
 
-Checkpoints every `checkpoint_every` iterations hold the model, the optimizer and its phase, the
-iteration, the result-changing settings and the whole bank (each shard writes its part). Ray Train
-restarts a run whose worker or bank shard died from the newest registered checkpoint
-(`ray.max_failures`); running the job again with the same `name` and `output` resumes it, unless
-settings that change results differ. `ebm.pt` is written once a checkpoint is registered.
-A non-finite loss stops the run with a clear message and leaves the last checkpoint as it was.
+Checkpoints every `checkpoint_every` iterations are the one training checkpoint (`store/checkpoints.py`):
+each checkpoint folder holds `ckpt.pt` (model, optimizer and phase, iteration, history, the fingerprint of
+the settings that change results) and the whole bank (`bank-k.pt`, each shard writes its part). Ray Train
+restarts a run whose worker or bank shard died from the newest registered checkpoint (`ray.max_failures`);
+running the job again with the same `name` and `output` resumes it, unless settings that change results
+differ. `ebm.pt` is written once a checkpoint is registered. A non-finite loss stops the run with a clear
+message and leaves the last checkpoint as it was.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import numpy as np
 import ray
 import torch
 
-from ..local import checks as preflight
-from ..store import provenance, storage
-from ..config import TrainEBMConfig
-from ..store.data import ImageSet, load, unit_range
-from ..method.nets import load_ebm, save_ebm
+from ..config import TrainEBMConfig, to_yaml
+from ..local import checks
+from ..method.pixels import unit_range
+from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm
 from ..results.report import image_grid_png
-from ..method.training import EBMIteration, TrainingDiverged, new_ebm, training_state
+from ..store import storage
+from ..store.checkpoints import CKPT, check_fingerprint, data_fingerprint, load_checkpoint, save_checkpoint, settings_fingerprint
+from ..store.data import ImageSet, load
+from ..store.weights import load_ebm, save_ebm
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import connect
 from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
-METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")
 
 
 def train_loop(config: dict) -> None:
@@ -56,8 +57,8 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # read from storage directly: the bank parts in the folder are the shards' business
         folder = storage.join(run_dir(cfg), os.path.basename(checkpoint.path.rstrip("/")))
-        state = storage.load_torch(storage.join(folder, "state.pt"))
-        ebm.load_state_dict(state["ebm"])
+        state = load_checkpoint(storage.join(folder, CKPT))
+        ebm.load_state_dict(state["state_dict"])
     model = ray.train.torch.prepare_model(ebm) if world > 1 else ebm
 
     def images(rows):  # the batch's uint8 rows to the device, floats made there
@@ -65,8 +66,10 @@ def train_loop(config: dict) -> None:
 
     loop = EBMIteration(cfg, model, bank, images, len(pixels), shape,
                         config["bounds"][-1][1], rank, world, device, all_workers(world, device))
+    history = {"iteration": [], **{k: [] for k in METRICS}, "bank_energy": []}
     if state is not None:
-        loop.resume(state["iteration"], state["phase"], state["optimizer"])
+        loop.resume(state["iteration"], state["training"]["phase"], state["training"]["optimizer"])
+        history = state["training"]["history"]
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
         bank.load(folder)
         _tidy(cfg, loop.iteration, ebm)
@@ -74,29 +77,27 @@ def train_loop(config: dict) -> None:
 
     logger = worker_logger(config, rank)
     bar = WorkerProgress(config, rank, cfg.iterations, f"train-ebm:{cfg.name}", start=loop.iteration)
-    window = {k: 0.0 for k in METRICS}
-    count, t_window = 0, time.time()
-    started_at = loop.iteration
+    started_at, pending = loop.iteration, {}
+
+    def on_log(t, means, m):
+        means.update(iteration=t, started_at=started_at, bank_share=means["bank_seconds"] / means["step_seconds"],
+                     lr=m["lr"], sgd=float(loop.phase == "sgd"))
+        history["iteration"].append(t)
+        for k in METRICS:
+            history[k].append(means[k])
+        if logger:
+            logger.metrics({k: v for k, v in means.items() if k != "iteration"}, step=t)
+        pending.update(metrics=means)
+        if t % cfg.checkpoint_every and t != cfg.iterations:  # no checkpoint at t: report now
+            ray.train.report(means)
+
+    def on_save(t):
+        _checkpoint(cfg, config["fingerprint"], pending["metrics"], rank, world, device, bank, loop, history, logger)
+
     try:
-        while loop.iteration < cfg.iterations:
-            m = loop.step()
-            iteration = loop.iteration
-            for k in METRICS:
-                window[k] += m[k]
-            count += 1
-            bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase)
-            save = iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations
-            if save or iteration % cfg.log_every == 0:
-                means = dict(zip(METRICS, mean_over_workers([window[k] / count for k in METRICS], world, device)))
-                means.update(iteration=iteration, started_at=started_at, iterations_per_second=count / (time.time() - t_window),
-                             bank_share=means["bank_seconds"] / means["step_seconds"], lr=m["lr"],
-                             sgd=float(loop.phase == "sgd"))
-                if logger:
-                    logger.metrics({k: v for k, v in means.items() if k != "iteration"}, step=iteration)
-                _report(cfg, means, save, rank, world, device, bank, loop.sampler, loop.optimizer, loop.phase,
-                        loop.positives, logger)
-                window = {k: 0.0 for k in METRICS}
-                count, t_window = 0, time.time()
+        run_ebm(loop, cfg.iterations, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, on_log=on_log,
+                on_save=on_save, on_step=lambda m: bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase),
+                reduce=lambda values: mean_over_workers(values, world, device))
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
         if rank == 0:  # the run ends cleanly, so Ray Train does not retry a deterministic failure
             storage.write_bytes(storage.join(run_dir(cfg), DIVERGED),
@@ -124,53 +125,48 @@ def _tidy(cfg, iteration: int, ebm) -> None:
         fs.rm(storage.filesystem(ebm_url)[1])
 
 
-def _report(cfg, metrics, save, rank, world, device, bank, ebm, optimizer, phase, positives, logger):
-    """Every worker reports. At a checkpoint the shards write their parts of the bank into the checkpoint's
-    folder, rank 0 adds the model, optimizer, phase and settings, and once Ray Train has registered the
-    checkpoint, writes ebm.pt: ebm.pt is always the newest registered checkpoint's model."""
+def _checkpoint(cfg, fingerprint, metrics, rank, world, device, bank, loop, history, logger):
+    """Every worker reports, with the checkpoint: the shards write their parts of the bank into the checkpoint's
+    folder, rank 0 adds `ckpt.pt`, and once Ray Train has registered the checkpoint, writes ebm.pt: ebm.pt is
+    always the newest registered checkpoint's model."""
     import ray.train
     from ray.train import CheckpointConsistencyMode
 
-    if not save:
-        ray.train.report(metrics)
-        return
-    it = int(metrics["iteration"])
+    it = loop.iteration
     name = checkpoint_name(it)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
             bank.save(storage.join(run_dir(cfg), name))
-            state = training_state(it, phase, ebm, optimizer, cfg)
-            state["settings"] = provenance.train_settings(cfg)
-            torch.save(state, os.path.join(d, "state.pt"))
+            save_checkpoint(d, loop.sampler, it, loop.phase, loop.optimizer, fingerprint, to_yaml(cfg), history, [])
             if logger:
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
-                logger.file(f"positives-{it:09d}.png", image_grid_png(positives[:64].cpu()), "samples")
+                logger.file(f"positives-{it:09d}.png", image_grid_png(loop.positives[:64].cpu()), "samples")
             checkpoint = ray.train.Checkpoint.from_directory(d)
         barrier(world, device)  # nobody leases the next chains before the bank is saved
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     if rank == 0:
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-        save_ebm(ebm, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
+        save_ebm(loop.sampler, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
 
 
-def check_resume(cfg: TrainEBMConfig) -> None:
-    """A run resumed with settings that change results fails here, before any work, naming them."""
+def check_resume(cfg: TrainEBMConfig, fingerprint: dict) -> None:
+    """A run resumed with settings (or data) that change results fails here, before any work, naming them."""
     fs, path = storage.filesystem(run_dir(cfg))
     fs.invalidate_cache()
-    current = provenance.train_settings(cfg)
     for folder in sorted(fs.glob(f"{path}/checkpoint_*")):
-        url = storage.join(run_dir(cfg), os.path.basename(folder), "state.pt")
+        url = storage.join(run_dir(cfg), os.path.basename(folder), CKPT)
         if storage.exists(url):
-            provenance.check(storage.load_torch(url).get("settings", {}), current, run_dir(cfg))
+            check_fingerprint(load_checkpoint(url)["training"]["fingerprint"], fingerprint, run_dir(cfg))
 
 
 def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bool = True) -> dict:
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else load(cfg.data)
-    preflight.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
-    check_resume(cfg)
+    checks.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
+    fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
+    check_resume(cfg, fingerprint)
     connect(cfg.ray.address)
     pixels = ray.put(data.pixels())  # uint8, as read: the workers make floats of their batches only
     size = cfg.bank_size or len(data)
@@ -179,7 +175,8 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     shards = [BankShard.options(num_cpus=0, name=f"debm-bank-{cfg.name}-{k}").remote(
                   lo, hi, shape, cfg.bank_init, cfg.seed, pixels if cfg.bank_init == "data" else None)
               for k, (lo, hi) in enumerate(bounds)]
-    config = {"cfg": cfg.model_dump(mode="json"), "pixels": [pixels], "shards": shards, "bounds": bounds}
+    config = {"cfg": cfg.model_dump(mode="json"), "pixels": [pixels], "shards": shards, "bounds": bounds,
+              "fingerprint": fingerprint}
     diverged_url = storage.join(run_dir(cfg), DIVERGED)
     if storage.exists(diverged_url):  # a rerun (perhaps with other settings) tries again from the last checkpoint
         storage.filesystem(diverged_url)[0].rm(storage.filesystem(diverged_url)[1])

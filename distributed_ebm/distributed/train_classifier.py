@@ -13,12 +13,13 @@ import numpy as np
 import ray
 import torch
 
-from ..local import checks as preflight
+from ..local import checks
 from ..store import storage
 from ..config import TrainClassifierConfig
 from ..store.data import ImageSet, load, to_unit_range
-from ..method.nets import load_classifier, save_classifier
-from ..method.training import accuracy, classifier_epoch, classifier_optimizer, classifier_state, new_classifier
+from ..store.weights import load_classifier, save_classifier
+from ..local.train import classifier_state
+from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
 
@@ -51,15 +52,9 @@ def classifier_loop(config: dict) -> None:
         test = ImageSet(to_unit_range(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
     steps = -(-len(labels) // cfg.batch_size)
     bar = WorkerProgress(config, rank, cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps)
-    while epoch < cfg.epochs:
-        row = classifier_epoch(cfg, model, opt, lambda r: (to_unit_range(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])),
-                               epoch, rank, world, len(labels), lambda m: bar.update(1, loss=m["loss"]), device)
-        sched.step()
-        epoch += 1
-        row["train_loss"] = mean_over_workers([row["train_loss"]], world, device)[0]
-        row["test_accuracy"] = accuracy(clf, test, device=device) if test is not None else None
-        history.append(row)
-        metrics = {k: v for k, v in row.items() if v is not None}
+
+    def on_epoch(epoch, history):
+        metrics = {k: v for k, v in history[-1].items() if v is not None}
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -69,6 +64,12 @@ def classifier_loop(config: dict) -> None:
                     logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
+
+    run_classifier(cfg, model, opt, sched, epoch, history,
+                   lambda r: (to_unit_range(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])), len(labels),
+                   rank=rank, world=world, device=device, test=test, classifier=clf,
+                   on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch,
+                   reduce=lambda values: mean_over_workers(values, world, device))
     bar.close()
 
 
@@ -76,7 +77,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
     data = load(cfg.data)
     test = load(cfg.test_data) if cfg.test_data is not None else None
-    preflight.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
+    checks.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     config = {"cfg": cfg.model_dump(mode="json"),
               "train": [ray.put((data.pixels(), data.labels.numpy()))],

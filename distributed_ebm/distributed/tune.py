@@ -23,9 +23,10 @@ import os
 
 from ..local import checks as checks
 from ..store import storage
-from ..config import AttackConfig, InputError, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
+from ..errors import InputError
+from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..store.data import choose, load
-from ..method.nets import load_classifier
+from ..store.weights import load_classifier
 from ..store.tracking import check_tracking
 from .cluster import available, connect
 from .attack import evaluate, preflight

@@ -13,12 +13,13 @@ import torch
 from ..results import records as results
 from ..method.attacks.modes import MODES
 from ..method.attacks import Attack, EnsembleAttack
-from ..config import AttackConfig, InputError
+from ..errors import InputError
+from ..config import AttackConfig
 from ..store.data import ImageSet, load, unit_range
 from ..method.defense import Purifier
 from ..method.langevin import cuda_defaults
 from ..method.memory import auto_chunk_size
-from ..method.nets import load_classifier, load_ebm
+from ..store.weights import load_classifier, load_ebm
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
 

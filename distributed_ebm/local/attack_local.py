@@ -1,7 +1,7 @@
 """Run an attack config in one process on one device, without Ray, MLflow or s3fs.
 
-For the lent GPU machines (../shared/STACK.md: no Ray there): the same records, summary and plot
-as `debm attack` (one engine, `evaluation.run_attack`, which the Ray actors also run batch by batch),
+For any machine with one GPU and no Ray: the same records, summary and plot
+as `debm attack` (one engine, `local.attack.run_attack`, which the Ray actors also run batch by batch),
 resumable the same way, under `output`. Nothing is logged to MLflow.
 
     python3 jobs/attack_local.py --config jobs/configs/results/defended_bpda_eot.yaml [--device cuda] [key=value ...]
@@ -12,7 +12,9 @@ import argparse
 
 import torch
 
-from ..config import AttackConfig, InputError, exit_status, load_config
+from ..errors import InputError, exit_status
+
+from ..config import AttackConfig, load_config
 from .attack import pick_device, run_attack
 from ..results.report import attack_done
 

@@ -4,7 +4,8 @@ one line instead of after the attack or the training. Plain PyTorch: no Ray star
 from __future__ import annotations
 
 from ..store import storage
-from ..config import AttackConfig, InputError, TrainClassifierConfig, TrainEBMConfig
+from ..errors import InputError
+from ..config import AttackConfig, TrainClassifierConfig, TrainEBMConfig
 from ..store.data import Catalog, ImageSet, check_labels, load, read_rows
 from ..store.tracking import check_tracking
 

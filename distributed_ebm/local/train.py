@@ -1,13 +1,16 @@
-"""Train the EBM in one process on one device within a wall-clock budget, resumable across machines.
+"""Training in one process on one device, without Ray: the EBM (resumable, within a wall-clock budget if
+asked) and natural classifiers.
 
-For the lent GPU machines (no Ray, MLflow or s3fs there; ../shared/STACK.md): each session runs the
-same iteration as the Ray trainer (`training.EBMIteration`) for `--minutes`, then leaves in `--out` a
-compact checkpoint (`store/checkpoints.py`, about 8 MB for the paper's EBM), a sample grid of the bank, the loss
-and energy curves and the model card. The next session, on any machine, continues from that
-checkpoint with `--resume`: the bank, which cannot travel, is re-burned first.
+`LocalTraining` runs the method's loop (`training.run_ebm` over `EBMIteration`, the bank in memory) and
+writes the one training checkpoint (`store/checkpoints.py`: `ckpt.pt`, plus `bank-0.pt` where the bank is
+kept). `train_ebm` is the plain single-process run: it keeps the bank, so a rerun into the same output
+continues exactly. The one-GPU job (`main`, jobs/train_ebm_gpu.py) is for any machine with one GPU and no
+Ray, MLflow or s3fs: each session trains for `--minutes`, then leaves in `--out` the compact checkpoint
+(about 8 MB for the paper's EBM), a sample grid of the bank, the loss and energy curves and the model card;
+the next session, on any machine, continues with `--resume`, re-burning the bank where it did not travel.
 
     python3 jobs/train_ebm_gpu.py --config jobs/configs/train_ebm_cifar10.yaml --minutes 8 \\
-        [--resume models/ebm-cifar10-gpu/ckpt.pt] --out DIR [key=value ...]
+        [--resume models/ebm-cifar10-gpu/ckpt.pt] --out DIR [--keep-bank] [key=value ...]
     python3 jobs/train_ebm_gpu.py --card models/ebm-cifar10-gpu     (rewrite the card from its ckpt.pt)
 """
 from __future__ import annotations
@@ -15,38 +18,28 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import platform
-import sys
 import time
 
 import torch
-from pydantic import Field
 
-from ..store import storage
+from ..config import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig, load_config, to_yaml
+from ..errors import InputError, exit_status
 from ..method.bank import ImageBank
-from ..results.card import write_card
-from ..store.checkpoints import check_fingerprint, data_fingerprint, energy_stats, load_compact, reburn, save_compact, settings_fingerprint
-from ..config import InputError, TrainEBMConfig, exit_status, load_config, to_yaml
-from ..store.data import ImageSet, load
 from ..method.langevin import cuda_defaults
-from ..store.progress import Progress
+from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
+                               new_classifier, new_ebm, run_classifier, run_ebm)
+from ..results.card import write_card
 from ..results.report import image_grid_png
-from ..method.training import EBMIteration, LocalBank, TrainingDiverged, check_sizes, new_ebm
+from ..store import storage
+from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, energy_stats, load_checkpoint,
+                                 reburn, save_checkpoint, settings_fingerprint)
+from ..store.data import ImageSet, load
+from ..store.progress import Progress
+from ..store.weights import save_classifier
 
-CKPT = "ckpt.pt"
-HISTORY_KEYS = ("loss", "energy_diff", "energy_pos", "energy_neg", "grad_norm", "bank_age", "step_seconds")
 GRID = 64  # bank chains in each session's sample grid
-
-
-class StandaloneTrainConfig(TrainEBMConfig):
-    """The training config plus the re-burn (its `ray` and `mlflow` sections are read and unused)."""
-
-    reburn_steps: int = Field(500, ge=0, le=1_000_000,
-                              description="Langevin steps that rebuild the bank on resume (the most, with reburn_match)")
-    reburn_match: bool = Field(True, description="stop the re-burn once the chains' mean energy reaches the bank's "
-                                                 "at the last save (checked every reburn_check steps)")
-    reburn_check: int = Field(10, ge=1, le=100_000)
-    reburn_chunk: int = Field(10_000, ge=1, le=1_000_000, description="chains per batch of the re-burn")
 
 
 def device_name(device: torch.device) -> str:
@@ -55,13 +48,21 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-class Session:
-    """One session of training: build or resume, re-burn, train until the deadline, save."""
+class LocalTraining:
+    """One process's EBM run: build, or resume from a checkpoint `resume` (its bank from `bank-0.pt` in
+    `resume_bank`'s folder where there is one, else re-burned), train, save into `out` (None: nowhere).
 
-    def __init__(self, cfg: StandaloneTrainConfig, data: ImageSet, out: str, device: torch.device,
-                 resume: dict | None = None, minutes: float | None = None, log=print, started: float | None = None):
+    `keep_bank`: write the bank beside each checkpoint, so a resume is exact; `card`: also the session's
+    sample grid and the model card (README.md, curves.png)."""
+
+    def __init__(self, cfg: TrainEBMConfig, data: ImageSet, out: str | None = None,
+                 device: str | torch.device = "cpu", resume: dict | None = None, resume_bank: str | None = None,
+                 keep_bank: bool = True, card: bool = False, minutes: float | None = None, log=print,
+                 started: float | None = None):
         check_sizes(cfg, len(data))
+        device = torch.device(device)
         self.cfg, self.data, self.out, self.device, self.log = cfg, data, out, device, log
+        self.keep_bank, self.card = keep_bank, card
         cuda_defaults(device)  # as every trainer: TF32 convolutions on CUDA
         self.fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
         self.ebm = new_ebm(cfg).to(device)
@@ -69,7 +70,7 @@ class Session:
         self.bank = ImageBank(cfg.bank_size or len(data), shape, cfg.bank_init, cfg.seed, data.data)
         self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, device), len(data),
                                  shape, len(self.bank), device=device)
-        self.history = {"iteration": [], **{k: [] for k in HISTORY_KEYS}, "bank_energy": []}
+        self.history = {"iteration": [], **{k: [] for k in METRICS}, "bank_energy": []}
         self.sessions: list[dict] = []
         self.t0, self.saved_at = started or time.monotonic(), None  # the session's minutes count from t0
         self.record = {"session": 1, "start_iteration": 0, "end_iteration": 0, "device": device_name(device),
@@ -77,17 +78,36 @@ class Session:
                            timespec="seconds"), "minutes_budget": minutes, "seconds": 0.0, "train_seconds": 0.0,
                        "iterations_per_second": None, "reburn": None, "grid": None}
         if resume is not None:
-            self._resume(resume)
+            self._resume(resume, resume_bank)
 
-    def _resume(self, state: dict) -> None:
-        cfg, tr = self.cfg, state["training"]
+    iteration = property(lambda self: self.loop.iteration)
+    phase = property(lambda self: self.loop.phase)
+    optimizer = property(lambda self: self.loop.optimizer)
+
+    def step(self) -> dict:
+        return self.loop.step()
+
+    def _resume(self, state: dict, bank_folder: str | None) -> None:
+        cfg, tr, it = self.cfg, state["training"], state["iteration"]
         check_fingerprint(tr["fingerprint"], self.fingerprint, "the checkpoint")
         self.ebm.load_state_dict(state["state_dict"])
-        self.loop.resume(state["iteration"], tr["phase"], tr["optimizer"])
+        self.loop.resume(it, tr["phase"], tr["optimizer"])
         self.history, self.sessions = copy.deepcopy(tr["history"]), copy.deepcopy(tr["sessions"])
-        self.record.update(session=len(self.sessions) + 1, start_iteration=state["iteration"],
-                           end_iteration=state["iteration"])
-        t, it = time.monotonic(), state["iteration"]
+        for k in METRICS:  # a history written before a metric was logged: gaps for the earlier windows
+            self.history.setdefault(k, [math.nan] * len(self.history["iteration"]))
+        self.record.update(session=len(self.sessions) + 1, start_iteration=it, end_iteration=it)
+        part = bank_part(bank_folder, 0) if bank_folder is not None else None
+        if part is not None and storage.exists(part):
+            self.bank.load_state_dict(storage.load_torch(part))
+            self.log(f"resuming at iteration {it} with the bank saved beside the checkpoint ({part})")
+            return
+        if not hasattr(cfg, "reburn_steps"):
+            raise InputError(f"the checkpoint at iteration {it} has no bank beside it ({part}); "
+                             "the one-GPU job (jobs/train_ebm_gpu.py) resumes it with a re-burned bank")
+        self._reburn(it)
+
+    def _reburn(self, it: int) -> None:
+        cfg, t = self.cfg, time.monotonic()
         saved = [e for e in self.history["bank_energy"] if e["iteration"] == it]
         target = saved[-1]["mean"] if saved and cfg.reburn_match else None
         self.log(f"re-burning the bank: {len(self.bank)} fresh chains ({cfg.bank_init}), at most {cfg.reburn_steps} "
@@ -101,62 +121,121 @@ class Session:
                                  "energy_before": saved[-1] if saved else None,
                                  "energy_after": energy_stats(self.ebm, self.bank.states, self.device, 1000)}
 
-    def run(self, iterations: int, deadline: float = float("inf"), show: bool = True) -> dict:
-        """Train to `iterations` or until the next iteration and the final save would pass `deadline`
-        (time.monotonic()); saves every `checkpoint_every` iterations and at the end."""
-        cfg, loop = self.cfg, self.loop
-        bar = Progress(iterations, "train-ebm-gpu", start=loop.iteration, enabled=show, every=20.0)
-        window = {k: 0.0 for k in HISTORY_KEYS}
-        count, t_train, per_it, save_cost = 0, time.monotonic(), None, 15.0
-        start_it = loop.iteration
-        while loop.iteration < iterations:
-            if time.monotonic() + 2 * (per_it or 0.0) + save_cost > deadline:
+    def run(self, iterations: int, deadline: float = float("inf"), show: bool = True, name: str = "train-ebm") -> dict:
+        """Train to `iterations`, or until the next iteration and the final save would pass `deadline`
+        (time.monotonic()); checkpoints every `checkpoint_every` iterations and at the end."""
+        loop, start_it, t_train = self.loop, self.loop.iteration, time.monotonic()
+        bar = Progress(iterations, name, start=start_it, enabled=show, every=20.0 if self.card else 60.0)
+        pace = {"per_it": 0.0, "save": 15.0 if self.out else 0.0}
+
+        def on_step(m):
+            pace["per_it"] = m["step_seconds"] if not pace["per_it"] else 0.9 * pace["per_it"] + 0.1 * m["step_seconds"]
+            left = {"left": f"{max(deadline - time.monotonic(), 0) / 60:.1f}min"} if deadline < float("inf") else {}
+            bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase, **left)
+
+        def stop() -> bool:
+            if time.monotonic() + 2 * pace["per_it"] + pace["save"] > deadline:
                 self.log(f"stopping at iteration {loop.iteration}: the --minutes budget is spent")
-                break
-            m = loop.step()
-            per_it = m["step_seconds"] if per_it is None else 0.9 * per_it + 0.1 * m["step_seconds"]
-            for k in HISTORY_KEYS:
-                window[k] += m[k]
-            count += 1
-            bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase,
-                       left=f"{max(deadline - time.monotonic(), 0) / 60:.1f}min" if deadline < float("inf") else "-")
-            if loop.iteration % cfg.log_every == 0 or loop.iteration == iterations:
-                self.history["iteration"].append(loop.iteration)
-                for k in HISTORY_KEYS:
-                    self.history[k].append(window[k] / count)
-                window, count = {k: 0.0 for k in HISTORY_KEYS}, 0
-            if loop.iteration % cfg.checkpoint_every == 0 and loop.iteration < iterations:
-                t = time.monotonic()
-                self.save(loop.iteration - start_it, t - t_train)
-                save_cost = 1.5 * (time.monotonic() - t) + 2.0
-        bar.close()
-        if self.saved_at != loop.iteration:
+                return True
+            return False
+
+        def on_log(t, means, m):
+            self.history["iteration"].append(t)
+            for k in METRICS:
+                self.history[k].append(means[k])
+
+        def on_save(t):
+            if self.out is not None:
+                began = time.monotonic()
+                self.save(t - start_it, began - t_train)
+                pace["save"] = 1.5 * (time.monotonic() - began) + 2.0
+
+        try:
+            run_ebm(loop, iterations, log_every=self.cfg.log_every, checkpoint_every=self.cfg.checkpoint_every,
+                    on_log=on_log, on_save=on_save, on_step=on_step, stop=stop)
+        finally:
+            bar.close()
+        if self.out is not None and self.saved_at != loop.iteration:  # stopped by the deadline
             self.save(loop.iteration - start_it, time.monotonic() - t_train)
         return self.record
 
     def save(self, trained: int, train_seconds: float) -> None:
-        """Checkpoint, this session's sample grid, curves and card into `out`, each file atomically."""
+        """The checkpoint (and the bank, the sample grid and the card, as asked) into `out`, each file atomically."""
         it = self.saved_at = self.loop.iteration
         self.history["bank_energy"].append({"iteration": it, **energy_stats(self.ebm, self.bank.states, self.device, 1000)})
-        grid = f"samples-s{self.record['session']:02d}.png"
-        rows = torch.linspace(0, len(self.bank) - 1, min(GRID, len(self.bank))).round().long()
-        storage.write_bytes(storage.join(self.out, grid), image_grid_png(self.bank.states[rows].numpy()))
         self.record.update(end_iteration=it, seconds=time.monotonic() - self.t0, train_seconds=train_seconds,
-                           iterations_per_second=trained / train_seconds if trained else None, grid=grid)
-        url = storage.join(self.out, CKPT)
-        state = save_compact(url, self.ebm, it, self.loop.phase, self.loop.optimizer, self.fingerprint,
-                             to_yaml(self.cfg), self.history, [*self.sessions, dict(self.record)])
-        write_card(self.out, state)
-        fs, path = storage.filesystem(url)
-        self.log(f"saved iteration {it}: {url} ({fs.size(path) / 2**20:.2f} MiB), {grid}, curves.png, README.md")
+                           iterations_per_second=trained / train_seconds if trained else None)
+        if self.card:
+            grid = f"samples-s{self.record['session']:02d}.png"
+            rows = torch.linspace(0, len(self.bank) - 1, min(GRID, len(self.bank))).round().long()
+            storage.write_bytes(storage.join(self.out, grid), image_grid_png(self.bank.states[rows].numpy()))
+            self.record["grid"] = grid
+        if self.keep_bank:  # before ckpt.pt: a checkpoint never names a bank that is not there yet
+            storage.save_torch(self.bank.state_dict(), bank_part(self.out, 0))
+        state = save_checkpoint(self.out, self.ebm, it, self.loop.phase, self.loop.optimizer, self.fingerprint,
+                                to_yaml(self.cfg), self.history, [*self.sessions, dict(self.record)])
+        if self.card:
+            write_card(self.out, state)
+            fs, path = storage.filesystem(storage.join(self.out, CKPT))
+            self.log(f"saved iteration {it}: {storage.join(self.out, CKPT)} ({fs.size(path) / 2**20:.2f} MiB), "
+                     f"{self.record['grid']}, curves.png, README.md")
 
+
+def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> LocalTraining:
+    """Train to cfg.iterations in this process, checkpointing (with the bank) to cfg.output; a rerun with the
+    same output continues from the checkpoint found there, exactly."""
+    data = data if data is not None else load(cfg.data)
+    ckpt = storage.join(cfg.output, CKPT)
+    state = load_checkpoint(ckpt) if storage.exists(ckpt) else None
+    run = LocalTraining(cfg, data, cfg.output, device, state, cfg.output, keep_bank=True, log=lambda _: None)
+    run.run(cfg.iterations, show=show)
+    return run
+
+
+def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool = True) -> dict:
+    """Natural training (paper: SGD momentum 0.9, wd 2e-4, batch 100, lr 0.1 -> 0.01 -> 0.001), resumable per epoch."""
+    data = load(cfg.data)
+    test = load(cfg.test_data) if cfg.test_data is not None else None
+    clf = new_classifier(cfg).to(device)
+    opt, sched = classifier_optimizer(cfg, clf)
+    epoch, history = 0, []
+    ckpt = storage.join(cfg.output, "checkpoint.pt")
+    if storage.exists(ckpt):
+        state = storage.load_torch(ckpt)
+        clf.load_state_dict(state["classifier"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        epoch, history = state["epoch"], state["history"]
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    bar = Progress(cfg.epochs * steps_per_epoch, "train-classifier", start=epoch * steps_per_epoch, enabled=show)
+
+    def on_epoch(epoch, history):
+        storage.save_torch(classifier_state(cfg, epoch, clf, opt, sched, history), ckpt)
+        save_classifier(clf, storage.join(cfg.output, "classifier.pt"), epoch=epoch)
+
+    run_classifier(cfg, clf, opt, sched, epoch, history, lambda r: (data.floats(r), data.labels[r]), len(data),
+                   device=device, test=test, on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch)
+    bar.close()
+    return {"classifier": clf.eval(), "history": history}
+
+
+def classifier_state(cfg, epoch: int, clf, opt, sched, history: list) -> dict:
+    """The classifier's training checkpoint (every entry's)."""
+    return {"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "history": history, "config": to_yaml(cfg)}
+
+
+# --- the one-GPU job ---------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_ebm_gpu", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="training YAML (e.g. jobs/configs/train_ebm_cifar10.yaml)")
     p.add_argument("--minutes", type=float, help="wall-clock budget of this session, from the start, saves included")
-    p.add_argument("--resume", metavar="CKPT", help="a compact checkpoint to continue from (ckpt.pt)")
+    p.add_argument("--resume", metavar="CKPT", help="a training checkpoint to continue from (ckpt.pt; its bank-0.pt "
+                                                    "is used where it lies beside it, else the bank is re-burned)")
     p.add_argument("--out", metavar="DIR", help="where ckpt.pt, the sample grid, curves.png and README.md go")
+    p.add_argument("--keep-bank", action="store_true", help="also write the bank (bank-0.pt, 600 MB for the paper's "
+                                                            "50,000 chains) beside ckpt.pt, for an exact resume")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
     p.add_argument("--iterations", type=int, help="stop at this iteration (default: the config's `iterations`)")
     p.add_argument("--card", metavar="DIR", help="only rewrite DIR/README.md and DIR/curves.png from DIR/ckpt.pt")
@@ -184,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, started: float) -> int:
     if args.card:
-        write_card(args.card, load_compact(storage.join(args.card, CKPT)))
+        write_card(args.card, load_checkpoint(storage.join(args.card, CKPT)))
         print(f"wrote {storage.join(args.card, 'README.md')}")
         return 0
     if args.minutes is None or not 0 < args.minutes <= 24 * 60:
@@ -198,17 +277,23 @@ def _main(args: argparse.Namespace, started: float) -> int:
     device = _device(args.device)
     state = None
     if args.resume:
-        state = load_compact(args.resume)
+        state = load_checkpoint(args.resume)
         check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
     data = load(cfg.data)
     print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
           f"{args.minutes} min", flush=True)
-    session = Session(cfg, data, args.out, device, state, args.minutes, lambda s: print(s, flush=True), started)
+    session = LocalTraining(cfg, data, args.out, device, state, _parent(args.resume) if args.resume else None, args.keep_bank,
+                            card=True, minutes=args.minutes, log=lambda s: print(s, flush=True), started=started)
     try:
-        record = session.run(iterations, started + 60 * args.minutes)
+        record = session.run(iterations, started + 60 * args.minutes, name="train-ebm-gpu")
     except TrainingDiverged as err:
         raise TrainingDiverged(f"{err}; the last good checkpoint is the last one saved in {args.out}") from None
     rate = record["iterations_per_second"]
     print(f"session {record['session']}: iterations {record['start_iteration']} -> {record['end_iteration']} in "
           f"{record['seconds'] / 60:.2f} min on {record['device']} ({rate or 0:.3g} it/s); wrote {args.out}/", flush=True)
     return 0
+
+
+def _parent(url: str) -> str:
+    """The folder a file URL lies in."""
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."

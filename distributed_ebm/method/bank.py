@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..store.data import unit_range
+from .pixels import unit_range
 from .noise import ChainKeys
 
 CALL_INIT = 0x7FFF0002  # the call number of the initial starts; rejuvenation at iteration t uses call t

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import _MASK32, ChainKeys
+_MASK32 = 0xFFFFFFFF
 
 BLOCK = 256  # Philox blocks (4 words each) per program
 
@@ -76,7 +76,7 @@ def _philox_kernel(out_ptr, ids_ptr, reps_ptr, call_ptr, step_ptr, seed, call_sc
         tl.store(out_ptr + base + j + 3, r1 * tl.sin(t1), mask=j + 3 < numel)
 
 
-def _launch(keys: ChainKeys, step, numel: int, out: torch.Tensor, words: bool) -> torch.Tensor:
+def _launch(keys, step, numel: int, out: torch.Tensor, words: bool) -> torch.Tensor:
     device = out.device
     n, n_blocks = len(keys), (numel + 3) // 4
     if n == 0:
@@ -91,14 +91,14 @@ def _launch(keys: ChainKeys, step, numel: int, out: torch.Tensor, words: bool) -
     return out
 
 
-def normal(keys: ChainKeys, step, shape, dtype=torch.float32) -> torch.Tensor:
+def normal(keys, step, shape, dtype=torch.float32) -> torch.Tensor:
     """`keys.normal(step, shape)` on the keys' device in one kernel (keys already there)."""
     numel = math.prod(shape)
     out = torch.empty(len(keys), numel, dtype=torch.float32, device=keys.ids.device)
     return _launch(keys, step, numel, out, words=False).reshape(len(keys), *shape).to(dtype)
 
 
-def words(keys: ChainKeys, step, numel: int) -> list[torch.Tensor]:
+def words(keys, step, numel: int) -> list[torch.Tensor]:
     """The four Philox words per (chain, block), as `ChainKeys._words`: for bit-exact tests."""
     n_blocks = (numel + 3) // 4
     out = torch.empty(len(keys), n_blocks * 4, dtype=torch.int64, device=keys.ids.device)

@@ -1,8 +1,10 @@
-"""Single-process training: the EBM by maximum likelihood with a persistent bank, and natural classifiers.
+"""Training, the method's part: the EBM iteration by maximum likelihood with a persistent bank, the one
+loop that runs it, and natural classifier training (one epoch, one loop).
 
-The EBM iteration (`EBMIteration`) and `classifier_update` are what the Ray Train workers and the
-standalone GPU entry run too; the loops here add data, checkpoints (resumable: a rerun with the same
-output continues) and progress around them.
+The EBM iteration (`EBMIteration`) and its loop (`run_ebm`) are what the single-process and one-GPU
+entries (local/train.py) and every Ray Train worker (distributed/train.py) run; they pass in the bank
+(in memory, or the replay-buffer actors), what a log line and a checkpoint do, and when to stop.
+Plain PyTorch: settings are read from the config objects' fields, no config, I/O or Ray is imported.
 """
 from __future__ import annotations
 
@@ -10,19 +12,17 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..store import storage
+from ..errors import InputError, JobFailed
 from .bank import ImageBank
-from ..config import InputError, JobFailed, TrainClassifierConfig, TrainEBMConfig, to_yaml
-from ..store.data import ImageSet, load
-from .langevin import cuda_defaults, langevin, prepare_energy
-from .nets import EBM, build_classifier, save_classifier, save_ebm
+from .langevin import langevin, prepare_energy
+from .nets import EBM, build_classifier
 from .noise import ChainKeys
-from ..store.progress import Progress
 
 
 class TrainingDiverged(JobFailed):
@@ -61,22 +61,22 @@ def ebm_update(ebm: nn.Module, optimizer: torch.optim.Optimizer, positives: torc
             "loss": loss.item(), "grad_norm": grad_norm.item()}
 
 
-def make_ebm_optimizer(ebm: nn.Module, cfg: TrainEBMConfig, phase: str) -> torch.optim.Optimizer:
+def make_ebm_optimizer(ebm: nn.Module, cfg, phase: str) -> torch.optim.Optimizer:
     """Adam (paper: lr 1e-4), then plain SGD with lr = sgd_lr * sigma^2 / 2 (no momentum)."""
     if phase == "adam":
         return torch.optim.Adam(ebm.parameters(), lr=cfg.adam_lr)
     return torch.optim.SGD(ebm.parameters(), lr=cfg.sgd_lr * temperature(cfg))
 
 
-def temperature(cfg: TrainEBMConfig) -> float:
+def temperature(cfg) -> float:
     return cfg.langevin.noise ** 2 / 2
 
 
-def phase_at(cfg: TrainEBMConfig, iteration: int) -> str:
+def phase_at(cfg, iteration: int) -> str:
     return "adam" if iteration < cfg.sgd_start else "sgd"
 
 
-def new_ebm(cfg: TrainEBMConfig) -> EBM:
+def new_ebm(cfg) -> EBM:
     """The EBM at iteration 0: weights drawn from the run seed (global RNG untouched), sampler layout."""
     e = cfg.ebm
     with torch.random.fork_rng():
@@ -99,7 +99,7 @@ class Draws:
         return Draws(self.slots[s], self.restart[s], self.rows[s], self.noise[s])
 
 
-def iteration_draws(cfg: TrainEBMConfig, iteration: int, bank_size: int, data_size: int, shape) -> Draws:
+def iteration_draws(cfg, iteration: int, bank_size: int, data_size: int, shape) -> Draws:
     """Iteration t's random choices from (seed, t) alone: any worker count and any resume agree."""
     g = torch.Generator().manual_seed((cfg.seed << 32) | iteration)
     b = cfg.batch_size
@@ -108,11 +108,6 @@ def iteration_draws(cfg: TrainEBMConfig, iteration: int, bank_size: int, data_si
     rows = torch.randint(data_size, (b,), generator=g)
     noise = cfg.data_noise * torch.randn((b, *shape), generator=g)
     return Draws(slots, restart, rows, noise)
-
-
-def training_state(iteration: int, phase: str, ebm: nn.Module, optimizer, cfg) -> dict:
-    return {"kind": "ebm_training", "iteration": iteration, "phase": phase, "ebm": ebm.state_dict(),
-            "optimizer": optimizer.state_dict(), "config": to_yaml(cfg)}
 
 
 class LocalBank:
@@ -142,7 +137,7 @@ class EBMIteration:
     uint8 pixels) + data noise; Adam becomes SGD at `sgd_start`.
     """
 
-    def __init__(self, cfg: TrainEBMConfig, model: nn.Module, bank, images, data_size: int, shape, bank_size: int,
+    def __init__(self, cfg, model: nn.Module, bank, images, data_size: int, shape, bank_size: int,
                  rank: int = 0, world: int = 1, device: str | torch.device = "cpu",
                  all_finite=lambda finite: finite):
         self.cfg, self.model, self.bank, self.images = cfg, model, bank, images
@@ -182,37 +177,7 @@ class EBMIteration:
                 "step_seconds": time.time() - t0, "lr": self.optimizer.param_groups[0]["lr"]}
 
 
-class EBMTraining:
-    """The paper's loop in one process: `EBMIteration` on the whole batch with the bank in memory."""
-
-    def __init__(self, cfg: TrainEBMConfig, data: ImageSet, device: str | torch.device = "cpu"):
-        check_sizes(cfg, len(data))
-        self.cfg, self.data, self.device = cfg, data, torch.device(device)
-        cuda_defaults(self.device)
-        self.ebm = new_ebm(cfg).to(self.device)
-        size = cfg.bank_size or len(data)
-        self.bank = ImageBank(size, tuple(data.data.shape[1:]), cfg.bank_init, cfg.seed, data.data)
-        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, self.device),
-                                 len(data), data.data.shape[1:], size, device=self.device)
-
-    iteration = property(lambda self: self.loop.iteration)
-    phase = property(lambda self: self.loop.phase)
-    optimizer = property(lambda self: self.loop.optimizer)
-
-    def step(self) -> dict:
-        return self.loop.step()
-
-    def state_dict(self) -> dict:
-        return {**training_state(self.iteration, self.phase, self.ebm, self.optimizer, self.cfg),
-                "bank": self.bank.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ebm.load_state_dict(state["ebm"])
-        self.loop.resume(state["iteration"], state["phase"], state["optimizer"])
-        self.bank.load_state_dict(state["bank"])
-
-
-def check_sizes(cfg: TrainEBMConfig, data_size: int) -> None:
+def check_sizes(cfg, data_size: int) -> None:
     """Fail early, naming the field, on sizes that cannot train with these data (the config itself
     checks that batch_size splits over ray.workers)."""
     if temperature(cfg) <= 0:
@@ -224,22 +189,55 @@ def check_sizes(cfg: TrainEBMConfig, data_size: int) -> None:
         raise InputError(f"bank_size = {size} is smaller than batch_size = {cfg.batch_size}")
 
 
-def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> EBMTraining:
-    """Train to cfg.iterations, checkpointing to cfg.output; resumes from a checkpoint found there."""
-    data = data if data is not None else load(cfg.data)
-    run = EBMTraining(cfg, data, device)
-    ckpt = storage.join(cfg.output, "checkpoint.pt")
-    if storage.exists(ckpt):
-        run.load_state_dict(storage.load_torch(ckpt))
-    bar = Progress(cfg.iterations, "train-ebm", start=run.iteration, enabled=show)
-    while run.iteration < cfg.iterations:
-        metrics = run.step()
-        bar.update(1, energy_diff=metrics["energy_diff"], phase=run.phase)
-        if run.iteration % cfg.checkpoint_every == 0 or run.iteration == cfg.iterations:
-            storage.save_torch(run.state_dict(), ckpt)
-            save_ebm(run.ebm, storage.join(cfg.output, "ebm.pt"), iteration=run.iteration)
-    bar.close()
-    return run
+# The iteration's metrics that a log line averages over its window, in every entry
+METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")
+
+
+class MetricWindow:
+    """The mean of each of `METRICS` over the iterations since the last `take`."""
+
+    def __init__(self):
+        self.sums, self.count, self.t0 = dict.fromkeys(METRICS, 0.0), 0, time.time()
+
+    def add(self, metrics: dict) -> None:
+        for k in METRICS:
+            self.sums[k] += metrics[k]
+        self.count += 1
+
+    def take(self, reduce: Callable[[list[float]], list[float]] | None = None) -> dict:
+        """The window's means (`reduce`: over data-parallel workers too) and its rate; starts a new window."""
+        means = [self.sums[k] / self.count for k in METRICS]
+        out = dict(zip(METRICS, reduce(means) if reduce else means))
+        out["iterations_per_second"] = self.count / max(time.time() - self.t0, 1e-9)
+        self.__init__()
+        return out
+
+
+def run_ebm(loop: EBMIteration, until: int, *, log_every: int, checkpoint_every: int,
+            on_log: Callable[[int, dict, dict], None] | None = None, on_save: Callable[[int], None] | None = None,
+            on_step: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
+            reduce: Callable[[list[float]], list[float]] | None = None) -> bool:
+    """The EBM run loop of every entry: `loop.step()` until iteration `until`, or until `stop()` says so
+    before an iteration. After iteration t: `on_step(metrics)`; at a checkpoint (every `checkpoint_every`
+    and at `until`) or every `log_every`, `on_log(t, window means, metrics)`; then at a checkpoint `on_save(t)`.
+    Returns whether it reached `until`; a non-finite loss raises TrainingDiverged before its update."""
+    window = MetricWindow()
+    while loop.iteration < until:
+        if stop is not None and stop():
+            return False
+        metrics = loop.step()
+        window.add(metrics)
+        t = loop.iteration
+        if on_step is not None:
+            on_step(metrics)
+        save = t % checkpoint_every == 0 or t == until
+        if save or t % log_every == 0:
+            means = window.take(reduce)
+            if on_log is not None:
+                on_log(t, means, metrics)
+        if save and on_save is not None:
+            on_save(t)
+    return True
 
 
 # --- classifiers -----------------------------------------------------------------------------
@@ -270,7 +268,7 @@ def classifier_update(clf: nn.Module, optimizer: torch.optim.Optimizer, images: 
 
 
 @torch.no_grad()
-def accuracy(clf: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu") -> float:
+def accuracy(clf: nn.Module, data, batch_size: int = 500, device="cpu") -> float:
     clf.eval()
     correct = 0
     for i in range(0, len(data), batch_size):
@@ -279,7 +277,7 @@ def accuracy(clf: nn.Module, data: ImageSet, batch_size: int = 500, device="cpu"
     return correct / len(data)
 
 
-def new_classifier(cfg: TrainClassifierConfig):
+def new_classifier(cfg):
     """The classifier at epoch 0, weights drawn from the run seed (global RNG untouched)."""
     c = cfg.classifier
     with torch.random.fork_rng():
@@ -287,12 +285,12 @@ def new_classifier(cfg: TrainClassifierConfig):
         return build_classifier(c.arch, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
 
 
-def classifier_optimizer(cfg: TrainClassifierConfig, model: nn.Module):
+def classifier_optimizer(cfg, model: nn.Module):
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestones, cfg.lr_gamma)
 
 
-def epoch_batches(cfg: TrainClassifierConfig, epoch: int, n: int, rank: int = 0, world: int = 1):
+def epoch_batches(cfg, epoch: int, n: int, rank: int = 0, world: int = 1):
     """Yield (rows, augmentation generator) of this worker's share of each batch of the epoch.
 
     The order comes from (seed, epoch) and each share's augmentation from (seed, epoch, batch, rank),
@@ -304,7 +302,7 @@ def epoch_batches(cfg: TrainClassifierConfig, epoch: int, n: int, rank: int = 0,
         yield rows, torch.Generator().manual_seed(hash((cfg.seed, epoch, b, rank)) & 0x7FFFFFFFFFFFFFFF)
 
 
-def classifier_epoch(cfg: TrainClassifierConfig, model, opt, batch, epoch: int, rank: int = 0, world: int = 1,
+def classifier_epoch(cfg, model, opt, batch, epoch: int, rank: int = 0, world: int = 1,
                      n: int = 0, on_step=None, device="cpu") -> dict:
     """One epoch of natural training; `batch(rows)` gives (images in [-1, 1], labels)."""
     model.train()
@@ -319,34 +317,22 @@ def classifier_epoch(cfg: TrainClassifierConfig, model, opt, batch, epoch: int, 
     return {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "seconds": time.time() - t0}
 
 
-def classifier_state(cfg, epoch: int, clf, opt, sched, history: list) -> dict:
-    return {"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "history": history, "config": to_yaml(cfg)}
-
-
-def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool = True) -> dict:
-    """Natural training (paper: SGD momentum 0.9, wd 2e-4, batch 100, lr 0.1 -> 0.01 -> 0.001), resumable per epoch."""
-    data = load(cfg.data)
-    test = load(cfg.test_data) if cfg.test_data is not None else None
-    clf = new_classifier(cfg).to(device)
-    opt, sched = classifier_optimizer(cfg, clf)
-    epoch, history = 0, []
-    ckpt = storage.join(cfg.output, "checkpoint.pt")
-    if storage.exists(ckpt):
-        state = storage.load_torch(ckpt)
-        clf.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, history = state["epoch"], state["history"]
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    bar = Progress(cfg.epochs * steps_per_epoch, "train-classifier", start=epoch * steps_per_epoch, enabled=show)
+def run_classifier(cfg, model: nn.Module, optimizer, scheduler, epoch: int, history: list, batch, n: int, *,
+                   rank: int = 0, world: int = 1, device="cpu", test=None, classifier: nn.Module | None = None,
+                   on_step=None, on_epoch: Callable[[int, list], None] | None = None,
+                   reduce: Callable[[list[float]], list[float]] | None = None) -> list:
+    """The classifier's run loop of every entry: epochs from `epoch` to `cfg.epochs`, each followed by the
+    schedule's step, the test accuracy of `classifier` (the unwrapped model) on `test` where given, a row in
+    `history` and `on_epoch(epoch, history)` (the checkpoint). `reduce` averages the loss over workers."""
+    classifier = classifier if classifier is not None else model
     while epoch < cfg.epochs:
-        row = classifier_epoch(cfg, clf, opt, lambda r: (data.floats(r), data.labels[r]), epoch, n=len(data),
-                               on_step=lambda m: bar.update(1, loss=m["loss"]), device=device)
-        sched.step()
+        row = classifier_epoch(cfg, model, optimizer, batch, epoch, rank, world, n, on_step, device)
+        scheduler.step()
         epoch += 1
-        history.append({**row, "test_accuracy": accuracy(clf, test, device=device) if test is not None else None})
-        storage.save_torch(classifier_state(cfg, epoch, clf, opt, sched, history), ckpt)
-        save_classifier(clf, storage.join(cfg.output, "classifier.pt"), epoch=epoch)
-    bar.close()
-    return {"classifier": clf.eval(), "history": history}
+        if reduce is not None:
+            row["train_loss"] = reduce([row["train_loss"]])[0]
+        row["test_accuracy"] = accuracy(classifier, test, device=device) if test is not None else None
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, history)
+    return history

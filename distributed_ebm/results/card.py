@@ -1,5 +1,5 @@
 """The model card of the GPU-trained EBM (`models/ebm-cifar10-gpu/README.md`) and its curves, written
-from the compact checkpoint alone, so every session (and `train_ebm_gpu.py --card DIR`) rewrites it."""
+from its training checkpoint alone, so every session (and `train_ebm_gpu.py --card DIR`) rewrites it."""
 from __future__ import annotations
 
 import io
@@ -9,30 +9,15 @@ import yaml
 from ..store import storage
 
 NAME = "ebm-cifar10-gpu"
-# The device tool's call (cwd: the repository root there; no Ray, no ../shared): see the README's training section.
-PREPARE = "bash jobs/prepare_device.sh"
-DEVICE_COMMAND = "bash jobs/device_session.sh 0 8"
-HOW_TO_TRAIN = f"""## Training it further (one lent-GPU session)
+HOW_TO_TRAIN = """## Training it further
 
-1. Here, in the repository root: `{PREPARE}` (copies `train.parquet` and the wheels of pydantic and
-   OmegaConf for Python 3.12 into `.device/`, which git ignores; the device has no network, no Ray and
-   no ../shared).
-2. The device tool: `run` with `carry: [".device"]`, `timeout_s: 570` and the command
-   `{DEVICE_COMMAND}` (`jobs/device_session.sh CHECK_BUDGET_S TRAIN_MINUTES`: a first argument
-   above 0 runs `benchmarks/gpu_check.py` with that budget first).
-
-   It resumes from the committed `ckpt.pt` when there is one (else starts at iteration 0),
-   re-burns the bank, trains until 8 minutes from its start are spent (saving every 1,000
-   iterations, so a killed run still leaves its last checkpoint in `$OUT/train`) and writes
-   `ckpt.pt`, `samples-sNN.png`, `curves.png` and this `README.md` to `$OUT/train`, and its log to
-   `$OUT/train.log` (`ckpt.pt` is about 8 MB).
-3. Here: copy `ckpt.pt`, `curves.png`, `README.md` and `samples-s*.png` from the call's
-   `files_at`/train into `models/{NAME}/` and commit them.
+With one GPU and no Ray: `jobs/train_ebm_gpu.py --resume models/ebm-cifar10-gpu/ckpt.pt`, a session at a time;
+docs/gpu.md gives the command, what each session writes here and how to commit it.
 """
 DEVIATION = """## Deviation from the paper: the bank is re-burned at each resume
 
 The paper keeps one persistent bank of 50,000 chains through all 250,000 iterations. Its 600 MB
-cannot travel back from a lent machine (8 files of 16 MiB), so the compact checkpoint leaves it
+does not travel with the checkpoint between GPU sessions (its sessions returned 8 files of 16 MiB), so it is left
 out, and every session after the first rebuilds it before training: each chain starts afresh from
 `bank_init` and runs Langevin steps (s, σ of the config) under the EBM of the checkpoint, until the
 mean energy of the first 10,000 (`reburn_chunk`) reaches the mean energy that 1,000 chains of the
@@ -59,14 +44,14 @@ def _fmt_energy(e: dict | None) -> str:
 
 def card_text(state: dict | None) -> str:
     """The card for a compact checkpoint, or for none yet (what is committed before any GPU session)."""
-    head = (f"# Model card: `{NAME}`\n\nThe paper's CIFAR-10 EBM (Hill, Mitchell, Zhu, ICLR 2021; ../../../shared/PAPER.md) "
+    head = (f"# Model card: `{NAME}`\n\nThe paper's CIFAR-10 EBM (Hill, Mitchell, Zhu, ICLR 2021, arXiv 2005.13525) "
             "trained with the paper's configuration, `jobs/configs/train_ebm_cifar10.yaml` (250,000 iterations, "
             "batch 100, K = 100 Langevin steps, s = 1, σ = 0.01, data noise 0.02, Adam 1e-4 then SGD from "
             "iteration 125,000, a bank of 50,000 chains from uniform noise), in sessions of a few minutes on "
-            "lent GPUs with `jobs/train_ebm_gpu.py` (the Ray trainer's iteration, without Ray).\n\n")
+            "one GPU with `jobs/train_ebm_gpu.py` (the run loop every trainer shares, without Ray).\n\n")
     if state is None:
         return (head + "**Status: no GPU session has trained it yet.** There is no checkpoint here; the first "
-                "session with a device starts it with the command below, and every later one continues it.\n\n"
+                "session on a GPU starts it (docs/gpu.md), and every later one continues it.\n\n"
                 + HOW_TO_TRAIN + "\n" + DEVIATION + "\n")
     tr = state["training"]
     cfg = yaml.safe_load(tr["config"])
@@ -85,7 +70,7 @@ def card_text(state: dict | None) -> str:
     return (head + f"**Status: {it:,} of {total:,} iterations ({100 * it / total:.1f}%)**, phase `{tr['phase']}`, "
             f"{len(sessions)} session(s), {minutes:.1f} device minutes in all.\n\n"
             "| | |\n|---|---|\n"
-            f"| file | `ckpt.pt`: an EBM checkpoint (`nets.load_ebm`, `weights_only=True`) with the training state "
+            f"| file | `ckpt.pt`: an EBM checkpoint (`store.weights.load_ebm`, `weights_only=True`) with the training state "
             "riding along; the attack job takes it as it is: `ebm=models/ebm-cifar10-gpu/ckpt.pt` |\n"
             f"| sampler, bank | K = {lv['steps']}, s = {lv['step_size']}, σ = {lv['noise']}; bank of "
             f"{cfg['bank_size'] or 'one chain per training image'} (init `{cfg['bank_init']}`), batch "

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..store import provenance, storage
 from ..method.attacks import NEVER, ImageRecord, evaluation_points
-from ..config import InputError
+from ..errors import InputError
 from .report import describe_attack, plot_curves
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import io
 
-from ..store import storage
 from ..method.attacks.modes import MODES
+from ..store import storage
+from ..store.tracking import log_url_artifacts, mlflow_run
 
 
 def describe(summary: dict) -> tuple[str, str]:
@@ -135,3 +136,27 @@ def plot_curves(summaries: list[dict], url: str) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     storage.write_bytes(url, buf.getvalue())
+
+
+def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
+    """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
+    if not cfg.mlflow.enabled:
+        return None
+    system, attack = describe(summary)
+    with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
+                    tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
+        metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
+                                           "images", "seconds", "image_steps", "confirm_image_steps")}
+        for name in ("natural_protocol", "natural_defense", "robust"):
+            metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0], f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
+        if "reevaluations" in summary:
+            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "worst_case_accuracy")})
+            for r, acc in enumerate(summary["reeval_accuracies"]):
+                mlflow.log_metric("reeval_accuracy", acc, step=r)
+        if summary.get("image_steps_per_second") is not None:
+            metrics["image_steps_per_second"] = summary["image_steps_per_second"]
+        mlflow.log_metrics(metrics)
+        for step, acc in enumerate(summary["accuracy_curve"]):
+            mlflow.log_metric("accuracy_curve", acc, step=step)  # step = evaluation point (0 = clean image)
+        log_url_artifacts(mlflow, files)
+        return mlflow.active_run().info.run_id

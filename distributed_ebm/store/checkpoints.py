@@ -1,14 +1,18 @@
-"""The compact training checkpoint: all an EBM run needs to go on elsewhere, except the bank.
+"""The one EBM training checkpoint: a compact file (`ckpt.pt`) plus, where the bank is kept, its parts.
 
-A lent GPU machine gives back at most 8 files of 16 MiB, and the persistent bank (50,000 chains,
-600 MB) is too big to travel. The compact checkpoint holds the EBM in the layout `nets.load_ebm`
-reads (so the attack job takes it as `ebm=` like any EBM checkpoint), the optimizer state and phase,
-the iteration, the loss and energy history, one record per training session and a fingerprint of
-the settings that change results. The iteration is the whole RNG position: every draw of iteration
-t comes from (seed, t) and every chain's noise from (seed, slot, t), and nothing reads torch's global
-generator. On resume the bank is rebuilt by a *re-burn*: every chain starts afresh from `bank_init`
-and runs `reburn_steps` Langevin steps under the current EBM (a deviation from the paper, whose bank
-persists through the whole run; the model card states it).
+Every entry writes it: the single-process and one-GPU runs (local/train.py) into their output folder, the
+Ray Train run into each checkpoint folder. `ckpt.pt` holds the EBM in the layout `store.weights.load_ebm`
+reads (so an attack takes it as `ebm=` like any EBM checkpoint), the optimizer state and phase, the
+iteration, the loss and energy history, one record per training session and the fingerprint of the
+settings that change results. Beside it, `bank-k.pt` holds part k of the persistent bank (one part in
+one process, one per replay-buffer actor on Ray). The iteration is the whole RNG position: every draw of
+iteration t comes from (seed, t) and every chain's noise from (seed, slot, t), and nothing reads torch's
+global generator, so model + optimizer + bank resume a run exactly.
+
+A checkpoint that travels without its bank (between one-GPU sessions that return only a few small files; the
+paper's bank is 600 MB) resumes by a *re-burn*: every chain starts afresh from `bank_init` and runs Langevin
+steps under the current EBM (a deviation from the paper, whose bank persists through the whole run; the
+model card states it).
 """
 from __future__ import annotations
 
@@ -17,33 +21,29 @@ import hashlib
 import torch
 from torch import nn
 
-from . import storage
+from ..errors import InputError
 from ..method.bank import ImageBank
-from ..config import InputError, TrainEBMConfig
-from .data import ImageSet
 from ..method.langevin import langevin
 from ..method.noise import ChainKeys
+from . import storage
+from .provenance import flat
 
 FORMAT = "debm-compact-ebm-1"
+CKPT = "ckpt.pt"
 CALL_REBURN = 0x7FFF0003  # the noise of a re-burn; its replicate number is the iteration it resumes at
-# The settings whose change changes the trained EBM (iterations, checkpoints, logging, ray, mlflow do not).
+# Every training setting is one or the other: a test fails on a setting named in neither.
 RESULT_KEYS = ("ebm", "langevin", "batch_size", "data_noise", "adam_lr", "sgd_start", "sgd_lr", "bank_size",
-               "bank_init", "rejuvenation", "seed")
+               "bank_init", "rejuvenation", "seed")  # change the trained EBM: a resume must match them
+FREE_KEYS = ("iterations", "checkpoint_every", "log_every", "output", "name", "ray", "mlflow",
+             "data")  # do not (the data count by content, `data_fingerprint`: their path differs between machines)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def settings_fingerprint(cfg: TrainEBMConfig) -> dict:
+def settings_fingerprint(cfg) -> dict:
     """The result-changing settings, flat (`langevin.steps`: 100, ...)."""
-    return _flat(cfg.model_dump(mode="json", include=set(RESULT_KEYS)))
+    return flat(cfg.model_dump(mode="json", include=set(RESULT_KEYS)))
 
 
-def data_fingerprint(data: ImageSet) -> dict:
+def data_fingerprint(data) -> dict:
     """The training images by count and content (their path differs from machine to machine)."""
     pixels = data.pixels()
     return {"data.images": len(data), "data.sha256": hashlib.sha256(memoryview(pixels).cast("B")).hexdigest()[:16]}
@@ -58,28 +58,34 @@ def check_fingerprint(saved: dict, now: dict, url: str) -> None:
                          f"to resume)")
 
 
-def save_compact(url: str, ebm: nn.Module, iteration: int, phase: str, optimizer: torch.optim.Optimizer,
-                 fingerprint: dict, config_yaml: str, history: dict, sessions: list) -> dict:
-    """Atomically, as an EBM checkpoint (kind 'ebm') with the training state under 'training'; returns it."""
+def bank_part(folder: str, k: int) -> str:
+    return storage.join(folder, f"bank-{k}.pt")
+
+
+def save_checkpoint(folder: str, ebm: nn.Module, iteration: int, phase: str, optimizer: torch.optim.Optimizer,
+                    fingerprint: dict, config_yaml: str, history: dict, sessions: list) -> dict:
+    """`folder/ckpt.pt`, atomically, as an EBM checkpoint (kind 'ebm') with the training state under 'training';
+    returns it. The bank's parts are written beside it by whoever holds the bank."""
     state = {"kind": "ebm", **ebm.spec(), "state_dict": ebm.state_dict(), "iteration": iteration,
              "training": {"format": FORMAT, "phase": phase, "optimizer": optimizer.state_dict(),
                           "fingerprint": fingerprint, "config": config_yaml, "history": history, "sessions": sessions}}
-    storage.save_torch(state, url)
+    storage.save_torch(state, storage.join(folder, CKPT))
     return state
 
 
-def load_compact(url: str) -> dict:
+def load_checkpoint(url: str) -> dict:
+    """A training checkpoint (`ckpt.pt`), checked to be one: one line otherwise."""
     try:
         state = storage.load_torch(url)
     except FileNotFoundError:
-        raise InputError(f"--resume {url} does not exist") from None
+        raise InputError(f"checkpoint {url} does not exist") from None
     if not isinstance(state, dict) or state.get("kind") != "ebm" \
             or not isinstance(state.get("training"), dict) or state["training"].get("format") != FORMAT:
-        raise InputError(f"--resume {url} is not a compact EBM training checkpoint (format {FORMAT})")
+        raise InputError(f"{url} is not an EBM training checkpoint (format {FORMAT})")
     return state
 
 
-def reburn(bank: ImageBank, ebm: nn.Module, cfg: TrainEBMConfig, steps: int, resume_at: int,
+def reburn(bank: ImageBank, ebm: nn.Module, cfg, steps: int, resume_at: int,
            device: str | torch.device = "cpu", chunk: int = 10_000, target: float | None = None, check: int = 10,
            on_chunk=None) -> int:
     """Rebuild the whole bank: fresh starts from `bank_init`, then Langevin steps under `ebm`; returns the steps.

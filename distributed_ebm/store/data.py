@@ -16,24 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 import pyarrow as pa
+import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..config import DataConfig
+from ..errors import InputError
+from ..method.pixels import unit_range
 from . import storage
-from ..config import DataConfig, InputError
 
 
 class DataError(InputError):
     """Data that cannot be used as asked; the message names the file and the problem."""
-
-
-def unit_range(pixels: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 pixels p (any layout) -> float32 x = 2 p / 255 - 1, made on `device` (the uint8 travel there).
-    Float input is taken as already in [-1, 1]."""
-    if device is not None:
-        pixels = pixels.to(device)
-    return pixels.float().div_(127.5).sub_(1.0) if pixels.dtype == torch.uint8 else pixels
 
 
 def to_unit_range(pixels_u8: np.ndarray) -> torch.Tensor:

@@ -17,7 +17,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from ..config import InputError
+from ..errors import InputError
 
 
 @contextlib.contextmanager

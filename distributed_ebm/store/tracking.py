@@ -10,8 +10,10 @@ import contextlib
 import os
 import tempfile
 
+from ..config import MLflowConfig
+from ..errors import InputError
 from . import storage
-from ..config import InputError, MLflowConfig
+from .provenance import flat
 
 
 def tracking_uri(cfg: MLflowConfig) -> str:
@@ -43,17 +45,6 @@ def check_tracking(cfg: MLflowConfig) -> None:
                 os.environ[k] = v
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = "null" if v is None else str(v)[:6000]
-    return out
-
-
 @contextlib.contextmanager
 def mlflow_run(cfg: MLflowConfig, run_name: str, params: dict, tags: dict | None = None, run_id: str | None = None):
     """Start (or, given run_id, continue) a run in cfg.experiment; yields the mlflow module."""
@@ -70,7 +61,7 @@ def mlflow_run(cfg: MLflowConfig, run_name: str, params: dict, tags: dict | None
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name or run_name, tags=tags):
         if run_id is None:  # a continued run keeps the params it started with
-            mlflow.log_params(_flatten(params))
+            mlflow.log_params({k: "null" if v is None else str(v)[:6000] for k, v in flat(params).items()})
         yield mlflow
 
 
@@ -122,29 +113,3 @@ def log_url_artifacts(mlflow, urls: list[str], folder: str | None = None) -> Non
                 with open(local, "wb") as f:
                     f.write(storage.read_bytes(url))
                 mlflow.log_artifact(local, folder)
-
-
-def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
-    """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
-    if not cfg.mlflow.enabled:
-        return None
-    from ..results.report import describe
-
-    system, attack = describe(summary)
-    with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
-                    tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
-        metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
-                                           "images", "seconds", "image_steps", "confirm_image_steps")}
-        for name in ("natural_protocol", "natural_defense", "robust"):
-            metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0], f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
-        if "reevaluations" in summary:
-            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "worst_case_accuracy")})
-            for r, acc in enumerate(summary["reeval_accuracies"]):
-                mlflow.log_metric("reeval_accuracy", acc, step=r)
-        if summary.get("image_steps_per_second") is not None:
-            metrics["image_steps_per_second"] = summary["image_steps_per_second"]
-        mlflow.log_metrics(metrics)
-        for step, acc in enumerate(summary["accuracy_curve"]):
-            mlflow.log_metric("accuracy_curve", acc, step=step)  # step = evaluation point (0 = clean image)
-        log_url_artifacts(mlflow, files)
-        return mlflow.active_run().info.run_id

@@ -1,4 +1,4 @@
-"""One attack loop and one counting protocol for every mode (../shared/PAPER.md, 'The attack').
+"""One attack loop and one counting protocol for every mode (Hill, Mitchell, Zhu 2021: BPDA+EOT with the paper's counting).
 
 Evaluation points: point 0 is the clean image, point t + 1 is PGD iterate t (t = 0 is the
 random start, t = steps the last iterate), so `steps` PGD steps give steps + 2 points.

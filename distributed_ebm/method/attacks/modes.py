@@ -8,8 +8,8 @@ costs, re-evaluation) is `attacks.engine.Attack`'s alone, the same for every mod
 iterate moves (fixed-step PGD or APGD, `attack.optimizer`) is `attacks.apgd`'s.
 
 Config validation (config/), the engine, the chunk default (local/attack.py) and the report's labels
-all read MODES, so a new attack is a subclass here and its line in MODES. Torch-free on purpose:
-config/ validates against this table without importing torch.
+all read MODES, so a new attack is a subclass here and its line in MODES (and a pinned case in
+tests/test_attack_modes.py). This module imports nothing: the engine imports it, not the other way round.
 
 A mode runs inside one `Attack`, `self.attack`, and calls only its model handles:
 `classifier(x)`, `classifier_gradient(x, labels)` and `eot(x, rows, call, replicates, labels, ...)`
@@ -17,10 +17,7 @@ A mode runs inside one `Attack`, `self.attack`, and calls only its model handles
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
-
-if TYPE_CHECKING:
-    from .engine import Attack
+from typing import ClassVar
 
 
 class Mode:
@@ -34,7 +31,7 @@ class Mode:
     exact: ClassVar[bool] = False  # differentiates through the chain: memory grows with it; attack.surrogate applies
     check_from_gradient: ClassVar[bool] = True  # an iterate's check reuses the logits of its gradient pass
 
-    def __init__(self, attack: Attack):
+    def __init__(self, attack):  # the engine's `Attack` (not imported: it imports this table)
         self.attack, self.s = attack, attack.s
 
     def checked(self, point: int, points: int) -> bool:

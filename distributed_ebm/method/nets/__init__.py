@@ -1,5 +1,6 @@
-"""Networks: the paper's EBM and the classifiers it secures."""
-from .classifiers import Classifier, build_classifier, load_classifier, save_classifier
-from .ebm import EBM, load_ebm, save_ebm
+"""Networks: the paper's EBM and the classifiers it secures (store/weights.py reads and writes their files)."""
+from .classifiers import ARCHITECTURES, Classifier, build_classifier, classifier_checkpoint, classifier_from_checkpoint
+from .ebm import ACTIVATIONS, EBM, ebm_checkpoint, ebm_from_checkpoint
 
-__all__ = ["EBM", "load_ebm", "save_ebm", "Classifier", "build_classifier", "load_classifier", "save_classifier"]
+__all__ = ["ACTIVATIONS", "ARCHITECTURES", "EBM", "Classifier", "build_classifier", "classifier_checkpoint",
+           "classifier_from_checkpoint", "ebm_checkpoint", "ebm_from_checkpoint"]

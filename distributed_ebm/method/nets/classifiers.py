@@ -1,7 +1,7 @@
 """Classifiers the defense secures, all used the same way: images in [-1, 1] in, logits out.
 
 - CIFAR ResNet-20/32/44/56 (He et al. 2016, sec. 4.2; 'option A' shortcuts) with the key
-  names of the checkpoints in ../shared/weights, which load as they are.
+  names of the widely shared pretrained CIFAR-10 ResNet checkpoints, which load as they are.
 - WideResNet-28-10 (Zagoruyko & Komodakis 2016), the paper's classifier.
 `Classifier` maps [-1, 1] images to the network's own input normalization.
 """
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...store import storage
-from ...config import InputError
+from ...errors import InputError
 from .ebm import finite_or_refuse
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -137,20 +136,25 @@ class Classifier(nn.Module):
         return self.net(((x + 1) * 0.5 - self.mean) / self.std)
 
 
-_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
+# classifier.arch -> (network, default input normalization) from (num_classes, wrn_depth, wrn_widen); the
+# ResNets default to the checkpoints' ImageNet normalization
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+ARCHITECTURES = {
+    "resnet20": lambda n, depth, widen: (CifarResNet(20, n), IMAGENET),
+    "resnet32": lambda n, depth, widen: (CifarResNet(32, n), IMAGENET),
+    "resnet44": lambda n, depth, widen: (CifarResNet(44, n), IMAGENET),
+    "resnet56": lambda n, depth, widen: (CifarResNet(56, n), IMAGENET),
+    "wrn28_10": lambda n, depth, widen: (WideResNet(28, 10, n), (HALF, HALF)),
+    "wrn": lambda n, depth, widen: (WideResNet(depth, widen, n), (HALF, HALF)),
+}
 
 
 def build_classifier(arch: str, num_classes: int = 10, mean=None, std=None,
                      wrn_depth: int = 28, wrn_widen: int = 10) -> Classifier:
-    """A freshly initialized classifier; the ResNets default to the checkpoints' ImageNet normalization."""
-    if arch in _RESNET_DEPTHS:
-        net, default = CifarResNet(_RESNET_DEPTHS[arch], num_classes), (IMAGENET_MEAN, IMAGENET_STD)
-    elif arch == "wrn28_10":
-        net, default = WideResNet(28, 10, num_classes), (HALF, HALF)
-    elif arch == "wrn":
-        net, default = WideResNet(wrn_depth, wrn_widen, num_classes), (HALF, HALF)
-    else:
-        raise ValueError(f"unknown classifier arch {arch!r}; known: {', '.join([*_RESNET_DEPTHS, 'wrn28_10', 'wrn'])}")
+    """A freshly initialized classifier of `arch` (a key of ARCHITECTURES)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown classifier arch {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    net, default = ARCHITECTURES[arch](num_classes, wrn_depth, wrn_widen)
     return Classifier(net, mean or default[0], std or default[1], arch)
 
 
@@ -172,10 +176,10 @@ def _fit(net: nn.Module, state: dict, url: str, arch: str) -> None:
     net.load_state_dict(state, strict=False)  # every key checked above
 
 
-def load_classifier(arch: str, url: str, num_classes: int = 10, mean=None, std=None,
-                    wrn_depth: int = 28, wrn_widen: int = 10, map_location="cpu") -> Classifier:
-    """Build `arch` and load `url` into it: {"state_dict": ...} (key prefix `module.` allowed) or a bare state dict."""
-    ckpt = storage.load_torch(url, map_location)
+def classifier_from_checkpoint(ckpt, url: str, arch: str, num_classes: int = 10, mean=None, std=None,
+                               wrn_depth: int = 28, wrn_widen: int = 10) -> Classifier:
+    """Build `arch` and load the checkpoint `ckpt` (read from `url`, which messages name) into it:
+    {"state_dict": ...} (key prefix `module.` allowed) or a bare state dict."""
     saved_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if saved_arch is not None and saved_arch != arch:
         raise InputError(f"checkpoint {url} holds a {saved_arch!r} classifier, not {arch!r}")
@@ -189,9 +193,10 @@ def load_classifier(arch: str, url: str, num_classes: int = 10, mean=None, std=N
     return clf.eval()
 
 
-def save_classifier(clf: Classifier, url: str, **extra) -> None:
+def classifier_checkpoint(clf: Classifier, **extra) -> dict:
+    """What a classifier checkpoint holds: arch, weights, input normalization (and a WRN's shape)."""
     meta = {}
     if isinstance(clf.net, WideResNet) and clf.arch == "wrn":
         meta = {"wrn_depth": len(clf.net.block1) * 6 + 4, "wrn_widen": clf.net.fc.in_features // 64}
-    storage.save_torch({"arch": clf.arch, "state_dict": clf.net.state_dict(), "mean": clf.mean.flatten().tolist(),
-                        "std": clf.std.flatten().tolist(), **meta, **extra}, url)
+    return {"arch": clf.arch, "state_dict": clf.net.state_dict(), "mean": clf.mean.flatten().tolist(),
+            "std": clf.std.flatten().tolist(), **meta, **extra}

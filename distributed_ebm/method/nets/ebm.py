@@ -5,10 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...store import storage
-from ...config import InputError
+from ...errors import InputError
 
-ACTIVATIONS = ("lrelu", "soft_lrelu", "silu")
 LRELU_SLOPE = 0.05  # the paper's
 SOFT_ALPHA, SOFT_EPS = 0.49, 0.01  # MEFA's
 
@@ -53,14 +51,18 @@ class SiLU(nn.Module):
         return x * torch.sigmoid(x)
 
 
+# ebm.activation -> the module after each conv but the last, from (soft_alpha, soft_eps): one line per activation
+ACTIVATIONS = {
+    "lrelu": lambda alpha, eps: nn.LeakyReLU(LRELU_SLOPE),
+    "soft_lrelu": SoftLeakyReLU,
+    "silu": lambda alpha, eps: SiLU(),
+}
+
+
 def _activation(name: str, soft_alpha: float, soft_eps: float) -> nn.Module:
-    if name == "lrelu":
-        return nn.LeakyReLU(LRELU_SLOPE)
-    if name == "soft_lrelu":
-        return SoftLeakyReLU(soft_alpha, soft_eps)
-    if name == "silu":
-        return SiLU()
-    raise ValueError(f"ebm.activation must be one of {', '.join(ACTIVATIONS)} (got {name!r})")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"ebm.activation must be one of {', '.join(ACTIVATIONS)} (got {name!r})")
+    return ACTIVATIONS[name](soft_alpha, soft_eps)
 
 
 class _Energy(nn.Module):
@@ -124,8 +126,9 @@ class EBM(_Energy):
         return _Energy(nn.Sequential(*layers))
 
 
-def save_ebm(ebm: EBM, url: str, **extra) -> None:
-    storage.save_torch({"kind": "ebm", **ebm.spec(), "state_dict": ebm.state_dict(), **extra}, url)
+def ebm_checkpoint(ebm: EBM, **extra) -> dict:
+    """What an EBM checkpoint holds: its network (`spec`), its weights and any `extra` entries."""
+    return {"kind": "ebm", **ebm.spec(), "state_dict": ebm.state_dict(), **extra}
 
 
 def finite_or_refuse(state: dict, url: str) -> None:
@@ -150,12 +153,11 @@ def check_activation(url: str, recorded: dict, activation: str, soft_alpha: floa
                          f"the config asks for {_describe(wanted)}")
 
 
-def load_ebm(url: str, image_size: int | None = None, map_location="cpu", channels: int | None = None,
-             activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> EBM:
-    """Rebuild an EBM from its checkpoint; `image_size` and `channels` check it fits the data it will see and
+def ebm_from_checkpoint(ckpt, url: str, image_size: int | None = None, channels: int | None = None,
+                        activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> EBM:
+    """Rebuild an EBM from its checkpoint `ckpt` (read from `url`, which messages name); `image_size` and `channels` check it fits the data it will see and
     `activation` (with its constants), when given, that it is the one the checkpoint was trained with.
     A checkpoint that records no activation is the paper's LeakyReLU(0.05)."""
-    ckpt = storage.load_torch(url, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "ebm":
         raise InputError(f"{url} is not an EBM checkpoint (no kind='ebm' entry)")
     lacking = [k for k in ("width", "image_size", "channels", "state_dict") if k not in ckpt]

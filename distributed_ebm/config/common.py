@@ -1,0 +1,165 @@
+"""What every job's config is built from: the base section, budgets and URLs, data, networks, Langevin,
+Ray and MLflow sections. Choices read the method's own tables (one table per choice)."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ..method.nets import ACTIVATIONS, ARCHITECTURES
+
+def _fraction(value: Any) -> Any:
+    """Accept budgets written as in papers: "8/255"."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9.eE+-]+\s*/\s*[0-9.eE+-]+\s*", value):
+        num, den = value.split("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
+def _expand(value: Any) -> Any:
+    """A local relative path becomes absolute (from the working directory now), so Ray workers,
+    actors and Tune trials, whose working directories differ, find the same file."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        return value
+    return value if "://" in value or not value else os.path.abspath(value)
+
+
+def shared(path: str) -> str:
+    """A file of the shared data and weights: under $DEBM_SHARED, else ../shared."""
+    return f"{os.environ.get('DEBM_SHARED', '../shared')}/{path}"
+
+
+Budget = Annotated[float, BeforeValidator(_fraction)]
+URL = Annotated[str, BeforeValidator(_expand)]
+"""A local path (made absolute) or fsspec URL (s3://...)."""
+
+
+class Section(BaseModel):
+    # strict: `true` is not the integer 1, "3" is not a number; nan and inf are never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, strict=True,
+                              allow_inf_nan=False)
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+class DataConfig(Section):
+    """Where images come from and which of them to use."""
+
+    format: Literal["parquet", "torchvision"] = "parquet"
+    path: URL = Field(default_factory=lambda: shared("datasets/cifar10/test-exact-1000.parquet"),
+                      description="parquet URL (local or s3://), or a torchvision root folder")
+    name: Literal["cifar10", "cifar100", "svhn"] = "cifar10"
+    split: Literal["train", "test"] = "test"
+    download: bool = False
+    image_size: int = Field(32, ge=8, le=1024)
+    count: Optional[int] = Field(None, ge=1, description="the first `count` images")
+    indices: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="these dataset ids")
+    random: Optional[int] = Field(None, ge=1, description="a seeded random subset of this size")
+    subset_seed: int = Field(0, ge=0)
+    exclude: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="ids held out (before the subset)")
+    id_range: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, min_length=2, max_length=2, description=
+                                                                  "[low, high): only images with these ids (before the subset)")
+
+    @model_validator(mode="after")
+    def _one_subset(self):
+        chosen = [k for k in ("count", "indices", "random") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose at most one of count, indices, random (got {', '.join(chosen)})")
+        if self.id_range is not None and self.id_range[0] >= self.id_range[1]:
+            raise ValueError(f"data.id_range = {self.id_range}: [low, high) needs low < high")
+        if self.indices is not None and not self.indices:
+            raise ValueError("indices is empty: the subset would hold no image")
+        if self.indices is not None and len(set(self.indices)) != len(self.indices):
+            twice = sorted({i for i in self.indices if self.indices.count(i) > 1})
+            raise ValueError(f"data.indices names ids {twice[:5]} more than once: list each image once")
+        return self
+
+
+Activation = Literal[tuple(ACTIVATIONS)]
+
+
+class EBMConfig(Section):
+    width: int = Field(32, ge=1, le=1024, description="channels of the first conv (paper: 32)")
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: int = Field(3, ge=1, le=16)
+    activation: Activation = Field("lrelu", description="lrelu: the paper's LeakyReLU(0.05); soft_lrelu: MEFA's "
+                                   "(1 - a) x + a sqrt(x^2 + e^2) - a e (slopes 1 and 1 - 2a); silu. Recorded in "
+                                   "the checkpoint and checked on load (a checkpoint without it is lrelu)")
+    soft_alpha: float = Field(0.49, gt=0.0, lt=0.5, description="soft_lrelu's a (left slope 1 - 2a)")
+    soft_eps: float = Field(0.01, gt=0.0, le=10.0, description="soft_lrelu's e (width of the bend)")
+
+
+class EBMNetConfig(Section):
+    """What an attack expects of its EBM checkpoint (which records its own network)."""
+
+    activation: Optional[Activation] = Field(None, description="the activation the attack expects of the checkpoint "
+                                             "(which records its own): null = whatever it holds; set = must match, "
+                                             "else one line naming both")
+    soft_alpha: float = Field(0.49, gt=0.0, lt=0.5, description="soft_lrelu's a, checked against the checkpoint's "
+                              "when activation is soft_lrelu")
+    soft_eps: float = Field(0.01, gt=0.0, le=10.0, description="soft_lrelu's e, checked likewise")
+
+
+class LangevinConfig(Section):
+    """x <- x - step_size * grad f(x) + noise * xi."""
+
+    steps: int = Field(100, ge=0, le=1_000_000, description="Langevin steps per chain (K)")
+    step_size: float = Field(1.0, ge=0.0, le=1e6, description="s in x <- x - s grad f(x) + noise xi; 0 gives "
+                             "noise-only chains (the attack's control)")
+    noise: float = Field(0.01, ge=0.0, le=10.0, description="sd of the Gaussian noise added at each step (sigma)")
+
+
+class ClassifierConfig(Section):
+    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20", description="the network (method/nets/classifiers.py ARCHITECTURES): CIFAR ResNet-20/32/44/56, the paper's WRN-28-10, or wrn of wrn_depth and wrn_widen")
+    weights: Optional[URL] = Field(default_factory=lambda: shared("weights/resnet20-12fca82f.th"),
+                                   description="checkpoint URL; null = random init")
+    num_classes: int = Field(10, ge=2, le=100_000)
+    wrn_depth: int = Field(28, ge=10, le=100, description="arch=wrn only")
+    wrn_widen: int = Field(10, ge=1, le=20, description="arch=wrn only")
+    mean: Optional[list[float]] = Field(None, min_length=3, max_length=3, description="input normalization; null = the arch's own")
+    std: Optional[list[Annotated[float, Field(gt=0)]]] = Field(None, min_length=3, max_length=3,
+                                                               description="input normalization's std; null = the arch's own")
+
+
+class RayConfig(Section):
+    """Where the Ray engine runs and what each actor asks for."""
+
+    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
+    actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
+    cpus_per_actor: float = Field(1.0, gt=0, le=1024, description="CPUs each attack actor asks for")
+    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
+    max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
+                              "pipeline again on the images without a record")
+
+
+class MLflowConfig(Section):
+    enabled: bool = True
+    tracking_uri: Optional[str] = Field(None, description="null = MLFLOW_TRACKING_URI, or sqlite:///<cwd>/runs/mlflow.db")
+    experiment: str = Field("distributed-ebm", min_length=1)
+    artifact_location: Optional[URL] = Field(None, description="for a new experiment; null = <cwd>/runs/mlartifacts")
+    run_name: Optional[str] = None
+
+
+class TrainRayConfig(Section):
+    """A Ray Train run: DDP workers, their resources, failures tolerated, checkpoints kept."""
+
+    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
+    workers: int = Field(1, ge=1, le=4096, description="DDP workers, each taking its share of every batch "
+                         "(train-ebm: batch_size must split evenly over them)")
+    use_gpu: Optional[bool] = Field(None, description="null = when the cluster has a GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs per training worker")
+    max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1 = no limit)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps; older ones are deleted")
+    startup_timeout_s: float = Field(60.0, gt=0, le=86_400, description="how long a (re)started run waits for "
+                                    "its workers' resources before it fails (e.g. after losing a node)")
+
+
+class EBMRayConfig(TrainRayConfig):
+    bank_shards: int = Field(1, ge=1, le=4096, description="replay-buffer actors holding the bank")

@@ -1,0 +1,33 @@
+"""The errors a user meets, and how every entry point turns them into one line and an exit code.
+
+Imported by every layer; imports nothing of the project, so raising `InputError` pulls in no schema.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class InputError(ValueError):
+    """Bad input from a user (config, data, checkpoint): the message says what and where."""
+
+
+class ConfigError(InputError):
+    """A config that cannot run; the message is one line naming the key."""
+
+
+class JobFailed(RuntimeError):
+    """A job that cannot go on for a reason outside its input (e.g. lost capacity): one line, exit 1."""
+
+
+def exit_status(prog: str, job: Callable[[], int | None]) -> int:
+    """Run a job's body and turn the failures users cause or meet into one line and an exit code:
+    bad input 2, a job that cannot go on 1 (anything else keeps its traceback). Every entry point uses it."""
+    try:
+        return job() or 0
+    except (InputError, FileNotFoundError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    except JobFailed as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
