@@ -1,0 +1,22 @@
+"""The configuration reference is the one the schemas generate: a key, range, default or description changed in
+distributed_ebm/config/ without regenerating docs/configuration.md fails here."""
+from distributed_ebm.config.reference import reference
+
+from .conftest import REPO
+
+
+def test_the_committed_configuration_reference_is_the_generated_one(monkeypatch):
+    monkeypatch.chdir(REPO)  # defaults that are relative paths are shown relative to the repository
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == reference(), ("docs/configuration.md is out of date: regenerate it with "
+                                 "`python -m distributed_ebm.config.reference > docs/configuration.md`")
+
+
+def test_every_setting_of_every_job_is_in_the_reference():
+    from distributed_ebm.config import AttackConfig, TrainEBMConfig
+
+    page = (REPO / "docs" / "configuration.md").read_text()
+    for key in ("attack.eot_defense", "attack.restarts", "purify.steps", "precision", "ray.max_failures"):
+        assert f"| `{key}` |" in page, key
+    assert set(AttackConfig.model_fields) | set(TrainEBMConfig.model_fields) <= {
+        line.split("`")[1].split(".")[0] for line in page.splitlines() if line.startswith("| `")}
