@@ -11,7 +11,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.chdir(REPO)
-# Before ray is imported anywhere (../shared/STACK.md): no token auth, no usage stats, fast health checks.
+# Before ray is imported anywhere (Ray 2.60 on a local cluster): no token auth, no usage stats, fast health checks.
 os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
 
@@ -31,16 +31,27 @@ def exact_test():
 
 @pytest.fixture(scope="session")
 def resnet20():
-    from distributed_ebm.method.nets import load_classifier
+    from distributed_ebm.store.weights import load_classifier
     return load_classifier("resnet20", RESNET20)
+
+
+# A test that needs a Ray, an S3 endpoint or an MLflow server: it asks for one of these fixtures or lives in one
+# of these modules. `pytest -m "not ray"` runs everything else: the method, the I/O, configs, jobs' input checks.
+RAY_FIXTURES = {"ray_local", "s3_bucket"}
+RAY_MODULES = {"test_e2e_cluster", "test_faults"}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: the whole workflow through `ray job submit` on real Ray, S3 and MLflow "
                                        "servers (tests/test_e2e_cluster.py, a few minutes)")
+    config.addinivalue_line("markers", "ray: needs a Ray, an S3 endpoint or an MLflow server (set by conftest.py from "
+                                       "the fixtures a test asks for); `-m 'not ray'` is the fast inner loop")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
+            item.add_marker(pytest.mark.ray)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
