@@ -3,6 +3,7 @@ resolved from the repository root, as the jobs do (no OmegaConf needed: the GPU 
 from __future__ import annotations
 
 import os
+import sys
 import socket
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def resnet20():
     return load_classifier("resnet20", RESNET20)
 
 
-# A test that needs a Ray, an S3 endpoint or an MLflow server: it asks for one of these fixtures or lives in one
-# of these modules. `pytest -m "not ray"` runs everything else: the method, the I/O, configs, jobs' input checks.
+# A test that needs a Ray, an S3 endpoint or an MLflow server: it asks for one of these fixtures, lives in one of
+# these modules, or is marked `ray` itself (a job that gets as far as starting a Ray). `pytest -m "not ray"` runs
+# everything else: the method, the I/O, configs, jobs' input checks; `no_ray_started` holds it to that.
 RAY_FIXTURES = {"ray_local", "s3_bucket"}
 RAY_MODULES = {"test_e2e_cluster", "test_faults"}
 
@@ -107,3 +109,15 @@ def ray_local(s3_bucket):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": forward})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_started(request, monkeypatch):
+    """A test not marked `ray` may not start a Ray in this process, so the fast loop stays without one."""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a Ray: mark it `ray` (tests/conftest.py)")
+        monkeypatch.setattr(ray, "init", refuse)
+    yield

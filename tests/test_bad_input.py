@@ -162,7 +162,7 @@ def _parquet(tmp_path, images, labels, label_type=pa.int64()) -> str:
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("not_an_image", "row 1's image bytes are not a readable image"),
+    pytest.param("not_an_image", "row 1's image bytes are not a readable image", marks=pytest.mark.ray),
     ("string_labels", "column label is string, expected integers"),
     ("label_too_big", "labels must lie in [0, 10) (classifier.num_classes), found 10"),
     ("negative_label", "labels must lie in [0, 10) (classifier.num_classes), found -1"),
