@@ -54,15 +54,26 @@ def _close_to_single_process(tmp_path, tree, ebm_url, small):
     return single
 
 
-def test_two_workers_share_the_bank_checkpoint_to_s3_and_log_to_mlflow(ray_local, tmp_path, small, s3_bucket):
-    import mlflow
+@pytest.fixture(scope="module")
+def resumed_on_s3(ray_local, tmp_path_factory, small, s3_bucket):
+    """One run shared by the tests below: 2 workers, checkpoints to S3, MLflow; iterations 0 -> 3, then the job
+    run again with the same name and output, 3 -> 6."""
+    tmp_path = tmp_path_factory.mktemp("two")
     tree = _tree(tmp_path, "two", output=f"{s3_bucket}/train", **{"mlflow.artifact_location": f"{s3_bucket}/mlflow",
                                                                    "mlflow.experiment": "train-test"})
-    out = train_ebm_on_ray(build(TrainEBMConfig, tree), data=small)
-    assert out["iteration"] == 6 and out["sgd"] == 1.0 and out["started_at"] == 0
-    # the actors' own books: every lease returned, none refused, none outstanding
+    first = train_ebm_on_ray(build(TrainEBMConfig, {**tree, "iterations": 3}), data=small)
+    second = train_ebm_on_ray(build(TrainEBMConfig, tree), data=small)
+    return tmp_path, tree, first, second
+
+
+def test_two_workers_share_the_bank_checkpoint_to_s3_log_to_mlflow_and_resume(resumed_on_s3, small, s3_bucket):
+    import mlflow
+    tmp_path, tree, first, out = resumed_on_s3
+    assert first["iteration"] == 3 and first["started_at"] == 0
+    assert out["iteration"] == 6 and out["sgd"] == 1.0 and out["started_at"] == 3
+    # the actors' own books (the second run's actors): every lease returned, none refused, none outstanding
     books = out["bank_books"]
-    assert sum(b["leases"] for b in books) == sum(b["returns"] for b in books) == 6 * 8
+    assert sum(b["leases"] for b in books) == sum(b["returns"] for b in books) == 3 * 8
     assert all(b["refused"] == 0 and b["leased_now"] == 0 and b["unheld_returns"] == 0 for b in books)
     # the checkpoint (in the bucket) holds the model, the optimizer and its phase, and the whole bank
     ckpt = out["checkpoint"]
@@ -73,11 +84,12 @@ def test_two_workers_share_the_bank_checkpoint_to_s3_and_log_to_mlflow(ray_local
     assert tr["history"]["iteration"] == [1, 2, 3, 4, 5, 6] and tr["fingerprint"]["data.images"] == 64
     banks = [storage.load_torch(f"s3://{ckpt}/bank-{k}.pt") for k in range(2)]
     assert [len(b["states"]) for b in banks] == [16, 16] and sum(int(b["steps"].sum()) for b in banks) == 6 * 8 * 3
+    # the resumed run is the uninterrupted single-process run (up to the order of float sums)
     single = _close_to_single_process(tmp_path, _tree(tmp_path, "two"), out["ebm"], small)
     bank = torch.cat([b["states"] for b in banks])
     assert torch.allclose(bank, single.bank.states, atol=1e-4)
     assert not torch.allclose(bank, build_fresh_bank(single))  # the chains moved
-    # MLflow: one run, the config as params, metrics over iterations, sample grids and the model in S3
+    # MLflow: one run (continued on resume), the config as params, metrics over iterations, grids and the model in S3
     mlflow.set_tracking_uri(tree["mlflow"]["tracking_uri"])
     (run,) = mlflow.search_runs(experiment_names=["train-test"], output_format="list")
     assert run.data.params["ray.workers"] == "2" and run.data.params["langevin.steps"] == "3"
@@ -93,14 +105,6 @@ def test_two_workers_share_the_bank_checkpoint_to_s3_and_log_to_mlflow(ray_local
 def build_fresh_bank(run):
     from distributed_ebm.method.bank import ImageBank
     return ImageBank(len(run.bank), run.bank.shape, "noise", run.cfg.seed).states
-
-
-def test_running_the_job_again_resumes(ray_local, tmp_path, small):
-    first = train_ebm_on_ray(build(TrainEBMConfig, _tree(tmp_path, "again", iterations=3)), data=small)
-    assert first["iteration"] == 3
-    second = train_ebm_on_ray(build(TrainEBMConfig, _tree(tmp_path, "again")), data=small)
-    assert second["iteration"] == 6 and second["started_at"] == 3
-    _close_to_single_process(tmp_path, _tree(tmp_path, "again"), second["ebm"], small)
 
 
 def _pids(marker: bytes):
@@ -183,15 +187,16 @@ def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_
     assert folders == ["checkpoint_000000030", "checkpoint_000000040"]
 
 
-def test_resume_with_other_settings_fails_before_any_work_naming_them(ray_local, tmp_path, small):
+def test_resume_with_other_settings_fails_before_any_work_naming_them(resumed_on_s3, small):
     from distributed_ebm.errors import InputError
-    tree = _tree(tmp_path, "prov", iterations=3, **{"mlflow.enabled": False})
-    train_ebm_on_ray(build(TrainEBMConfig, tree), data=small)
-    with pytest.raises(InputError, match=r"prov was trained with langevin.step_size=1.0, seed=0; this run has "
+    _, tree, _, out = resumed_on_s3
+    with pytest.raises(InputError, match=r"two was trained with langevin.step_size=1.0, seed=0; this run has "
                                          r"langevin.step_size=0.5, seed=1 \(settings that change results must match"):
-        train_ebm_on_ray(build(TrainEBMConfig, {**tree, "seed": 1, "iterations": 6,
+        train_ebm_on_ray(build(TrainEBMConfig, {**tree, "seed": 1, "iterations": 9,
                                                 "langevin": {"steps": 3, "step_size": 0.5}}), data=small)
-    assert storage.load_torch(storage.join(run_dir(build(TrainEBMConfig, tree)), "ebm.pt"))["iteration"] == 3
+    with pytest.raises(InputError, match=r"data.images=64.*this run has data.images=32"):  # other images: refused too
+        train_ebm_on_ray(build(TrainEBMConfig, {**tree, "iterations": 9, "bank_size": 32}), data=small.take(range(32)))
+    assert storage.load_torch(out["ebm"])["iteration"] == 6
 
 
 def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):

@@ -182,11 +182,19 @@ def _finish(cfg: SearchConfig, results, write_best) -> dict:
     if not rows:
         errors = [r.error for r in results if r.error]
         raise RuntimeError(f"no trial reported; first error: {errors[0] if errors else 'none'}")
-    best = results.get_best_result(metric="objective", mode="max", scope="last")
-    file = write_best(best.config)
+    rows.sort(key=lambda row: row["trial"])
+    best = best_trial(rows)
+    file = write_best(best["params"])
     storage.write_bytes(storage.join(run_dir(cfg), TRIALS), json.dumps(rows, indent=2).encode())
-    return {"params": best.config, "metrics": {k: best.metrics.get(k) for k in REPORTED}, "file": file,
+    return {"params": best["params"], "metrics": {k: best[k] for k in REPORTED}, "file": file,
             "trials": rows, "stopped_early": sum(1 for r in rows if r["rungs"] < len(cfg.rungs))}
+
+
+def best_trial(rows: list[dict]) -> dict:
+    """The trial that reached the most rungs, then the highest objective there, then the first by id: a trial
+    that ASHA stopped early (scored on fewer images) never wins over one that saw every rung, and ties go the
+    same way however the trials are listed (a rerun of a finished search picks the same best)."""
+    return min(rows, key=lambda row: (-row["rungs"], -row["objective"], row["trial"]))
 
 
 def _write(cfg: SearchConfig, name: str, what: str, body) -> str:
