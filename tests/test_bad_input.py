@@ -153,11 +153,14 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def _parquet(tmp_path, images, labels, label_type=pa.int64()) -> str:
+def _parquet(tmp_path, images, labels, label_type=pa.int64(), index=None) -> str:
     url = str(tmp_path / "data.parquet")
     img = pa.array([{"bytes": b, "path": None} for b in images],
                    type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-    pq.write_table(pa.table({"img": img, "label": pa.array(labels, type=label_type)}), url)
+    columns = {"img": img, "label": pa.array(labels, type=label_type)}
+    if index is not None:
+        columns["index"] = pa.array(index, type=pa.int64())
+    pq.write_table(pa.table(columns), url)
     return url
 
 
@@ -167,10 +170,16 @@ def _parquet(tmp_path, images, labels, label_type=pa.int64()) -> str:
     ("label_too_big", "labels must lie in [0, 10) (classifier.num_classes), found 10"),
     ("negative_label", "labels must lie in [0, 10) (classifier.num_classes), found -1"),
     ("folder", "is a folder, not a file"),
+    # before: an index column that repeats or holds a negative id was silently replaced by the row numbers, so
+    # records and keyed randomness named other images than the file's
+    ("index_repeats", "index names id 7 2 times (rows [0, 2]); each image needs an id of its own"),
+    ("index_negative", "index holds the negative id -3 (row 1); image ids must be >= 0"),
 ])
 def test_bad_data_files(tmp_path, capsys, case, expected):
     if case == "folder":
         url = str(tmp_path)
+    elif case.startswith("index_"):
+        url = _parquet(tmp_path, [_png()] * 3, [0, 1, 2], index=[7, 8, 7] if case == "index_repeats" else [4, -3, 5])
     elif case == "not_an_image":
         url = _parquet(tmp_path, [_png(), b"GIF89a but not really", _png()], [0, 1, 2])
     elif case == "string_labels":
@@ -225,6 +234,38 @@ def test_output_under_a_file(tmp_path, capsys, command):
                                                                             "batch_size=8"]
     assert main([command, *args, "mlflow.enabled=false", f"output={tmp_path}/file/out"]) == 2
     assert f"output {tmp_path}/file/out: {tmp_path}/file is a file" in one_line(capsys, command)
+
+
+@pytest.mark.parametrize("command", ["attack", "train-ebm", "train-classifier"])
+def test_output_that_is_a_file(tmp_path, capsys, command):
+    """Before: the job started Ray, worked, and failed with a traceback when it first wrote into the file."""
+    (tmp_path / "file").write_text("x")
+    args = {"attack": ["attack.mode=pgd", "data.count=2"],
+            "train-ebm": [f"data.path={TEST_EXACT}", "data.count=64", "batch_size=8"],
+            "train-classifier": [f"data.path={TEST_EXACT}", "data.count=8", "test_data=null"]}[command]
+    assert main([command, *args, "mlflow.enabled=false", f"output={tmp_path}/file"]) == 2
+    assert f"output {tmp_path}/file is a file; it must be a folder (or not exist yet)" in one_line(capsys, command)
+
+
+def test_run_names_and_bank_shards_that_cannot_work(tmp_path, capsys):
+    """Before: name=.. wrote the run beside `output`, not in it; more bank shards than chains hung the run."""
+    base = [f"data.path={TEST_EXACT}", "data.count=64", "batch_size=8", "mlflow.enabled=false", f"output={tmp_path}/o"]
+    assert main(["train-ebm", *base, "name=.."]) == 2
+    assert "name = '..': '..' is not a folder name of its own" in one_line(capsys, "train-ebm")
+    assert main(["train-ebm", *base, "bank_size=16", "ray.bank_shards=17"]) == 2
+    assert "ray.bank_shards = 17 is more than the bank's 16 chains (bank_size)" in one_line(capsys, "train-ebm")
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_gpu_job_refuses_an_out_that_is_a_file_and_names_a_missing_card_folder(tmp_path, capsys):
+    from distributed_ebm.local.train import main as gpu_main
+
+    (tmp_path / "file").write_text("x")
+    assert gpu_main(["--minutes", "1", "--out", str(tmp_path / "file"), f"data.path={TEST_EXACT}"]) == 2
+    assert f"--out {tmp_path}/file is a file" in capsys.readouterr().err
+    assert gpu_main(["--card", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err  # was: "--resume .../ckpt.pt does not exist"
+    assert err.count("\n") == 1 and f"checkpoint {tmp_path}/none/ckpt.pt does not exist" in err and "--resume" not in err
 
 
 @pytest.mark.parametrize("uri", ["bogus://nowhere", "not-a-store", "http://127.0.0.1:9"])

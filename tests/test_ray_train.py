@@ -143,7 +143,7 @@ def _wait_for_checkpoint(cfg, timeout=180):
     raise AssertionError("no checkpoint appeared")
 
 
-def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, small):
+def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, small, capsys):
     cfg = build(TrainEBMConfig, _tree(tmp_path, "killw", iterations=60, checkpoint_every=10, log_every=5,
                                       **{"langevin.steps": 20, "mlflow.enabled": False}))
     thread, box = _run_in_thread(cfg, small)
@@ -155,6 +155,9 @@ def test_killed_worker_finishes_from_the_last_checkpoint(ray_local, tmp_path, sm
     assert "error" not in box, box.get("error")
     out = box["out"]
     assert out["iteration"] == 60 and out["started_at"] > 0  # restarted from a checkpoint, not from 0
+    # the console says so in a line of the project's own (before: only Ray's raw "A worker died" lines)
+    assert re.search(r"train-ebm:killw: lost a worker or a bank shard; Ray Train restarted the run from its last "
+                     r"checkpoint \((10|20|30|40|50) of 60 done; restart 1\)", capsys.readouterr().err)
 
 
 def _final(out):
@@ -164,7 +167,7 @@ def _final(out):
     return state["state_dict"], bank
 
 
-def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_local, tmp_path, small):
+def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_local, tmp_path, small, capsys):
     import ray
     tree = _tree(tmp_path, "killb", iterations=40, checkpoint_every=10, log_every=5,
                  **{"langevin.steps": 20, "mlflow.enabled": False})
@@ -176,6 +179,7 @@ def test_killed_bank_actor_restarts_the_run_from_the_checkpoint_bit_for_bit(ray_
     assert "error" not in box, box.get("error")
     out = box["out"]
     assert out["iteration"] == 40 and out["started_at"] > 0  # the run restarted from a checkpoint
+    assert "train-ebm:killb: lost a worker or a bank shard; Ray Train restarted the run" in capsys.readouterr().err
     straight = train_ebm_on_ray(build(TrainEBMConfig, {**tree, "name": "straight"}), data=small)
     assert straight["started_at"] == 0
     (ebm, bank), (ebm0, bank0) = _final(out), _final(straight)

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..method.nets import ACTIVATIONS, ARCHITECTURES
 
@@ -38,6 +38,16 @@ def shared(path: str) -> str:
 
 Budget = Annotated[float, BeforeValidator(_fraction)]
 URL = Annotated[str, BeforeValidator(_expand)]
+
+
+def _folder_name(value: str) -> str:
+    if set(value) == {"."}:
+        raise ValueError(f"{value!r} is not a folder name of its own: the run would be written outside output")
+    return value
+
+
+# A run's folder under `output`: letters, digits, _ . - (no path component, not . or ..)
+RunName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_folder_name)]
 """A local path (made absolute) or fsspec URL (s3://...)."""
 
 

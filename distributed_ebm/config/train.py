@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .common import URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared
+from .common import RunName, URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared
 
 class TrainEBMConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig(path=shared("datasets/cifar10/train.parquet"), split="train"))
@@ -27,7 +27,7 @@ class TrainEBMConfig(Section):
     log_every: int = Field(100, ge=1, description="iterations per metric window: the means logged and kept in the "
                            "checkpoint's history")
     output: URL = Field("runs/ebm", description="where the run lives (output/name: checkpoints, ebm.pt); the same name and output resume")
-    name: str = Field("ebm", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+    name: RunName = Field("ebm",
                       description="run name: the same name and output resume the run")
     ray: EBMRayConfig = Field(default_factory=lambda: EBMRayConfig())
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
@@ -56,7 +56,7 @@ class TrainClassifierConfig(Section):
     augment: bool = Field(True, description="random crop (4 pixels of padding) and horizontal flip")
     seed: int = Field(0, ge=0, lt=2**32)
     output: URL = Field("runs/classifier", description="where the run lives (output/name: checkpoints, classifier.pt); the same name and output resume")
-    name: str = Field("classifier", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+    name: RunName = Field("classifier",
                       description="run name: the same name and output resume the run")
     ray: TrainRayConfig = Field(default_factory=lambda: TrainRayConfig())
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())

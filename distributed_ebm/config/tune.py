@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .attack import AttackConfig, AttackSettings
-from .common import URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, Section
+from .common import RunName, URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, Section
 from .train import TrainEBMConfig
 
 class SearchRange(Section):
@@ -51,7 +51,7 @@ class SearchConfig(Section):
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null = as many as fit")
     seed: int = Field(0, ge=0, lt=2**32, description="Optuna's sampler seed")
     output: URL = Field("runs", description="where the search lives (output/name: trials, the best settings file)")
-    name: str = Field("tune", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+    name: RunName = Field("tune",
                       description="search name: the same name and output resume the search")
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 
@@ -90,7 +90,7 @@ class TunePurificationConfig(SearchConfig):
     """Search the purifier's settings; `rungs` = validation images per ASHA rung; `attack` is also the
     base of the best-settings file (its `data` are the images that file evaluates)."""
 
-    name: str = Field("tune-purification", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName = "tune-purification"
 
 
 class TuneTrainingConfig(SearchConfig):
@@ -108,4 +108,4 @@ class TuneTrainingConfig(SearchConfig):
         "steps": SearchRange(low=10, high=100)})
     rungs: list[Annotated[int, Field(ge=1)]] = Field([100, 200, 400], min_length=1,
                                                      description="ASHA's rungs: training iterations, growing")
-    name: str = Field("tune-training", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName = "tune-training"

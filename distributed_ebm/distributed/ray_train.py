@@ -3,6 +3,7 @@ and the collective helpers their worker loops use."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -70,17 +71,20 @@ class CapacityLost(JobFailed):
 
 
 class ProgressBoard:
-    """A tiny actor: rank 0 posts where the run is; the driver reads it for its one progress line
-    (the workers' own output stays in Ray's log files)."""
+    """A tiny actor: rank 0 posts where the run is, and each (re)start of the workers; the driver reads it for
+    its one progress line and a line per restart (the workers' own output stays in Ray's log files)."""
 
     def __init__(self):
-        self.last = None
+        self.last, self.starts = None, []
 
     def post(self, state: tuple) -> None:
         self.last = state
 
+    def started(self, done: int) -> None:
+        self.starts.append(done)
+
     def read(self):
-        return self.last
+        return self.last, self.starts
 
 
 class WorkerProgress:
@@ -90,6 +94,8 @@ class WorkerProgress:
         self.board = config.get("board") if rank == 0 else None
         self.total, self.name, self.start, self.done = total, name, start, start
         self.metrics, self.posted, self.t0 = {}, 0.0, time.time()
+        if self.board is not None:
+            self.board.started.remote(start)
 
     def update(self, n: int = 1, **metrics) -> None:
         self.done += n
@@ -109,13 +115,18 @@ def _follow(board, stop: threading.Event) -> None:
 
     from ..store.progress import Progress
 
-    bar = None
+    bar, restarts = None, 0
     while True:
         stopped = stop.wait(2.0)
         try:
-            last = ray.get(board.read.remote(), timeout=10)
+            last, starts = ray.get(board.read.remote(), timeout=10)
         except Exception:  # the board is gone or slow: skip this tick
-            last = None
+            last, starts = None, []
+        for done in starts[1 + restarts:]:  # every start after the first is Ray Train's restart after a loss
+            restarts += 1
+            print(f"{last[3] if last else 'train'}: lost a worker or a bank shard; Ray Train restarted the run "
+                  f"from its last checkpoint ({done:,} of {last[2] if last else '?'} done; restart {restarts})",
+                  file=sys.stderr, flush=True)
         if last:
             done, start, total, name, metrics, t0 = last
             if bar is None:  # the rate counts from the worker's start, not from the first look

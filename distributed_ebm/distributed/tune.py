@@ -219,7 +219,7 @@ def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
 
 
 def _search_preflight(cfg: SearchConfig) -> None:
-    storage.check_destination(cfg.output, "output")
+    storage.check_destination(cfg.output, "output", folder=True)
     check_tracking(cfg.mlflow)
 
 

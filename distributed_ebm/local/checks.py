@@ -22,7 +22,7 @@ def attack(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog
     if width != cfg.data.image_size:
         raise InputError(f"images are {width} pixels wide, data.image_size is {cfg.data.image_size}")
     check_labels(data, cfg.classifier.num_classes, f"data {cfg.data.path}")
-    storage.check_destination(cfg.output, "output")
+    storage.check_destination(cfg.output, "output", folder=True)
     build_attack(cfg, "cpu")  # loads the classifier and the EBM: missing files, wrong architecture or size
     check_tracking(cfg.mlflow)
     return data
@@ -36,7 +36,11 @@ def train_ebm(cfg: TrainEBMConfig, data: ImageSet) -> None:
     if data.data.shape[1] != cfg.ebm.channels:
         raise InputError(f"ebm.channels = {cfg.ebm.channels} but the images of {cfg.data.path} have "
                          f"{data.data.shape[1]} channels")
-    storage.check_destination(cfg.output, "output")
+    shards, size = cfg.ray.bank_shards, cfg.bank_size or len(data)
+    if shards > size:
+        raise InputError(f"ray.bank_shards = {shards} is more than the bank's {size} chains (bank_size): "
+                         "every shard must hold at least one chain")
+    storage.check_destination(cfg.output, "output", folder=True)
     check_tracking(cfg.mlflow)
 
 
@@ -44,5 +48,5 @@ def train_classifier(cfg: TrainClassifierConfig, data: ImageSet, test: ImageSet 
     check_labels(data, cfg.classifier.num_classes, f"data {cfg.data.path}")
     if test is not None:
         check_labels(test, cfg.classifier.num_classes, f"test_data {cfg.test_data.path}")
-    storage.check_destination(cfg.output, "output")
+    storage.check_destination(cfg.output, "output", folder=True)
     check_tracking(cfg.mlflow)

@@ -270,6 +270,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
         raise InputError(f"--minutes must be in (0, 1440] (got {args.minutes})")
     if not args.out:
         raise InputError("--out DIR is required (where the checkpoint and the card go)")
+    storage.check_destination(args.out, "--out", folder=True)
     cfg = load_config(StandaloneTrainConfig, args.config, args.overrides)
     iterations = cfg.iterations if args.iterations is None else args.iterations
     if not 1 <= iterations <= cfg.iterations:

@@ -4,7 +4,8 @@ labels, and int64 dataset ids; the floats are made from the pixels where a batch
 Sources: parquet files in the Hugging Face layout (`img: struct<bytes, path>`, `label`, and an
 optional `index` that names the row's position in the original split), from a local path or any
 fsspec URL; or torchvision's CIFAR-10, CIFAR-100 and SVHN folders. An image is known by its id:
-the `index` column where the file carries it, otherwise its row number. `catalog` reads a
+the `index` column where the file carries it (ids >= 0, each once; -1 in every row means unknown), otherwise
+its row number. `catalog` reads a
 parquet file's ids and labels alone (the subset is chosen from them); `decode` turns the image
 bytes of the chosen rows into pixels, on the driver (`load`) or in Ray Data tasks (the attack engine).
 """
@@ -132,10 +133,22 @@ def catalog(url: str) -> Catalog:
         raise DataError(f"data file {url}: column label has {table.column('label').null_count} empty rows")
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     ids, indexed = np.arange(len(labels), dtype=np.int64), False
-    if "index" in names and pa.types.is_integer(schema.field("index").type) and not table.column("index").null_count:
-        index = np.asarray(table.column("index").to_pylist(), dtype=np.int64)
-        if (index >= 0).all() and len(np.unique(index)) == len(index):
-            ids, indexed = index, True
+    if "index" in names:  # the file names its images: every record and every key uses these ids, so they must hold
+        column = table.column("index")
+        if not pa.types.is_integer(schema.field("index").type) or column.null_count:
+            raise DataError(f"data file {url}: its index column must hold an integer id for every row "
+                            f"(type {schema.field('index').type}, {column.null_count} missing)")
+        ids, indexed = np.asarray(column.to_pylist(), dtype=np.int64), True
+        if (ids == -1).all():  # the layout's "unknown" for every row: the row numbers name the images
+            ids, indexed = np.arange(len(labels), dtype=np.int64), False
+        values, counts = np.unique(ids, return_counts=True)
+        if (ids < 0).any():
+            raise DataError(f"data file {url}: index holds the negative id {int(ids[ids < 0][0])} (row "
+                            f"{int(np.flatnonzero(ids < 0)[0])}); image ids must be >= 0")
+        if (counts > 1).any():
+            twice = int(values[counts > 1][0])
+            raise DataError(f"data file {url}: index names id {twice} {int(counts[counts > 1][0])} times (rows "
+                            f"{np.flatnonzero(ids == twice)[:5].tolist()}); each image needs an id of its own")
     return Catalog(url, np.arange(len(labels), dtype=np.int64), torch.from_numpy(labels), torch.from_numpy(ids), indexed)
 
 

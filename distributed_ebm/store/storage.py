@@ -69,9 +69,10 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def check_destination(url: str, what: str) -> None:
-    """Fail now, not after the work, when nothing can be written at `url` (a file to write, or a
-    folder to write into): a local path under a file or in a read-only folder, an unreachable bucket."""
+def check_destination(url: str, what: str, folder: bool = False) -> None:
+    """Fail now, not after the work, when nothing can be written at `url` (a file to write, or with `folder`
+    a folder to write into): a local path under a file, a file where a folder is meant, a read-only folder,
+    an unreachable bucket."""
     fs, path = filesystem(url)
     if not isinstance(fs, LocalFileSystem):
         bucket = path.split("/")[0]
@@ -81,6 +82,8 @@ def check_destination(url: str, what: str) -> None:
         except FileNotFoundError:
             raise InputError(f"{what} {url}: bucket {bucket} does not exist") from None
         return
+    if folder and os.path.isfile(path):
+        raise InputError(f"{what} {url} is a file; it must be a folder (or not exist yet)")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
