@@ -95,6 +95,10 @@ def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(
 @pytest.mark.slow
 def test_an_attack_that_loses_a_node_finishes_with_every_image_once_as_the_reference(tmp_path):
     got = _two_node("tests/two_node_attack.py", tmp_path)
+    # one storage: a local output on two nodes is refused before any work unless ray.shared_filesystem vouches for it
+    assert got["refused"] == (f"output {tmp_path}/out/refused is a local path but the cluster has 2 nodes, each of "
+                              "which would write to its own disk: use an object store (s3://...), or set "
+                              "ray.shared_filesystem=true if every node mounts this path"), got["refused"]
     assert got["finished"], "the attack never finished after the node was lost"
     assert got["error"] is None, got["error"]
     assert got["done_before_kill"] < 12, "the node was lost only after the attack"

@@ -23,7 +23,7 @@ def main(out: str) -> None:
     cfg = build(TrainEBMConfig, {
         "ebm": {"width": 4}, "langevin": {"steps": 5}, "iterations": 100_000, "batch_size": 8, "bank_size": 32,
         "checkpoint_every": 5, "log_every": 5, "output": out, "name": "twonode", "mlflow": {"enabled": False},
-        "ray": {"workers": 2, "max_failures": 3, "startup_timeout_s": 5}})
+        "ray": {"workers": 2, "max_failures": 3, "startup_timeout_s": 5, "shared_filesystem": True}})
     box = {}
 
     def target():

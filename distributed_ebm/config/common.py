@@ -147,6 +147,9 @@ class RayConfig(Section):
     gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
     max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
                               "pipeline again on the images without a record")
+    shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
+                                    "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
+                                    "is refused, since each node would write its part to its own disk")
 
 
 class MLflowConfig(Section):
@@ -169,6 +172,9 @@ class TrainRayConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps; older ones are deleted")
     startup_timeout_s: float = Field(60.0, gt=0, le=86_400, description="how long a (re)started run waits for "
                                     "its workers' resources before it fails (e.g. after losing a node)")
+    shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
+                                    "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
+                                    "is refused, since each node would write its part to its own disk")
 
 
 class EBMRayConfig(TrainRayConfig):

@@ -34,7 +34,7 @@ from ..local.attack import build_attack, dtype_of, pending, pick_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
 from ..results.report import log_attack
-from .cluster import available, connect
+from .cluster import available, check_one_storage, connect
 
 
 class AttackActor:
@@ -195,6 +195,7 @@ def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bo
     broken, failures = 0, 0  # broken: this run's images, counted across batches
     while len(todo):
         ray = connect(cfg.ray.address)
+        check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
         try:
             broken = run_pipeline(ray, cfg, todo, settings, bar, broken, fitting=failures > 0)
             break

@@ -96,3 +96,20 @@ def available(resource: str) -> float:
     import ray
 
     return float(ray.cluster_resources().get(resource, 0.0))
+
+
+def check_one_storage(url: str, what: str, shared_filesystem: bool) -> None:
+    """A local `url` on a cluster of several nodes fails with one line: bank shards, workers and actors on other
+    nodes would each write their part to their own disk, and the driver (and a resume) would find part of the run.
+    An object store (s3://...) is one storage for every node; so is a local path the user vouches for."""
+    import ray
+
+    from ..store.storage import is_local
+
+    if shared_filesystem or not is_local(url):
+        return
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        raise InputError(f"{what} {url} is a local path but the cluster has {nodes} nodes, each of which would write "
+                         "to its own disk: use an object store (s3://...), or set ray.shared_filesystem=true if every "
+                         "node mounts this path")

@@ -33,7 +33,7 @@ from ..store.checkpoints import CKPT, check_fingerprint, data_fingerprint, load_
 from ..store.data import ImageSet, load
 from ..store.weights import load_ebm, save_ebm
 from .bank_shards import BankShard, ShardedBank, shard_bounds
-from .cluster import connect
+from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
@@ -168,6 +168,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
     check_resume(cfg, fingerprint)
     connect(cfg.ray.address)
+    check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
     pixels = ray.put(data.pixels())  # uint8, as read: the workers make floats of their batches only
     size = cfg.bank_size or len(data)
     bounds = shard_bounds(size, cfg.ray.bank_shards)

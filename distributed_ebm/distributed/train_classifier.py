@@ -20,7 +20,7 @@ from ..store.data import ImageSet, load, to_unit_range
 from ..store.weights import load_classifier, save_classifier
 from ..local.train import classifier_state
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
-from .cluster import connect
+from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
 
 
@@ -79,6 +79,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     test = load(cfg.test_data) if cfg.test_data is not None else None
     checks.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
+    check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
     config = {"cfg": cfg.model_dump(mode="json"),
               "train": [ray.put((data.pixels(), data.labels.numpy()))],
               "test": [ray.put((test.pixels(), test.labels.numpy()))] if test is not None else None}

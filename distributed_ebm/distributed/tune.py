@@ -28,7 +28,7 @@ from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificatio
 from ..store.data import choose, load
 from ..store.weights import load_classifier
 from ..store.tracking import check_tracking
-from .cluster import available, connect
+from .cluster import available, check_one_storage, connect
 from .attack import evaluate, preflight
 from .ray_train import run_dir
 
@@ -140,6 +140,7 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
     from ray.tune.search.optuna import OptunaSearch
 
     connect(cfg.attack.ray.address)
+    check_one_storage(cfg.output, "output", cfg.attack.ray.shared_filesystem)
     concurrent = cfg.max_concurrent or max(1, int(available("CPU") // per_trial_cpus))
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     path = storage.join(storage_path, cfg.name)

@@ -43,6 +43,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def is_local(url: str) -> bool:
+    """Whether `url` names this machine's filesystem (a path or file://), not an object store."""
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([str(url).rstrip("/"), *parts])
 
