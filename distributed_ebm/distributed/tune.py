@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from ..local import checks as checks
 from ..store import storage
@@ -29,7 +30,7 @@ from ..store.data import choose, load
 from ..store.weights import load_classifier
 from ..store.tracking import check_tracking
 from .cluster import available, check_one_storage, connect
-from .attack import evaluate, preflight
+from .attack import evaluate, plan_actors, preflight
 from .ray_train import run_dir
 
 BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
@@ -142,6 +143,12 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
     connect(cfg.attack.ray.address)
     check_one_storage(cfg.output, "output", cfg.attack.ray.shared_filesystem)
     concurrent = cfg.max_concurrent or max(1, int(available("CPU") // per_trial_cpus))
+    cfg, actors = share_the_cluster(cfg, concurrent)
+    setup = {**setup, "cfg": cfg.model_dump(mode="json")}
+    r = cfg.attack.ray
+    print(f"{job}: {cfg.trials} trials, {concurrent} at a time, each evaluating with {actors} attack actor(s) "
+          f"({r.cpus_per_actor:g} CPU{f', {r.gpus_per_actor:g} GPU' if r.gpus_per_actor else ''} each)",
+          file=sys.stderr, flush=True)
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     path = storage.join(storage_path, cfg.name)
 
@@ -174,6 +181,17 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
         mlflow.log_metrics({f"best_{k}": v for k, v in best["metrics"].items() if v is not None})
         log_url_artifacts(mlflow, [best["file"]])
     return best
+
+
+def share_the_cluster(cfg: SearchConfig, concurrent: int) -> tuple[SearchConfig, int]:
+    """Each of `concurrent` trials gets its share of the attack actors the cluster holds (unless attack.ray.actors
+    names them): before, every trial sized its pool to the whole cluster and concurrent trials starved each other."""
+    if cfg.attack.ray.actors is not None:
+        return cfg, cfg.attack.ray.actors
+    fit, _, gpus = plan_actors(cfg.attack, batches=1 << 30)
+    actors = max(1, fit // concurrent)
+    ray_cfg = cfg.attack.ray.model_copy(update={"actors": actors, "gpus_per_actor": gpus})
+    return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"ray": ray_cfg})}), actors
 
 
 def _finish(cfg: SearchConfig, results, write_best) -> dict:
@@ -230,7 +248,7 @@ def tune_purification(cfg: TunePurificationConfig) -> dict:
     _search_preflight(cfg)
     preflight(trial_attack(cfg, ids[:1], storage.join(run_dir(cfg), "preflight")))  # weights, sizes: before any trial
     per_trial = (cfg.attack.ray.actors or 1) * cfg.attack.ray.cpus_per_actor
-    return run_search(cfg, purification_trial, {"cfg": cfg.model_dump(mode="json"), "ids": ids}, per_trial,
+    return run_search(cfg, purification_trial, {"ids": ids}, per_trial,
                       "tune-purification",
                       lambda params: _write(cfg, BEST_ATTACK, "purifier settings; run: python jobs/attack.py --config THIS",
                                             cfg.attack.model_copy(update={"purify": with_params(cfg.attack.purify, params)})))
@@ -245,6 +263,6 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     c = cfg.attack.classifier
     load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker
-    return run_search(cfg, training_trial, {"cfg": cfg.model_dump(mode="json"), "ids": ids}, per_trial, "tune-training",
+    return run_search(cfg, training_trial, {"ids": ids}, per_trial, "tune-training",
                       lambda params: _write(cfg, BEST_TRAINING, "training sampler; run: python jobs/train_ebm.py --config THIS",
                                             cfg.train.model_copy(update={"langevin": with_params(cfg.train.langevin, params)})))
