@@ -40,6 +40,7 @@ def test_train_ebm_command_runs_on_ray_and_resumes(ray_local, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"EBM trained to iteration 4: {tmp_path}/cli/ebm.pt" in out
     # the driver's own progress line (rank 0 posts it; the workers print nothing here), resumed at 2
+    assert "cli: 2 Ray Train worker(s) on CPU (the cluster has no GPU and no autoscaler that could add one)" in err
     progress = [line for line in err.splitlines() if line.startswith("[train-ebm:cli]")]
     assert progress and progress[-1].startswith("[train-ebm:cli] 4/4 (100.0%)") and "energy_diff=" in progress[-1]
     assert "TrainingReport" not in out + err
@@ -107,3 +108,24 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
     assert row[:6] == [outs["weak"], outs["strong"], "6", str(d["broken_by_a_only"]), str(d["broken_by_b_only"]),
                        str(d["broken_by_both"])]
     assert paired_comparison(outs["weak"], outs["weak"])["sign_test_p"] == 1.0
+
+
+@pytest.mark.parametrize("command, args", [
+    ("train-ebm", ["--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "batch_size=8", "bank_size=16",
+                   "ray.use_gpu=true"]),
+    ("attack", ["attack.mode=pgd", "data.count=2", "ray.gpus_per_actor=1"]),
+])
+def test_a_job_that_asks_for_gpus_no_node_can_give_fails_in_seconds(ray_local, tmp_path, capsys, monkeypatch,
+                                                                    command, args):
+    """On a cluster without GPUs and without an autoscaler (before: training waited out ray.startup_timeout_s,
+    78 s measured, and an attack's actor pool waited for ever)."""
+    import time
+
+    monkeypatch.setenv("DEBM_AUTOSCALER_CONFIG", str(tmp_path / "no-autoscaler.yaml"))
+    started = time.monotonic()
+    assert main([command, *args, f"output={tmp_path}/out", "mlflow.enabled=false"]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    key = "ray.use_gpu" if command == "train-ebm" else "ray.gpus_per_actor"
+    assert err == (f"debm {command}: {key} = 1: no node of this cluster can provide 1 GPU (the most any alive node "
+                   "holds: 0), and it has no autoscaler that could add one")

@@ -171,3 +171,27 @@ def test_a_submitted_jobs_own_variables_are_not_forwarded_twice(monkeypatch):
     assert _set_by_job() == set()
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert _set_by_job() == set()
+
+
+# --- which devices a job runs on (distributed/devices.py) ---------------------------------------
+
+def test_devices_follow_the_request_and_the_autoscalers_node_types():
+    """The decision alone, with cluster/aws.yaml's node types (its GPU workers scale up from zero): before, `auto`
+    read the GPUs present when the job started, none on a fresh autoscaling cluster, and ran on the head's CPUs."""
+    from distributed_ebm.distributed.devices import node_types, plan
+    from distributed_ebm.errors import InputError
+
+    types = node_types(str(CLUSTER / "aws.yaml"))
+    assert {"CPU": 4.0, "GPU": 1.0} in types
+    head_only, with_gpu = [{"CPU": 8.0}], [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}]
+    auto_fresh = plan(None, "ray.gpus_per_actor", head_only, types)
+    assert (auto_fresh.gpus, auto_fresh.waits) == (1.0, True) and "autoscaler is to add" in auto_fresh.where
+    assert plan(None, "ray.use_gpu", with_gpu, types) == plan(1.0, "ray.use_gpu", with_gpu, None)
+    assert plan(1.0, "ray.use_gpu", with_gpu, None).waits is False
+    assert plan(None, "ray.gpus_per_actor", head_only, None).where.startswith("CPU (the cluster has no GPU")
+    assert plan(0.0, "ray.gpus_per_actor", with_gpu, types).gpus == 0.0  # asked for the CPU: the CPU
+    with pytest.raises(InputError, match=r"ray.use_gpu = 1: no node of this cluster can provide 1 GPU \(the most any "
+                                         r"alive node holds: 0\), and it has no autoscaler that could add one"):
+        plan(1.0, "ray.use_gpu", head_only, None)
+    with pytest.raises(InputError, match="its autoscaler has no node type that could"):
+        plan(2.0, "ray.gpus_per_actor", with_gpu, types)

@@ -285,6 +285,7 @@ def test_train_tune_attack_as_submitted_ray_jobs(cluster):
                   f"ebm={ebm}", "data.count=2", f"purify.steps={purify['steps']}",
                   f"purify.step_size={purify['step_size']}", f"purify.noise={purify['noise']}",
                   "attack.steps=1", "attack.eot_attack=2", "attack.eot_defense=2", "batch_size=2", "ray.actors=1",
+                  "ray.gpus_per_actor=0",  # the paper's config names a GPU per actor; this cluster has none
                   f"output={RUNS}/attack-e2e")
     assert f"results: {RUNS}/attack-e2e/records/" in out
     summary = json.loads(_read(cluster, "runs/attack-e2e/summary.json"))

@@ -42,7 +42,7 @@ def test_debm_attack_runs_mefas_protocol_on_the_ray_engine(ray_local, tmp_path, 
     assert main(["attack", "--config", MEFA, f"ebm={tmp_path}/ebm.pt", "data.count=2", f"purify.steps={steps}",
                  "attack.steps=2", f"attack.eot_attack={eot}", "attack.eot_defense=2", f"attack.reevaluations={reeval}",
                  "attack.eps=1/255", "attack.step_size=0.5/255", "batch_size=1", f"output={out}",
-                 "mlflow.enabled=false"]) == 0
+                 "mlflow.enabled=false", "ray.gpus_per_actor=0"]) == 0
     assert "exact-gradient EOT linf eps=1/255, 2 steps, 2/2 chains" in capsys.readouterr().out
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
     assert summary["images"] == 2 and summary["config"]["attack"]["mode"] == "exact_eot"

@@ -144,7 +144,8 @@ class RayConfig(Section):
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
     cpus_per_actor: float = Field(1.0, gt=0, le=1024, description="CPUs each attack actor asks for")
-    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="null = 1 when the cluster has GPUs, else 0")
+    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="GPUs per attack actor; null = auto: 1 where a node has a GPU or the "
+                                          "autoscaler can add one, else 0 (docs/cluster.md)")
     max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
                               "pipeline again on the images without a record")
     shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
@@ -166,7 +167,8 @@ class TrainRayConfig(Section):
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
     workers: int = Field(1, ge=1, le=4096, description="DDP workers, each taking its share of every batch "
                          "(train-ebm: batch_size must split evenly over them)")
-    use_gpu: Optional[bool] = Field(None, description="null = when the cluster has a GPU per worker")
+    use_gpu: Optional[bool] = Field(None, description="one GPU per worker; null = auto: where a node has a GPU or "
+                                    "the autoscaler can add one (docs/cluster.md)")
     cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs per training worker")
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1 = no limit)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps; older ones are deleted")

@@ -35,6 +35,7 @@ from ..store.progress import Progress
 from ..store.provenance import attack_settings
 from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
+from .devices import Plan, cluster_plan
 
 
 class AttackActor:
@@ -103,16 +104,17 @@ def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Cata
     return checks.attack(cfg, data if data is not None else choose(cfg.data))
 
 
-def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float]:
-    """(actors, cpus, gpus per actor): one actor per GPU when the cluster has GPUs, else per cpus_per_actor CPUs;
-    `fitting`: no more than the free resources hold (after a lost node)."""
-    gpus = cfg.ray.gpus_per_actor if cfg.ray.gpus_per_actor is not None else (1.0 if available("GPU") >= 1 else 0.0)
-    cpus = cfg.ray.cpus_per_actor
+def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float, Plan]:
+    """(actors, cpus, gpus per actor, the device plan): `ray.gpus_per_actor` GPUs each (null: one where the cluster
+    has or can add GPUs, devices.py), else `cpus_per_actor` CPUs; as many actors as the cluster holds unless
+    `ray.actors` names them; `fitting`: no more than the free resources hold (after a lost node)."""
+    devices = cluster_plan(cfg.ray.gpus_per_actor, "ray.gpus_per_actor")
+    gpus, cpus = devices.gpus, cfg.ray.cpus_per_actor
     fit = int(available("GPU") // gpus) if gpus else int(available("CPU") // cpus)
     actors = cfg.ray.actors or max(1, fit)
     if fitting:
         actors = min(actors, max(1, fit))
-    return max(1, min(actors, batches)), cpus, gpus
+    return max(1, min(actors, batches)), cpus, gpus, devices
 
 
 # what a lost actor or node raises; anything else (bad data, a bug) would recur, and is not retried
@@ -160,7 +162,8 @@ def data_error(err: BaseException | None) -> DataError | None:
 def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, broken: int, fitting: bool) -> int:
     """One pass of Ray Data over `todo`; returns the broken count so far. An actor that dies fails the pass
     (no restart, no retry on it: a retry bound to an actor that cannot be placed again would wait forever)."""
-    actors, cpus, gpus = plan_actors(cfg, -(-len(todo) // cfg.batch_size), fitting)
+    actors, cpus, gpus, devices = plan_actors(cfg, -(-len(todo) // cfg.batch_size), fitting)
+    print(f"attack:{cfg.attack.name}: {actors} actor(s) on {devices.where}", file=sys.stderr, flush=True)
     # the images are read and decoded before the actors start: Ray Data's reading asks for CPUs (its file
     # listing always for one) that actors holding every CPU of the cluster would never free; the pixels
     # (uint8) are small beside the attack's cost, and stay on the cluster's object stores

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..store import storage
 from ..errors import JobFailed
-from .cluster import available
+from .devices import Plan, cluster_plan
 
 
 def run_dir(cfg) -> str:
@@ -62,8 +62,10 @@ def all_workers(world: int, device: torch.device | str = "cpu"):
     return agree
 
 
-def use_gpu(cfg) -> bool:
-    return cfg.ray.use_gpu if cfg.ray.use_gpu is not None else available("GPU") >= cfg.ray.workers
+def device_plan(cfg) -> Plan:
+    """Where the workers run: `ray.use_gpu` true (one GPU each), false, or null (auto); devices.py decides."""
+    asked = None if cfg.ray.use_gpu is None else float(cfg.ray.use_gpu)
+    return cluster_plan(asked, "ray.use_gpu")
 
 
 class CapacityLost(JobFailed):
@@ -150,13 +152,17 @@ def fit(loop, cfg, config: dict):
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
     from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 
+    devices = device_plan(cfg)
+    print(f"{cfg.name}: {cfg.ray.workers} Ray Train worker(s) on {devices.where}"
+          + (f"; waiting up to ray.startup_timeout_s = {cfg.ray.startup_timeout_s:g} s for them" if devices.waits else ""),
+          file=sys.stderr, flush=True)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     config = {**config, "board": board}
 
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     trainer = TorchTrainer(
         loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=devices.gpus > 0,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=0),
@@ -172,7 +178,7 @@ def fit(loop, cfg, config: dict):
     except ControllerError as err:
         if not isinstance(err.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
             raise
-        need = f"{cfg.ray.cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu(cfg) else "")
+        need = f"{cfg.ray.cpus_per_worker:g} CPU" + (" and 1 GPU" if devices.gpus else "")
         raise CapacityLost(f"{cfg.ray.workers} workers ({need} each, ray.workers) could not be placed within "
                            f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s (a lost node, or too few free "
                            f"resources); the last checkpoint is in {run_dir(cfg)}") from None

@@ -188,7 +188,7 @@ def share_the_cluster(cfg: SearchConfig, concurrent: int) -> tuple[SearchConfig,
     names them): before, every trial sized its pool to the whole cluster and concurrent trials starved each other."""
     if cfg.attack.ray.actors is not None:
         return cfg, cfg.attack.ray.actors
-    fit, _, gpus = plan_actors(cfg.attack, batches=1 << 30)
+    fit, _, gpus, _ = plan_actors(cfg.attack, batches=1 << 30)
     actors = max(1, fit // concurrent)
     ray_cfg = cfg.attack.ray.model_copy(update={"actors": actors, "gpus_per_actor": gpus})
     return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"ray": ray_cfg})}), actors
