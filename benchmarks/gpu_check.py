@@ -49,7 +49,7 @@ QUICK = dict(noise_chains=8, chain=(2, 3), attack=dict(images=1, steps=1, purify
              batches=(4,), bench_steps=2, engine=dict(images=1, cap_s=3, purify=3))
 
 TOL = {"noise_normal_abs": 1e-5, "chain_fp32_abs": 1e-4, "chain_fp32_vs_cpu": 2.0, "exact_rel": 1e-4, "train_negatives_abs": 1e-3,
-       "train_metrics_rel": 1e-3, "train_params_abs": 2.1e-4}
+       "train_metrics_rel": 1e-3, "train_params_abs": 2.1e-4, "last_index_chain_abs": 1e-2}
 
 
 @contextlib.contextmanager
@@ -114,6 +114,28 @@ def check_chain(dev, S, a, ebm_cpu):
     out["bf16_max_abs"] = max_abs(ref, langevin(ebm, xd, keys, steps, amp=torch.bfloat16))
     floor = TOL["chain_fp32_vs_cpu"] * out["cpu_fp32_vs_fp64_max_abs"] + TOL["chain_fp32_abs"]
     out["ok"] = max(out["fp32_eager_max_abs"], out.get("fp32_graph_max_abs", 0.0)) <= floor
+    return out
+
+
+def check_last_device(dev, S, a, ebm_cpu):
+    """The fused noise and a graphed chain on the last CUDA index while cuda:0 is current: the guard
+    (method/cuda.py) must launch them on the chains' own card (with one GPU the index is 0)."""
+    last = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(0)
+    n, steps = S["chain"]
+    keys = ChainKeys.replicated(5, torch.arange(n), 1, call=3)
+    x0 = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ebm = prepare_energy(load_ebm(a.ebm).to(last))
+    z = keys.to(last).normal(7, (32, 32, 3))
+    chain = langevin(ebm, x0.to(last), keys, steps, graph=True)
+    torch.cuda.synchronize(last)
+    ref = langevin(prepare_energy(load_ebm(a.ebm).to(dev)), x0.to(dev), keys, steps, graph=True)
+    out = {"devices": torch.cuda.device_count(), "index": last.index, "noise_device": str(z.device),
+           "noise_max_abs_vs_cpu": max_abs(z, keys.normal(7, (32, 32, 3))), "chain_max_abs_vs_dev": max_abs(chain, ref)}
+    # a chain run on the wrong card would fail (illegal address) or read garbage; cuDNN's backward is not bitwise
+    # deterministic, so two runs agree to rounding amplified by the chain, far below the chains' O(1) moves
+    out["ok"] = z.device == last and chain.device == last and out["noise_max_abs_vs_cpu"] <= TOL["noise_normal_abs"] \
+        and out["chain_max_abs_vs_dev"] <= TOL["last_index_chain_abs"]
     return out
 
 
@@ -378,6 +400,8 @@ def main() -> None:
 
     section("correctness", "noise", lambda: check_noise(dev, S, a))
     section("correctness", "langevin_chain", lambda: check_chain(dev, S, a, ebm_cpu))
+    if dev.type == "cuda":
+        section("correctness", "last_cuda_index", lambda: check_last_device(dev, S, a, ebm_cpu))
     section("correctness", "exact_gradient", lambda: check_exact(dev, S, a))
     section("correctness", "exact_gradient_judged_chain", lambda: check_judged_chain(dev, S, a), need=20)
     section("correctness", "training_iteration", lambda: check_training(dev, S, a, data))

@@ -137,3 +137,27 @@ def test_chunk_size_from_free_cuda_memory_fits():
     x = torch.zeros(n, 3, 32, 32, device="cuda")
     with torch.no_grad():
         clf(purifier(x, ChainKeys.replicated(0, torch.arange(n), 1)))  # one forward of that many chains fits
+
+
+def test_cuda_work_is_guarded_by_the_tensors_device():
+    """The guard's choice, on any machine: the chains' device becomes current for a CUDA launch (the Triton noise
+    kernel, a graph's capture and replay), nothing for the CPU; a job's --device is checked and made current.
+    The launch on the last CUDA index runs in benchmarks/gpu_check.py."""
+    import contextlib
+
+    from distributed_ebm.errors import InputError
+    from distributed_ebm.method.cuda import job_device, on_device
+
+    assert isinstance(on_device("cpu"), contextlib.nullcontext)
+    guard = on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # built without CUDA: only entering needs it
+    assert job_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda:1: CUDA is not available on this machine"):
+            job_device("cuda:1")
+    else:
+        count = torch.cuda.device_count()
+        with pytest.raises(InputError, match=f"this machine has {count} CUDA device"):
+            job_device(f"cuda:{count}")
+    with pytest.raises(InputError, match="'gpu:0' is not a torch device"):
+        job_device("gpu:0")

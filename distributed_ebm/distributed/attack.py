@@ -30,7 +30,8 @@ from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
 from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
-from ..local.attack import build_attack, dtype_of, pending, pick_device
+from ..local.attack import build_attack, dtype_of, pending
+from ..method.cuda import job_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
 from ..results.report import log_attack
@@ -45,7 +46,7 @@ class AttackActor:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = AttackConfig.model_validate(cfg)
-        self.device = pick_device("auto")  # Ray sets CUDA_VISIBLE_DEVICES for an actor with a GPU
+        self.device = job_device("auto")  # Ray sets CUDA_VISIBLE_DEVICES for an actor with a GPU
         self.attack = build_attack(self.cfg, self.device)
         self.settings = settings
 

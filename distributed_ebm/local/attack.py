@@ -17,17 +17,12 @@ from ..errors import InputError
 from ..config import AttackConfig
 from ..store.data import ImageSet, load, unit_range
 from ..method.defense import Purifier
+from ..method.cuda import job_device
 from ..method.langevin import cuda_defaults
 from ..method.memory import auto_chunk_size
 from ..store.weights import load_classifier, load_ebm
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def dtype_of(cfg: AttackConfig) -> torch.dtype:
@@ -78,7 +73,7 @@ def pending(data: ImageSet, output: str, settings: dict) -> ImageSet:
 
 def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = None, show: bool = True) -> dict:
     """Attack every selected image without a record yet; returns the summary of all records."""
-    device = pick_device(device)
+    device = job_device(device)
     data = data if data is not None else load(cfg.data)
     attack = build_attack(cfg, device)
     settings = attack_settings(cfg)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..errors import InputError, exit_status
+from ..errors import exit_status
 
 from ..config import AttackConfig, load_config
-from .attack import pick_device, run_attack
+from ..method.cuda import job_device
+from .attack import run_attack
 from ..results.report import attack_done
 
 
@@ -29,12 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _main(args: argparse.Namespace) -> int:
     cfg = load_config(AttackConfig, args.config, args.overrides)
-    try:
-        device = pick_device(args.device)
-    except RuntimeError:
-        raise InputError(f"--device {args.device!r} is not a torch device (auto, cuda, cuda:N, cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    device = job_device(args.device)
     print(f"attack-local: {cfg.attack.name} on {device}, output {cfg.output}", flush=True)
     summary = run_attack(cfg, device=str(device))
     print(attack_done(summary, cfg.output))

@@ -27,6 +27,7 @@ import torch
 from ..config import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig, load_config, to_yaml
 from ..errors import InputError, exit_status
 from ..method.bank import ImageBank
+from ..method.cuda import job_device
 from ..method.langevin import cuda_defaults
 from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
                                new_classifier, new_ebm, run_classifier, run_ebm)
@@ -243,18 +244,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r} is not a torch device (cuda, cuda:N, cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parser().parse_args(argv)
@@ -275,7 +264,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
     iterations = cfg.iterations if args.iterations is None else args.iterations
     if not 1 <= iterations <= cfg.iterations:
         raise InputError(f"--iterations must be in [1, {cfg.iterations}] (got {iterations})")
-    device = _device(args.device)
+    device = job_device(args.device)
     state = None
     if args.resume:
         state = load_checkpoint(args.resume)

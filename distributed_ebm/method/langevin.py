@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .cuda import on_device
 from .noise import ChainKeys
 
 
@@ -107,14 +108,16 @@ def langevin(energy: nn.Module | None, x: torch.Tensor, keys: ChainKeys, steps: 
     if graph is None:
         graph = x.device.type == "cuda" and steps >= GRAPH_MIN_STEPS and x.shape[0] > 0
     if graph and GRAPHS_WORK:
-        try:
-            runner = _graphed(energy if use_grad else None, x.shape, x.dtype, x.device, keys.seed, step_size, noise, amp)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # capture unsupported here: the eager loop gives the same chain
-            _graph_failed(exc)
-        else:
-            return runner.run(x, keys, start_step, steps)
+        with on_device(x.device):  # a graph captures and replays on the current device's stream: the chains'
+            try:
+                runner = _graphed(energy if use_grad else None, x.shape, x.dtype, x.device, keys.seed, step_size,
+                                  noise, amp)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # capture unsupported here: the eager loop gives the same chain
+                _graph_failed(exc)
+            else:
+                return runner.run(x, keys, start_step, steps)
     with frozen(energy) if use_grad else contextlib.nullcontext():
         for t in range(start_step, start_step + steps):
             _step(energy, x, keys, t, step_size, noise, amp, use_grad)

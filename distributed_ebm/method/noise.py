@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cuda import on_device
+
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
@@ -130,7 +132,8 @@ class ChainKeys:
             try:
                 from .philox_triton import normal as fused_normal
 
-                return fused_normal(self.to(device), step, shape, dtype)
+                with on_device(device):  # Triton launches on the current device
+                    return fused_normal(self.to(device), step, shape, dtype)
             except Exception as exc:  # e.g. no C compiler for Triton's launcher: the tensor path is exact too
                 if torch.cuda.is_current_stream_capturing():
                     raise
