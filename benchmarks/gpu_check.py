@@ -30,7 +30,8 @@ from distributed_ebm.config import AttackConfig, TrainEBMConfig  # noqa: E402
 from distributed_ebm.store.data import read_parquet  # noqa: E402
 from distributed_ebm.local.attack import build_attack  # noqa: E402
 from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
-from distributed_ebm.method.langevin import cuda_defaults, langevin, prepare_energy  # noqa: E402
+from distributed_ebm.method.cuda import set_arithmetic  # noqa: E402
+from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E402
 from distributed_ebm.store.weights import load_ebm  # noqa: E402
 from distributed_ebm.method.noise import ChainKeys  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
@@ -54,14 +55,16 @@ TOL = {"noise_normal_abs": 1e-5, "chain_fp32_abs": 1e-4, "chain_fp32_vs_cpu": 2.
 
 @contextlib.contextmanager
 def strict_fp32(on: bool = True):
-    """TF32 off (CPU-comparable float32) inside the block; restored after."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if on:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """The project's `float32_strict` arithmetic inside the block (method/cuda.py: TF32 off, deterministic cuDNN
+    and torch algorithms), else its `float32` (TF32); the previous settings restored after."""
+    b = torch.backends
+    old = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()
+    set_arithmetic("cuda" if torch.cuda.is_available() else "cpu", "float32_strict" if on else "float32")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic = old[:3]
+        torch.use_deterministic_algorithms(old[3], warn_only=True)
 
 
 def max_abs(a, b) -> float:
@@ -148,7 +151,7 @@ def attack_config(a, mode="bpda_eot", images=2, steps=1, purify=5, eot=(2, 3), p
 
 
 def run_records(cfg, dev, images, strict=False):
-    attack = build_attack(cfg, dev)  # turns TF32 on (cuda_defaults): strict turns it off again
+    attack = build_attack(cfg, dev)  # sets the cfg's arithmetic (float32: TF32); strict overrides it
     with strict_fp32(strict):
         return attack(images.images.to(dev), images.labels.to(dev), images.ids)
 
@@ -225,19 +228,19 @@ def check_judged_chain(dev, S, a):
     return out
 
 
-def train_config(a, batch, steps, bank):
+def train_config(a, batch, steps, bank, precision="float32"):
     return TrainEBMConfig.model_validate({"data": {"path": a.data}, "batch_size": batch, "bank_size": bank,
-                                          "langevin": {"steps": steps}, "mlflow": {"enabled": False}})
+                                          "langevin": {"steps": steps}, "mlflow": {"enabled": False},
+                                          "precision": precision})
 
 
 def check_training(dev, S, a, data):
     t = S["train"]
-    cfg = train_config(a, t["batch"], t["steps"], t["bank"])
+    cfg = train_config(a, t["batch"], t["steps"], t["bank"], precision="float32_strict")
     runs = []
     for d in (torch.device("cpu"), dev):
         with strict_fp32():
-            run = LocalTraining(cfg, data, device=d)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # after cuda_defaults
+            run = LocalTraining(cfg, data, device=d)  # the training's own float32_strict arithmetic
             runs.append((run, run.step()))
     (rc, mc), (rd, md) = runs
     out = {"batch": t["batch"], "steps": t["steps"]}
@@ -378,7 +381,7 @@ def main() -> None:
     remaining = lambda: a.budget - (time.perf_counter() - t0)  # noqa: E731
     S = QUICK if a.quick else FULL
     torch.manual_seed(0)
-    cuda_defaults(dev)
+    set_arithmetic(dev, "float32")
     data = read_parquet(a.data)
     ebm_cpu = prepare_energy(load_ebm(a.ebm))
     report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",

@@ -154,3 +154,42 @@ def test_each_entry_gives_what_its_loop_gave_before_the_merge(tmp_path, small):
         for key, want in BEFORE.items():
             assert got[key] == pytest.approx(want, rel=1e-5, abs=1e-6), key
         assert run.history["loss"] == pytest.approx(BEFORE_LOSS, rel=1e-5)
+
+
+def test_every_training_setting_is_named_as_changing_results_or_not():
+    """One table (store/checkpoints.py): a new setting fails here until it is named in one of the two lists, so
+    a resume can never silently mix runs that differ in it."""
+    from distributed_ebm.store.checkpoints import FREE_KEYS, RESULT_KEYS
+
+    assert not set(RESULT_KEYS) & set(FREE_KEYS)
+    assert set(TrainEBMConfig.model_fields) == set(RESULT_KEYS) | set(FREE_KEYS)
+
+
+def test_precision_is_part_of_the_fingerprint_and_bf16_chains_train(tmp_path, small):
+    """bf16 autocast of the EBM inside the chains is a setting that changes results: a checkpoint trained in one
+    arithmetic refuses to resume in another; a checkpoint written before the setting existed counts as float32."""
+    from distributed_ebm.config import StandaloneTrainConfig, load_config
+    from distributed_ebm.errors import InputError
+    from distributed_ebm.store.checkpoints import check_fingerprint, settings_fingerprint
+
+    cfg = _cfg(tmp_path, iterations=2, checkpoint_every=2)
+    train_ebm(cfg, data=small, show=False)
+    state = load_checkpoint(storage.join(cfg.output, "ckpt.pt"))
+    assert state["training"]["fingerprint"]["precision"] == "float32"
+    bf16 = _cfg(tmp_path, iterations=4, checkpoint_every=2, precision="bf16")
+    with pytest.raises(InputError, match=r"precision=float32; this run has precision=bf16"):
+        train_ebm(bf16, data=small, show=False)
+    # the committed GPU checkpoint (written before the setting) resumes in float32, and only there
+    gpu = load_checkpoint("models/ebm-cifar10-gpu/ckpt.pt")
+    assert "precision" not in gpu["training"]["fingerprint"]
+    paper = load_config(StandaloneTrainConfig, "jobs/configs/train_ebm_cifar10.yaml")
+    check_fingerprint(gpu["training"]["fingerprint"], settings_fingerprint(paper), "gpu")
+    with pytest.raises(InputError, match="precision=bf16"):
+        check_fingerprint(gpu["training"]["fingerprint"], settings_fingerprint(paper.model_copy(
+            update={"precision": "bf16"})), "gpu")
+    # bf16 chains: the same draws, other arithmetic in the EBM's gradient; negatives close to float32's, not equal
+    runs = [LocalTraining(_cfg(tmp_path / p, precision=p), small) for p in ("float32", "bf16")]
+    for run in runs:
+        run.step()
+    a, b = (r.bank.states for r in runs)
+    assert torch.isfinite(b).all() and not torch.equal(a, b) and (a - b).abs().max() < 0.05

@@ -25,6 +25,7 @@ import torch
 
 from ..config import TrainEBMConfig, to_yaml
 from ..local import checks
+from ..method.cuda import set_arithmetic
 from ..method.pixels import unit_range
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm
 from ..results.report import image_grid_png
@@ -48,6 +49,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    set_arithmetic(device, cfg.precision)
     pixels = ray.get(config["pixels"][0])  # uint8 N x H x W x C, shared in the object store
     bank = ShardedBank(config["shards"], config["bounds"])
     shape = (pixels.shape[3], pixels.shape[1], pixels.shape[2])

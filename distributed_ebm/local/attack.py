@@ -17,8 +17,7 @@ from ..errors import InputError
 from ..config import AttackConfig
 from ..store.data import ImageSet, load, unit_range
 from ..method.defense import Purifier
-from ..method.cuda import job_device
-from ..method.langevin import cuda_defaults
+from ..method.cuda import PRECISIONS, job_device, set_arithmetic
 from ..method.memory import auto_chunk_size
 from ..store.weights import load_classifier, load_ebm
 from ..store.progress import Progress
@@ -27,7 +26,7 @@ from ..store.provenance import attack_settings
 
 def dtype_of(cfg: AttackConfig) -> torch.dtype:
     """The dtype of images, chains and classifier (bf16 keeps them in float32: only the EBM autocasts)."""
-    return torch.float64 if cfg.precision == "float64" else torch.float32
+    return PRECISIONS[cfg.precision].dtype
 
 
 def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack | EnsembleAttack:
@@ -37,7 +36,7 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
     another image size fails here, with a message naming it.
     """
     c, dtype = cfg.classifier, dtype_of(cfg)
-    cuda_defaults(device)
+    set_arithmetic(device, cfg.precision)
     if c.weights is None:
         raise InputError("classifier.weights is not set: an attack needs a trained classifier")
     clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
@@ -48,7 +47,7 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
         ebm = (load_ebm(cfg.ebm, cfg.data.image_size, channels=3, activation=n.activation, soft_alpha=n.soft_alpha,
                         soft_eps=n.soft_eps).to(device=device, dtype=dtype) if cfg.ebm else None)
         p = cfg.purify
-        purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=torch.bfloat16 if cfg.precision == "bf16" else None)
+        purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=PRECISIONS[cfg.precision].amp)
     chunk = cfg.chunk_size
     if chunk is None:  # an exact gradient's footprint grows with the chain length: the fixed default there
         chunk = 1024 if any(MODES[m.mode].exact for m in cfg.attack.members()) else auto_chunk_size(

@@ -27,8 +27,7 @@ import torch
 from ..config import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig, load_config, to_yaml
 from ..errors import InputError, exit_status
 from ..method.bank import ImageBank
-from ..method.cuda import job_device
-from ..method.langevin import cuda_defaults
+from ..method.cuda import job_device, set_arithmetic
 from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
                                new_classifier, new_ebm, run_classifier, run_ebm)
 from ..results.card import write_card
@@ -64,7 +63,7 @@ class LocalTraining:
         device = torch.device(device)
         self.cfg, self.data, self.out, self.device, self.log = cfg, data, out, device, log
         self.keep_bank, self.card = keep_bank, card
-        cuda_defaults(device)  # as every trainer: TF32 convolutions on CUDA
+        set_arithmetic(device, cfg.precision)  # as every trainer: TF32 on CUDA unless float32_strict
         self.fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
         self.ebm = new_ebm(cfg).to(device)
         shape = tuple(data.data.shape[1:])

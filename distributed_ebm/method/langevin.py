@@ -39,17 +39,6 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
-def cuda_defaults(device: torch.device | str) -> None:
-    """TF32 convolutions and matmuls on CUDA (called where a job sets up its device, not at import).
-
-    The Langevin gradient tolerates TF32's 10-bit mantissa: benchmarks/gpu_check.py measures the
-    chain's deviation from strict float32 and from the CPU.
-    """
-    if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def prepare_energy(energy: nn.Module) -> nn.Module:
     """Put an EBM in the sampler's layout (in place; returns it)."""
     return energy.to(memory_format=torch.channels_last)

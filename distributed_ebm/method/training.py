@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import InputError, JobFailed
 from .bank import ImageBank
+from .cuda import PRECISIONS
 from .langevin import langevin, prepare_energy
 from .nets import EBM, build_classifier
 from .noise import ChainKeys
@@ -165,7 +166,8 @@ class EBMIteration:
         start, age = self.bank.lease(d.slots, d.restart, t, self.rank)
         bank_seconds = time.time() - tb
         keys = ChainKeys(cfg.seed, d.slots, torch.zeros_like(d.slots), call=t)
-        negatives = langevin(self.sampler, start.to(self.device), keys, lv.steps, lv.step_size, lv.noise)
+        negatives = langevin(self.sampler, start.to(self.device), keys, lv.steps, lv.step_size, lv.noise,
+                             amp=PRECISIONS[cfg.precision].amp)
         tb = time.time()
         self.bank.give_back(d.slots, negatives, lv.steps, d.restart, self.rank)
         bank_seconds += time.time() - tb

@@ -33,7 +33,8 @@ CKPT = "ckpt.pt"
 CALL_REBURN = 0x7FFF0003  # the noise of a re-burn; its replicate number is the iteration it resumes at
 # Every training setting is one or the other: a test fails on a setting named in neither.
 RESULT_KEYS = ("ebm", "langevin", "batch_size", "data_noise", "adam_lr", "sgd_start", "sgd_lr", "bank_size",
-               "bank_init", "rejuvenation", "seed")  # change the trained EBM: a resume must match them
+               "bank_init", "rejuvenation", "seed", "precision")  # change the trained EBM: a resume must match them
+ADDED = {"precision": "float32"}  # result keys added since checkpoints were first written: their value before
 FREE_KEYS = ("iterations", "checkpoint_every", "log_every", "output", "name", "ray", "mlflow",
              "data")  # do not (the data count by content, `data_fingerprint`: their path differs between machines)
 
@@ -51,6 +52,7 @@ def data_fingerprint(data) -> dict:
 
 def check_fingerprint(saved: dict, now: dict, url: str) -> None:
     """One line naming every differing setting (only the keys of `now` are compared)."""
+    saved = {**ADDED, **saved}
     diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
         raise InputError(f"{url} was trained with {', '.join(f'{k}={saved.get(k)}' for k in diff)}; this run has "
