@@ -37,6 +37,7 @@ from ..store.provenance import attack_settings
 from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
 from .devices import Plan, cluster_plan
+from .ray_private import unserializable_lost
 
 
 class AttackActor:
@@ -120,18 +121,19 @@ def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple
 
 # what a lost actor or node raises; anything else (bad data, a bug) would recur, and is not retried
 LOST = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
-        "WorkerCrashedError", "ObjectReconstructionFailedError", "ObjectReconstructionFailedMaxAttemptsExceededError",
-        "ObjectReconstructionFailedLineageEvictedError", "RayActorError", "LocalRayletDiedError")
+        "WorkerCrashedError", "ObjectReconstructionFailedError", "RayActorError", "LocalRayletDiedError")
 
 
 def lost(err: BaseException | None) -> bool:
-    """Whether `err` (or an error it wraps) says an actor, a node or an object was lost."""
+    """Whether `err` (or an error it wraps) says an actor, a node or an object was lost (a task's error that
+    wraps one is an instance of it too: RayTaskError(ActorDiedError) subclasses ActorDiedError)."""
+    import ray.exceptions
+
+    kinds = tuple(getattr(ray.exceptions, n) for n in LOST)
     seen = 0
     while err is not None and seen < 20:
-        if type(err).__name__ in LOST or any(type(err).__name__ == f"RayTaskError({n})" for n in LOST):
+        if isinstance(err, kinds) or unserializable_lost(err, LOST):  # the latter: Ray Data's reader lost an actor
             return True
-        if type(err).__name__ == "UnserializableException" and any(f"{n}:" in str(err) for n in LOST):
-            return True  # Ray Data's reader lost an actor of its own, and Ray could not rebuild the error
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False
 

@@ -14,6 +14,7 @@ import socket
 import sys
 
 from ..errors import InputError
+from .ray_private import DATA_PROGRESS_LOGGER, logs_dir
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -78,18 +79,10 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we chose it
-        print(f"Ray: {where if source else 'a new local Ray'}; its logs: {_logs_dir()}"
+            logging.getLogger(DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)  # "bars disabled": we chose it
+        print(f"Ray: {where if source else 'a new local Ray'}; its logs: {logs_dir()}"
               + ("" if verbose else " (--verbose prints them here)"), file=sys.stderr, flush=True)
     return ray
-
-
-def _logs_dir() -> str:
-    try:
-        from ray._private.worker import _global_node
-        return _global_node.get_logs_dir_path()
-    except Exception:  # a private API: fall back to Ray's default place
-        return "/tmp/ray/session_latest/logs"
 
 
 def available(resource: str) -> float:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ..store import storage
 from ..errors import JobFailed
 from .devices import Plan, cluster_plan
+from .ray_private import train_start_timeout_env, train_startup_errors
 
 
 def run_dir(cfg) -> str:
@@ -149,8 +150,8 @@ def fit(loop, cfg, config: dict):
     import ray
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    start_timeout_env = train_start_timeout_env()
 
     devices = device_plan(cfg)
     print(f"{cfg.name}: {cfg.ray.workers} Ray Train worker(s) on {devices.where}"
@@ -168,15 +169,15 @@ def fit(loop, cfg, config: dict):
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
     # Ray Train hands this variable on to its controller, which waits that long for the workers
-    before = os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
-    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(cfg.ray.startup_timeout_s)
+    before = os.environ.get(start_timeout_env)
+    os.environ[start_timeout_env] = str(cfg.ray.startup_timeout_s)
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(board, stop), daemon=True)
     follower.start()
     try:
         return trainer.fit()
     except ControllerError as err:
-        if not isinstance(err.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+        if not isinstance(err.controller_failure, train_startup_errors()):
             raise
         need = f"{cfg.ray.cpus_per_worker:g} CPU" + (" and 1 GPU" if devices.gpus else "")
         raise CapacityLost(f"{cfg.ray.workers} workers ({need} each, ray.workers) could not be placed within "
@@ -187,9 +188,9 @@ def fit(loop, cfg, config: dict):
         follower.join()
         ray.kill(board)
         if before is None:
-            os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
+            os.environ.pop(start_timeout_env, None)
         else:
-            os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = before
+            os.environ[start_timeout_env] = before
 
 
 def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):

@@ -1,0 +1,46 @@
+"""Every place the project relies on Ray beyond its public API (Ray 2.60), in one module: what each is for, and
+why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgrade moves one of them.
+
+- the start-up bound of a Ray Train run: the variable Ray Train's controller reads (documented in Ray Train's
+  debugging guide; its name is held in a private module) and the two errors it raises when the workers cannot be
+  placed in time (no public class);
+- the session's logs folder, for the first line of every job (no public accessor);
+- the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
+- a lost actor that Ray could not rebuild as an error: Ray Data's reader re-raises it as an
+  UnserializableException whose text names the original class (lost errors are otherwise recognized by class,
+  through ray.exceptions, in distributed/attack.py).
+"""
+from __future__ import annotations
+
+DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
+def train_start_timeout_env() -> str:
+    """The variable Ray Train's controller reads for how long a (re)started worker group may take to start."""
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    return WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+
+def train_startup_errors() -> tuple[type, ...]:
+    """What Ray Train raises (inside ControllerError) when its workers cannot be placed or started."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    return WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError
+
+
+def logs_dir() -> str:
+    """This Ray session's logs folder (Ray's default place where it cannot be read)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a missing internal must not fail a job: the default place
+        return "/tmp/ray/session_latest/logs"
+
+
+def unserializable_lost(err: BaseException, names: tuple[str, ...]) -> bool:
+    """Whether `err` is Ray's stand-in for an error it could not deserialize whose text names one of `names`."""
+    from ray.exceptions import UnserializableException
+
+    return isinstance(err, UnserializableException) and any(f"{n}:" in str(err) for n in names)

@@ -1,0 +1,45 @@
+"""The Ray internals the project relies on (distributed/ray_private.py) are where it expects them: a Ray upgrade
+that moves one fails here, by name, instead of in a user's run."""
+import logging
+
+
+def test_ray_trains_start_up_bound_is_where_the_project_sets_it():
+    from distributed_ebm.distributed.ray_private import train_start_timeout_env, train_startup_errors
+
+    assert train_start_timeout_env() == "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    errors = train_startup_errors()
+    assert len(errors) == 2 and all(issubclass(e, Exception) for e in errors)
+
+
+def test_the_logs_folder_and_ray_datas_progress_logger_exist():
+    from ray._private.worker import _global_node  # noqa: F401 - the accessor logs_dir reads
+
+    import ray.data  # noqa: F401 - registers its loggers
+    from distributed_ebm.distributed.ray_private import DATA_PROGRESS_LOGGER, logs_dir
+
+    assert DATA_PROGRESS_LOGGER in logging.root.manager.loggerDict
+    assert logs_dir()  # without a session: Ray's default place
+
+
+def test_lost_errors_are_recognized_by_class_and_through_rays_stand_in():
+    import ray.exceptions
+
+    from distributed_ebm.distributed.attack import LOST, lost
+
+    assert all(hasattr(ray.exceptions, n) for n in LOST)  # every name is a public class
+    died = ray.exceptions.ActorDiedError()
+    assert lost(died) and lost(ray.exceptions.RayTaskError("f", "tb", died).as_instanceof_cause())
+    wrapped = ValueError("outer")
+    wrapped.__cause__ = ray.exceptions.NodeDiedError("node gone")
+    assert lost(wrapped) and not lost(ValueError("bad data")) and not lost(None)
+    stand_in = ray.exceptions.UnserializableException("ray.exceptions.ActorDiedError: The actor died")
+    assert lost(stand_in) and not lost(ray.exceptions.UnserializableException("KeyError: 'x'"))
+
+
+def test_no_other_module_reaches_into_ray_internals():
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "distributed_ebm"
+    reaching = [str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "ray_private.py"
+                and any(hook in p.read_text() for hook in ("ray._private", "._internal", "UnserializableException"))]
+    assert not reaching, reaching
