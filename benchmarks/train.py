@@ -1,11 +1,12 @@
-"""EBM training throughput: the single-process loop against Ray Train with 1 and 2 workers, and the
-share of each iteration spent on the bank actors (lease + return).
+"""EBM training throughput and where an iteration's time goes: the single-process loop against Ray Train with 1
+and 2 workers, at several batch sizes per worker; per iteration, the chains (K Langevin steps), the bank (lease and
+return through the replay-buffer actors) and the update (data, DDP all-reduce, optimizer step).
 
-Same settings for all (paper network, width 32; batch 100; K Langevin steps), one after the other
-in one process. Iterations per second are measured inside the loop over the last log window
-(`iterations_per_second`), so Ray's start-up (~15 s per fit, reported separately) is excluded.
+Same settings for all (paper network, width 32; K Langevin steps), one after the other in one process. Figures are
+window means inside the loop (the last log window), so Ray's start-up (~15 s per fit, reported separately) is
+excluded.
 
-    python benchmarks/train.py --iterations 40 --steps 20
+    python benchmarks/train.py --iterations 40 --steps 20 --per-worker 16 50
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from distributed_ebm.config import TrainEBMConfig, load_config  # noqa: E402
 from distributed_ebm.store.data import load  # noqa: E402
 from distributed_ebm.distributed.train import train_ebm_on_ray  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
+from distributed_ebm.method.training import time_split  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--batch", type=int, default=100, help="the single process's batch")
+    p.add_argument("--per-worker", type=int, nargs="+", default=[16, 50], help="batch sizes per Ray Train worker")
     p.add_argument("--width", type=int, default=32)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="debm-bench-train-")
@@ -45,17 +48,18 @@ def main() -> None:
     single = (a.iterations // 2) / (time.perf_counter() - t)
     print(f"single process (2 threads): {single:.3f} it/s", flush=True)
 
-    rows = []
-    for workers in (1, 2):
-        c = load_config(TrainEBMConfig, "jobs/configs/train_ebm_cpu.yaml",
-                        common + [f"name=ray{workers}", f"ray.workers={workers}"])
-        t = time.perf_counter()
-        out = train_ebm_on_ray(c, data=data, show=False)
-        wall = time.perf_counter() - t
-        rows.append((workers, out["iterations_per_second"], out["bank_share"], wall))
-        print(f"ray {workers} worker(s): {out['iterations_per_second']:.3f} it/s in the loop, bank share "
-              f"{100 * out['bank_share']:.2f}%, fit wall {wall:.1f} s for {a.iterations} iterations", flush=True)
-    print(" ".join([f"single={single:.3f}"] + [f"ray{w}={r:.3f} bank{w}={100 * b:.2f}%" for w, r, b, _ in rows]))
+    print("workers  batch/worker  batch  it/s   chains ms  bank ms  update ms  step ms  chains/bank/update  fit wall s")
+    for per_worker in a.per_worker:
+        for workers in (1, 2):
+            c = load_config(TrainEBMConfig, "jobs/configs/train_ebm_cpu.yaml", common + [
+                f"name=ray{workers}-{per_worker}", f"ray.workers={workers}", f"batch_size={workers * per_worker}"])
+            t = time.perf_counter()
+            out = train_ebm_on_ray(c, data=data, show=False)
+            wall = time.perf_counter() - t
+            ms = {k: 1000 * out[f"{k}_seconds"] for k in ("chain", "bank", "update", "step")}
+            print(f"{workers:7d}  {per_worker:12d}  {workers * per_worker:5d}  {out['iterations_per_second']:5.2f}  "
+                  f"{ms['chain']:9.1f}  {ms['bank']:7.1f}  {ms['update']:9.1f}  {ms['step']:7.1f}  "
+                  f"{time_split(out):>18}  {wall:10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from ..config import TrainEBMConfig, to_yaml
 from ..local import checks
 from ..method.cuda import set_arithmetic
 from ..method.pixels import unit_range
-from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm
+from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split
 from ..results.report import image_grid_png
 from ..store import storage
 from ..store.checkpoints import CKPT, check_fingerprint, data_fingerprint, load_checkpoint, save_checkpoint, settings_fingerprint
@@ -98,7 +98,8 @@ def train_loop(config: dict) -> None:
 
     try:
         run_ebm(loop, cfg.iterations, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, on_log=on_log,
-                on_save=on_save, on_step=lambda m: bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase),
+                on_save=on_save, on_step=lambda m: bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase,
+                                             chain_bank_update=time_split(m)),
                 reduce=lambda values: mean_over_workers(values, world, device))
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
         if rank == 0:  # the run ends cleanly, so Ray Train does not retry a deterministic failure

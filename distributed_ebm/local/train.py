@@ -29,7 +29,7 @@ from ..errors import InputError, exit_status
 from ..method.bank import ImageBank
 from ..method.cuda import job_device, set_arithmetic
 from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
-                               new_classifier, new_ebm, run_classifier, run_ebm)
+                               new_classifier, new_ebm, run_classifier, run_ebm, time_split)
 from ..results.card import write_card
 from ..results.report import image_grid_png
 from ..store import storage
@@ -131,7 +131,7 @@ class LocalTraining:
         def on_step(m):
             pace["per_it"] = m["step_seconds"] if not pace["per_it"] else 0.9 * pace["per_it"] + 0.1 * m["step_seconds"]
             left = {"left": f"{max(deadline - time.monotonic(), 0) / 60:.1f}min"} if deadline < float("inf") else {}
-            bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase, **left)
+            bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase, chain_bank_update=time_split(m), **left)
 
         def stop() -> bool:
             if time.monotonic() + 2 * pace["per_it"] + pace["save"] > deadline:

@@ -166,17 +166,24 @@ class EBMIteration:
         start, age = self.bank.lease(d.slots, d.restart, t, self.rank)
         bank_seconds = time.time() - tb
         keys = ChainKeys(cfg.seed, d.slots, torch.zeros_like(d.slots), call=t)
+        tc = time.time()
         negatives = langevin(self.sampler, start.to(self.device), keys, lv.steps, lv.step_size, lv.noise,
                              amp=PRECISIONS[cfg.precision].amp)
+        if self.device.type == "cuda":  # the chain's own time, not the bank's wait for it
+            torch.cuda.synchronize(self.device)
         tb = time.time()
+        chain_seconds = tb - tc
         self.bank.give_back(d.slots, negatives, lv.steps, d.restart, self.rank)
-        bank_seconds += time.time() - tb
+        tu = time.time()
+        bank_seconds += tu - tb
         # the images travel as uint8 and become floats on the device (`images`), where the noise joins them
         positives = (self.images(d.rows) + d.noise.to(self.device)).contiguous(memory_format=torch.channels_last)
         metrics = ebm_update(self.model, self.optimizer, positives, negatives, temperature(cfg), self.all_finite)
         self.iteration, self.positives = t + 1, positives
+        end = time.time()
         return {**metrics, "bank_age": age.float().mean().item(), "bank_seconds": bank_seconds,
-                "step_seconds": time.time() - t0, "lr": self.optimizer.param_groups[0]["lr"]}
+                "chain_seconds": chain_seconds, "update_seconds": end - tu,  # the update: data, DDP all-reduce, step
+                "step_seconds": end - t0, "lr": self.optimizer.param_groups[0]["lr"]}
 
 
 def check_sizes(cfg, data_size: int) -> None:
@@ -192,7 +199,15 @@ def check_sizes(cfg, data_size: int) -> None:
 
 
 # The iteration's metrics that a log line averages over its window, in every entry
-METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "step_seconds")
+METRICS = ("energy_diff", "energy_pos", "energy_neg", "loss", "grad_norm", "bank_age", "bank_seconds", "chain_seconds",
+           "update_seconds", "step_seconds")
+
+
+def time_split(metrics: dict) -> str:
+    """Where an iteration's time goes, for a progress line: chains, bank (lease and return), update (data, DDP
+    all-reduce, optimizer step), as shares of the step."""
+    step = max(metrics["step_seconds"], 1e-12)
+    return "/".join(f"{100 * metrics[k] / step:.0f}" for k in ("chain_seconds", "bank_seconds", "update_seconds")) + "%"
 
 
 class MetricWindow:
