@@ -63,7 +63,8 @@ def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url,
     piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray"), **settings), show=False)
     _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
     assert {r for r in results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()} - {-1}, "some breaks"
-    keys = ["natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy", "accuracy_curve", "image_steps"]
+    keys = ["natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy", "accuracy_curve", "image_steps",
+            "convergence"]  # the vote and steps figures too: the same records give the same convergence
     if settings:
         keys += ["reeval_accuracies", "reeval_mean_accuracy", "worst_case_accuracy"]
         assert piped["reevaluations"] == 2

@@ -95,21 +95,26 @@ class EOTDefense:
         for a, b in self._chunks(x.shape[0], replicates):
             yield a, self.purifier(_rows(x, a, b, replicates), keys[a:b])
 
-    def _mean_outputs(self, chunks, n: int, replicates: int) -> torch.Tensor:
-        """Mean over replicates of the per-replicate outputs, folded in replicate order."""
-        total = None
+    def _mean_outputs(self, chunks, n: int, replicates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over replicates of the per-replicate outputs, folded in replicate order, and the chains' votes:
+        N x C counts of the chains whose own prediction is each class."""
+        total = votes = None
         for a, xp in chunks:
             with torch.no_grad():
                 out = self._per_replicate(self.classifier(xp))
             if total is None:
                 total = out.new_zeros(n, out.shape[1])
+                votes = torch.zeros(n, out.shape[1], dtype=torch.int64, device=out.device)
             fold_replicates(total, out, a, replicates)
-        return total / replicates
+            fold_replicates(votes, torch.nn.functional.one_hot(out.argmax(1), out.shape[1]), a, replicates)
+        return total / replicates, votes
 
-    def logits(self, x: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int, replicates: int) -> torch.Tensor:
-        """EOT-averaged logits of N images: N x C."""
+    def logits(self, x: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int, replicates: int,
+               votes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """EOT-averaged logits of N images: N x C (and, with `votes`, the N x C counts of the chains' own votes)."""
         same_device(x=x, ids=ids)
-        return self._aggregate(self._mean_outputs(self._purified_chunks(x, ids, seed, call, replicates), x.shape[0], replicates))
+        mean, counts = self._mean_outputs(self._purified_chunks(x, ids, seed, call, replicates), x.shape[0], replicates)
+        return (self._aggregate(mean), counts) if votes else self._aggregate(mean)
 
     def logits_and_grad(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, *, seed: int, call: int,
                         replicates: int, loss: Loss = cross_entropy, exact: bool = False,
@@ -133,7 +138,7 @@ class EOTDefense:
         chunks = self._purified_chunks(x, ids, seed, call, replicates)
         if not through_chain:  # BPDA's second pass starts from the purified images: keep them
             chunks = list(chunks)
-        mean = self._mean_outputs(chunks, x.shape[0], replicates)
+        mean, _ = self._mean_outputs(chunks, x.shape[0], replicates)
         with torch.enable_grad():
             m = mean.detach().requires_grad_(True)
             (g_mean,) = torch.autograd.grad(loss(self._aggregate(m), labels).sum(), m)

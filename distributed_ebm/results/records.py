@@ -61,7 +61,13 @@ def list_parts(output: str) -> list[str]:
 
 
 def _read(url: str, columns=None) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=columns)
+    """A part's columns; one written before a column existed gives nulls for it (read_records promotes)."""
+    data = io.BytesIO(storage.read_bytes(url))
+    if columns is not None:
+        present = set(pq.read_schema(data).names)
+        data.seek(0)
+        columns = [c for c in columns if c in present]
+    return pq.read_table(data, columns=columns)
 
 
 def check_settings(output: str, settings: dict) -> None:
@@ -85,7 +91,7 @@ def read_records(output: str, columns=None) -> pa.Table:
     parts = [_read(url, columns) for url in list_parts(output)]
     if not parts:
         raise FileNotFoundError(f"no attack records under {output}/records")
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts, promote_options="default")
     ids = table.column("index").to_pylist()
     first = {}
     for row, i in enumerate(ids):
@@ -100,7 +106,7 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     records here, this one's as `seconds_this_run`), written with its plot."""
     a = cfg.attack
     columns = ["index", "natural_protocol_correct", "natural_defense_correct", "broken_at", "image_steps",
-               "confirm_image_steps"]
+               "confirm_image_steps", "natural_votes", "final_votes"]
     columns += ["reeval_correct"] if a.reevaluations else []
     columns += ["broken_by", "broken_restart"] if a.worst_case else []
     table = read_records(cfg.output, columns)
@@ -114,6 +120,9 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     if a.worst_case:
         summary["ensemble" if a.ensemble is not None else "restarts"] = worst_case_summary(
             a, col("broken_by"), col("broken_restart"))
+    votes = {k: col(k) if k in table.column_names else [None] * table.num_rows for k in ("natural_votes", "final_votes")}
+    summary["convergence"] = convergence(votes["natural_votes"], votes["final_votes"], col("broken_at"),
+                                         evaluation_points(a), a.eot_defense or a.eot_attack)
     confirm = int(sum(col("confirm_image_steps")))
     steps = table.column("image_steps").to_pylist()
     fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
@@ -261,6 +270,54 @@ def worst_case_summary(settings, broken_by: list[int], broken_restart: list[int]
                     "broken_per_restart": per_restart,
                     "robust_accuracy": standing / n if n else float("nan"), "robust_ci95": wilson_interval(standing, n)})
     return out
+
+
+UNDECIDED_P = 0.05  # a vote whose top two classes a two-sided sign test cannot tell apart at 95% is undecided
+LATE = 0.2  # a break in the last 20% of the attack's steps says the attack had not finished
+
+
+def chains_to_decide(top: int, second: int, chains: int, most: int = 1_000_000) -> int | None:
+    """How many chains would decide a vote split `top` : `second` of `chains` (the same shares, rounded), by the sign
+    test at 95%; None for an even split (no number of chains decides it) or beyond `most`."""
+    if top <= second:
+        return None
+    n = chains
+    while n <= most:
+        a, b = round(n * top / chains), round(n * second / chains)
+        if sign_test_p(a, b) < UNDECIDED_P:
+            lo = n // 2  # the first decided size lies in (lo, n]: bisect
+            while n - lo > 1:
+                mid = (lo + n) // 2
+                if sign_test_p(round(mid * top / chains), round(mid * second / chains)) < UNDECIDED_P:
+                    n = mid
+                else:
+                    lo = mid
+            return n
+        n *= 2
+    return None
+
+
+def convergence(natural_votes: list, final_votes: list, broken_at: list[int], points: int, chains: int) -> dict:
+    """Has the evaluation converged? The defense's vote: the share of clean images whose defended prediction the
+    chains do not decide at 95% (sign test between the two classes with most votes) and how many chains would
+    decide them all; the same for the breaks' confirmations. The attack's steps: the last point that broke an image
+    and how many broke in the last 20% of the steps (then: increase attack.steps)."""
+    def votes(rows, images):
+        known = [(v[0], v[1]) for v, keep in zip(rows, images) if keep and v is not None and v[0] >= 0]
+        undecided = [(a, b) for a, b in known if sign_test_p(a, b) >= UNDECIDED_P]
+        needed = [chains_to_decide(a, b, a + b if a + b else 1) for a, b in undecided]
+        return {"images": len(known), "undecided": len(undecided),
+                "undecided_share": len(undecided) / len(known) if known else None,
+                "chains_to_decide_all": None if None in needed else max(
+                    (round(n * chains / max(a + b, 1)) for n, (a, b) in zip(needed, undecided)), default=chains)}
+    attack_breaks = [p for p in broken_at if p > 0]
+    steps = points - 2  # point t + 1 is iterate t, reached after step t: the last 20% of the steps end at points
+    late_from = 2 + math.floor((1 - LATE) * steps) if steps > 0 else points  # from here to the last one
+    late = sum(1 for p in attack_breaks if p >= late_from)
+    return {"chains": chains, "natural_vote": votes(natural_votes, [True] * len(broken_at)),
+            "break_confirmation": votes(final_votes, [p > 0 for p in broken_at]),
+            "last_break_point": max(attack_breaks, default=None), "late_breaks": late,
+            "late_from_point": late_from, "increase_steps": late > 0}
 
 
 def sign_test_p(a_only: int, b_only: int) -> float:

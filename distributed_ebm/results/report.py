@@ -58,7 +58,26 @@ def format_table(summaries: list[dict]) -> str:
                      _pct(s["worst_case_accuracy"], s["worst_case_ci95"])) if "reevaluations" in s else ("-", "-"))
         rows.append(row + (attack,))
     tables = [_aligned(rows)] + [format_worst_case(s) for s in summaries if "ensemble" in s or "restarts" in s]
-    return "\n\n".join(tables)
+    notes = [format_convergence(s) for s in summaries if s.get("convergence")]
+    return "\n\n".join(tables + (["\n".join(notes)] if notes else []))
+
+
+def format_convergence(summary: dict) -> str:
+    """One line: has the evaluation converged (the defense's vote on the clean images and at the breaks, the
+    attack's steps)?"""
+    c = summary["convergence"]
+
+    def vote(v, what):
+        if not v["images"]:
+            return f"{what}: no vote recorded"
+        more = ("" if not v["undecided"] else f" (about {v['chains_to_decide_all']:,} chains would decide them)"
+                if v["chains_to_decide_all"] else " (some are even splits: no number of chains decides them)")
+        return f"{what}: {v['undecided']} of {v['images']} not decided at 95%{more}"
+    steps = ("no image broke after the clean image" if c["last_break_point"] is None else
+             f"last break at point {c['last_break_point']}" + (f"; {c['late_breaks']} broke in the last 20% of the "
+                                                               "steps: increase attack.steps" if c["increase_steps"] else ""))
+    return (f"{describe(summary)[0]}, convergence ({c['chains']} chains per vote): "
+            f"{vote(c['natural_vote'], 'clean images')}; {vote(c['break_confirmation'], 'breaks')}; {steps}")
 
 
 def attack_done(summary: dict, output: str) -> str:
@@ -155,6 +174,11 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
                 mlflow.log_metric("reeval_accuracy", acc, step=r)
         if summary.get("image_steps_per_second") is not None:
             metrics["image_steps_per_second"] = summary["image_steps_per_second"]
+        c = summary.get("convergence")
+        if c:
+            metrics.update({f"{k}_undecided_share": c[k]["undecided_share"] for k in ("natural_vote", "break_confirmation")
+                            if c[k]["undecided_share"] is not None})
+            metrics["late_breaks"] = c["late_breaks"]
         mlflow.log_metrics(metrics)
         for step, acc in enumerate(summary["accuracy_curve"]):
             mlflow.log_metric("accuracy_curve", acc, step=step)  # step = evaluation point (0 = clean image)

@@ -70,6 +70,9 @@ class ImageRecord:
     adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the iterate at the break, else the most adversarial one
     adv_loss: float  # the attack loss of adv_image's check output
     reeval_correct: list = field(default_factory=list)  # one flag per re-evaluation of adv_image
+    natural_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # top two vote counts of natural_defense_pred
+    final_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # ... of the judgement that gave final_pred
+    adv_point: int = 0  # the evaluation point of adv_image (0 = the clean image)
 
     @property
     def robust(self) -> bool:
@@ -80,6 +83,13 @@ class ImageRecord:
         row["adv_image"] = self.adv_image.astype(np.float32).ravel().tolist()
         row["image_shape"] = list(self.adv_image.shape)
         return row
+
+
+def top_two(counts: torch.Tensor) -> torch.Tensor:
+    """N x 2: each row's two largest vote counts (the winner's first; 0 for a runner-up where there is one class)."""
+    if counts.shape[1] < 2:
+        return torch.cat([counts, torch.zeros_like(counts)], dim=1)
+    return counts.topk(2, dim=1).values
 
 
 def evaluation_points(settings) -> int:
@@ -131,15 +141,18 @@ class Attack:
             (grad,) = torch.autograd.grad(self.loss(logits, labels).sum(), x)
         return logits.detach(), grad
 
-    def eot(self, x, rows, call, replicates, labels=None, *, exact=False, runs=1, confirm=False):
-        """EOT logits (and the attack's gradient when labels are given) of the images at batch rows
-        `rows`; charges the chains to them: `runs` passes of each chain (1, more for an exact gradient),
-        also as confirmation steps when `confirm`."""
+    def eot(self, x, rows, call, replicates, labels=None, *, exact=False, runs=1, confirm=False, votes=False):
+        """EOT logits (and the attack's gradient when labels are given; with `votes`, the top two counts of the
+        chains' own votes, N x 2) of the images at batch rows `rows`; charges the chains to them: `runs` passes of
+        each chain (1, more for an exact gradient), also as confirmation steps when `confirm`."""
         steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         self.cost[rows] += replicates * steps
         if confirm:
             self.confirm_cost[rows] += replicates * steps
         ids = self._ids[rows]
+        if labels is None and votes:
+            logits, counts = self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates, votes=True)
+            return logits, top_two(counts)
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
@@ -147,26 +160,34 @@ class Attack:
                                             surrogate_temperature=self.s.surrogate_temperature if self.s.surrogate else None)
 
     def _judge(self, point, x, labels, rows, check_logits=None, vote_all=False):
-        """(broken mask, prediction, check logits, defense vote or None) at a checked point, with the paper's
-        confirmation by a defended mode; `vote_all`: confirm every image, not only wrong checks, and return
-        the confirmations as the defense's vote. `rows` are the images' batch rows (all on x's device)."""
+        """(broken mask, prediction, check logits, defense vote or None, votes) at a checked point, with the paper's
+        confirmation by a defended mode; `vote_all`: confirm every image, not only wrong checks, and return the
+        confirmations as the defense's vote. `votes` (N x 2): the top two counts of the chains' own votes of each
+        image's deciding judgement (its confirmation where it had one, else the check it was judged by when that
+        check ran here; -1 where there was none: an undefended mode, or a check reused from the gradient pass).
+        `rows` are the images' batch rows (all on x's device)."""
         same_device(x=x, labels=labels, rows=rows)
         defended, h = self.mode.defended, self.s.eot_defense
-        if check_logits is None:
-            check_logits = self.eot(x, rows, 2 * point, self.s.eot_attack) if defended else self.classifier(x)
+        votes = torch.full((len(x), 2), NEVER, dtype=torch.int64, device=x.device)
+        if check_logits is None and defended:
+            check_logits, votes = self.eot(x, rows, 2 * point, self.s.eot_attack, votes=True)
+        elif check_logits is None:
+            check_logits = self.classifier(x)
         pred = check_logits.argmax(1)
         wrong = pred != labels
         vote = None
         if defended and h > 0 and (vote_all or wrong.any()):
             sub = torch.arange(len(x), device=x.device) if vote_all else wrong.nonzero().flatten()
-            confirm = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True).argmax(1)
+            confirm, sub_votes = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True, votes=True)
+            confirm = confirm.argmax(1)
+            votes[sub] = sub_votes
             vote = confirm if vote_all else None
             confirm, sub = (confirm[wrong], sub[wrong]) if vote_all else (confirm, sub)
             pred[sub] = confirm
             wrong[sub] = confirm != labels[sub]
         elif vote_all:  # no confirmation chains: the check is the defense (or the classifier, undefended)
             vote = check_logits.argmax(1)
-        return wrong, pred, check_logits, vote
+        return wrong, pred, check_logits, vote, votes
 
     def _reevaluate(self, adv, labels, rows) -> list[list[bool]]:
         """Judge every record's adversarial image `reevaluations` times with fresh chains."""
@@ -186,10 +207,12 @@ class Attack:
         self.confirm_cost = torch.zeros(n, dtype=torch.int64, device=device)
         adv = images.detach().clone()
 
-        wrong, natural_pred, logits, vote = self._judge(0, images, labels, rows, vote_all=self.natural_defense)
+        wrong, natural_pred, logits, vote, natural_votes = self._judge(0, images, labels, rows,
+                                                                       vote_all=self.natural_defense)
         natural_vote = vote if vote is not None else torch.full_like(natural_pred, NEVER)
         adv_loss = self.loss(logits, labels).to(torch.float64)  # the clean image's, until an iterate is checked
-        final_pred = natural_pred.clone()
+        adv_point = torch.zeros(n, dtype=torch.int64, device=device)
+        final_pred, final_votes = natural_pred.clone(), natural_votes.clone()
         broken_at[wrong] = 0
         active = rows[~wrong]
         self._report(0)
@@ -205,13 +228,15 @@ class Attack:
                 logits, grad = (mode.output(x, active, point), None) if last else mode.gradient(x, y, active, point)
                 loss = self.loss(logits, y) if grad is not None else None
                 if mode.checked(point, self.points):
-                    wrong, pred, checked, _ = self._judge(point, x, y, active, logits if mode.check_from_gradient else None)
+                    wrong, pred, checked, _, votes = self._judge(point, x, y, active,
+                                                                 logits if mode.check_from_gradient else None)
                     check_loss = self.loss(checked, y).to(torch.float64)
                     # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
                     better = wrong | (check_loss > adv_loss[active]) | (point == self._first_checked())
                     adv[active[better]], adv_loss[active[better]] = x[better], check_loss[better]
+                    adv_point[active[better]] = point
                     broken_at[active[wrong]] = point
-                    final_pred[active] = pred
+                    final_pred[active], final_votes[active] = pred, votes
                     keep = ~wrong
                     active, x = active[keep], x[keep]
                     update.keep(keep)
@@ -228,9 +253,10 @@ class Attack:
         natural_pred, natural_vote = natural_pred.tolist(), natural_vote.tolist()
         broken_at, final_pred, adv_loss = broken_at.tolist(), final_pred.tolist(), adv_loss.tolist()
         cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), adv.float().cpu().numpy()
+        natural_votes, final_votes, adv_point = natural_votes.tolist(), final_votes.tolist(), adv_point.tolist()
         return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], natural_vote[k],
                             natural_vote[k] == labels[k], broken_at[k], final_pred[k], cost[k], confirm_cost[k], adv[k],
-                            adv_loss[k], reeval[k])
+                            adv_loss[k], reeval[k], natural_votes[k], final_votes[k], adv_point[k])
                 for k in range(n)]
 
     def _first_checked(self) -> int:

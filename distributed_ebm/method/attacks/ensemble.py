@@ -78,5 +78,6 @@ class EnsembleAttack:
         self.cost = torch.tensor(cost, dtype=torch.int64)
         return [EnsembleRecord(r.index, r.label, f.natural_protocol_pred, f.natural_protocol_correct,
                                f.natural_defense_pred, f.natural_defense_correct, r.broken_at, r.final_pred, c, cc,
-                               r.adv_image, r.adv_loss, r.reeval_correct, b, rs)
+                               r.adv_image, r.adv_loss, r.reeval_correct, f.natural_votes, r.final_votes, r.adv_point,
+                               broken_by=b, broken_restart=rs)
                 for r, f, c, cc, b, rs in zip(final, first, cost, confirm, by, restart)]

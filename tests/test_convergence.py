@@ -1,0 +1,59 @@
+"""Has the evaluation converged? The defense's vote (decided at 95% by a sign test between its top two classes,
+and how many chains would decide it) and the attack's steps (breaks in the last 20% of them), checked against
+cases with a known answer, in one process; the Ray engine gives the same figures (tests/test_ray_evaluate.py)."""
+import pytest
+
+from distributed_ebm.config import AttackConfig, build
+from distributed_ebm.local.attack import run_attack
+from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
+from distributed_ebm.store.weights import save_ebm
+
+from .conftest import RESNET20, TEST_EXACT, tiny_ebm
+
+
+def test_a_unanimous_vote_is_decided_an_even_one_never_and_a_close_one_needs_more_chains():
+    assert sign_test_p(150, 0) < 1e-40 and sign_test_p(8, 7) == 1.0
+    assert chains_to_decide(10, 5, 15) is not None and chains_to_decide(10, 5, 15) > 15  # 10:5 is not decided...
+    assert sign_test_p(10, 5) >= 0.05
+    n = chains_to_decide(10, 5, 15)
+    assert sign_test_p(round(n * 10 / 15), round(n * 5 / 15)) < 0.05  # ...at n chains it is, and not at n - 1
+    assert sign_test_p(round((n - 1) * 10 / 15), round((n - 1) * 5 / 15)) >= 0.05
+    assert chains_to_decide(5, 5, 10) is None
+    c = convergence([[150, 0]] * 3, [[-1, -1]] * 3, [0, -1, -1], 52, 150)
+    assert c["natural_vote"] == {"images": 3, "undecided": 0, "undecided_share": 0.0, "chains_to_decide_all": 150}
+
+
+def test_breaks_in_the_last_fifth_of_the_steps_ask_for_more_steps():
+    # 10 steps: point t + 1 is iterate t; the last 20% of the steps (9 and 10) end at points 10 and 11
+    early = convergence([None] * 2, [None] * 2, [3, -1], 12, 8)
+    late = convergence([None] * 2, [None] * 2, [3, 10], 12, 8)
+    assert (early["late_breaks"], early["increase_steps"], early["last_break_point"]) == (0, False, 3)
+    assert (late["late_breaks"], late["increase_steps"], late["late_from_point"]) == (1, True, 10)
+
+
+def _cfg(tmp_path, ebm, **attack):
+    return build(AttackConfig, {
+        "data": {"path": TEST_EXACT, "count": 4}, "classifier": {"weights": RESNET20}, "ebm": ebm,
+        "purify": {"steps": 0}, "attack": {"eot_attack": 4, "eot_defense": 8, **attack},
+        "output": str(tmp_path / "out"), "mlflow": {"enabled": False}})
+
+
+def test_identical_chains_always_agree_so_every_vote_is_decided(tmp_path):
+    """With K = 0 purifying steps every chain is the image itself: all 8 vote alike, so nothing is undecided."""
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(), ebm)
+    c = run_attack(_cfg(tmp_path, ebm, mode="defense"), device="cpu", show=False)["convergence"]
+    assert c["chains"] == 8 and c["natural_vote"]["images"] == 4 and c["natural_vote"]["undecided"] == 0
+
+
+@pytest.mark.parametrize("steps, late", [(1, True), (10, None)])
+def test_a_one_step_attack_that_breaks_images_is_flagged(tmp_path, steps, late):
+    """PGD at 8/255 on the undefended ResNet-20: with one step every break is in the last step (flagged);
+    with ten, the flag follows where the breaks fell."""
+    c = run_attack(_cfg(tmp_path, None, mode="pgd", steps=steps, step_size="8/255"), device="cpu",
+                   show=False)["convergence"]
+    assert c["last_break_point"] is not None
+    if late is not None:
+        assert c["increase_steps"] is late
+    else:
+        assert c["increase_steps"] == (c["last_break_point"] >= c["late_from_point"])
