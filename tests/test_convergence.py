@@ -31,11 +31,11 @@ def test_breaks_in_the_last_fifth_of_the_steps_ask_for_more_steps():
     assert (late["late_breaks"], late["increase_steps"], late["late_from_point"]) == (1, True, 10)
 
 
-def _cfg(tmp_path, ebm, **attack):
+def _cfg(tmp_path, ebm, purify=None, report=None, **attack):
     return build(AttackConfig, {
         "data": {"path": TEST_EXACT, "count": 4}, "classifier": {"weights": RESNET20}, "ebm": ebm,
-        "purify": {"steps": 0}, "attack": {"eot_attack": 4, "eot_defense": 8, **attack},
-        "output": str(tmp_path / "out"), "mlflow": {"enabled": False}})
+        "purify": purify or {"steps": 0}, "attack": {"eot_attack": 4, "eot_defense": 8, **attack},
+        "report": report or {}, "output": str(tmp_path / "out"), "mlflow": {"enabled": False}})
 
 
 def test_identical_chains_always_agree_so_every_vote_is_decided(tmp_path):
@@ -57,3 +57,21 @@ def test_a_one_step_attack_that_breaks_images_is_flagged(tmp_path, steps, late):
         assert c["increase_steps"] is late
     else:
         assert c["increase_steps"] == (c["last_break_point"] >= c["late_from_point"])
+
+
+def test_the_eot_gradient_check_gives_cosine_one_for_identical_estimates_and_less_for_noisy_ones(tmp_path):
+    """Known answers: the undefended classifier's gradient is deterministic, so its two estimates are identical
+    (cosine 1: one chain would suffice); through noisy chains two independent estimates differ."""
+    from distributed_ebm.results.records import gradient_convergence
+
+    check = {"gradient_check": 2}
+    g = run_attack(_cfg(tmp_path / "pgd", None, report=check, mode="pgd", steps=1, step_size="1/255", eps="1/255"),
+                   device="cpu", show=False)["convergence"]["gradient"]
+    assert g["images"] == 2 and g["cosine_median"] == pytest.approx(1.0) and g["chains_for_0.9"] == 1  # one suffices
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), ebm)
+    b = run_attack(_cfg(tmp_path / "bpda", ebm, purify={"steps": 3, "noise": 0.3}, report=check, mode="bpda_eot",
+                        steps=1, step_size="1/255", eps="1/255"), device="cpu", show=False)["convergence"]["gradient"]
+    assert b["images"] == 2 and -1 <= b["cosine_median"] < 0.999
+    assert gradient_convergence([[0.5, 0.5]], 15)["chains_for_0.9"] == 135  # c = r n / (r n + 1): r = 1/15 at c = 1/2
+    assert gradient_convergence([[None, None], None], 15) is None

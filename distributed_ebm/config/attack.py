@@ -116,6 +116,18 @@ class AttackSettings(Section):
         return any(MODES[m.mode].defended for m in self.members())
 
 
+class ReportConfig(Section):
+    """What an attack run shows besides its figures: a gallery, and the EOT gradient's convergence."""
+
+    gallery: int = Field(8, ge=0, le=1000, description="the first N images of the run (by id) drawn in gallery.png: "
+                         "clean, adversarial, perturbation, a purified chain of each, with predictions and vote shares "
+                         "(0 = none)")
+    gradient_check: int = Field(0, ge=0, le=10_000, description="the first N images of the run (by id) whose EOT "
+                                "gradient is estimated twice more, with independent chains, at the clean and at the "
+                                "adversarial image: their cosine similarity says whether eot_attack chains suffice (costs "
+                                "4 gradients of eot_attack chains per image; 0 = off, as in the paper configs)")
+
+
 class AttackConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
@@ -135,6 +147,7 @@ class AttackConfig(Section):
     seed: int = Field(0, ge=0, lt=2**32, description="run seed: every chain's noise and every random start are "
                       "keyed by (seed, image id, ...)")
     output: URL = Field("runs/attack", description="where records, summary.json and accuracy.png go (a folder URL; a rerun resumes)")
+    report: ReportConfig = Field(default_factory=lambda: ReportConfig())
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
 

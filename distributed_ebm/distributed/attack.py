@@ -30,7 +30,7 @@ from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
 from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
-from ..local.attack import build_attack, dtype_of, pending
+from ..local.attack import build_attack, dtype_of, pending, sample_ids
 from ..method.cuda import job_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
@@ -43,12 +43,12 @@ from .ray_private import unserializable_lost
 class AttackActor:
     """Holds the classifier and the EBM; attacks one batch of rows per call."""
 
-    def __init__(self, cfg: dict, settings: dict, threads: int | None = None):
+    def __init__(self, cfg: dict, settings: dict, threads: int | None = None, gradient_ids=()):
         if threads:
             torch.set_num_threads(threads)
         self.cfg = AttackConfig.model_validate(cfg)
         self.device = job_device("auto")  # Ray sets CUDA_VISIBLE_DEVICES for an actor with a GPU
-        self.attack = build_attack(self.cfg, self.device)
+        self.attack = build_attack(self.cfg, self.device, gradient_ids)
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -162,7 +162,8 @@ def data_error(err: BaseException | None) -> DataError | None:
     return None
 
 
-def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, broken: int, fitting: bool) -> int:
+def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, broken: int, fitting: bool,
+                 gradient_ids=()) -> int:
     """One pass of Ray Data over `todo`; returns the broken count so far. An actor that dies fails the pass
     (no restart, no retry on it: a retry bound to an actor that cannot be placed again would wait forever)."""
     actors, cpus, gpus, devices = plan_actors(cfg, -(-len(todo) // cfg.batch_size), fitting)
@@ -179,7 +180,7 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         out = images.map_batches(
             AttackActor, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "settings": settings,
-                                                "threads": max(1, int(cpus))},
+                                                "threads": max(1, int(cpus)), "gradient_ids": list(gradient_ids)},
             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -203,7 +204,8 @@ def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bo
         ray = connect(cfg.ray.address)
         check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
         try:
-            broken = run_pipeline(ray, cfg, todo, settings, bar, broken, fitting=failures > 0)
+            broken = run_pipeline(ray, cfg, todo, settings, bar, broken, fitting=failures > 0,
+                                  gradient_ids=sample_ids(data, cfg.report.gradient_check))
             break
         except Exception as err:  # noqa: BLE001 - only losses are retried; the rest is raised as it is
             if failures >= cfg.ray.max_failures or not lost(err):

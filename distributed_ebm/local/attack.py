@@ -29,7 +29,7 @@ def dtype_of(cfg: AttackConfig) -> torch.dtype:
     return PRECISIONS[cfg.precision].dtype
 
 
-def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attack | EnsembleAttack:
+def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu", gradient_ids=()) -> Attack | EnsembleAttack:
     """Classifier, purifier and attack as the config says (weights loaded with weights_only=True).
 
     Also the pre-flight check: a missing file, a checkpoint of another architecture or for
@@ -53,7 +53,7 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu") -> Attac
         chunk = 1024 if any(MODES[m.mode].exact for m in cfg.attack.members()) else auto_chunk_size(
             purifier, clf, (3, cfg.data.image_size, cfg.data.image_size), device, dtype)
     kind = EnsembleAttack if cfg.attack.worst_case else Attack
-    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk)
+    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk, gradient_ids=gradient_ids)
 
 
 def batches(data: ImageSet, size: int):
@@ -74,7 +74,7 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
     """Attack every selected image without a record yet; returns the summary of all records."""
     device = job_device(device)
     data = data if data is not None else load(cfg.data)
-    attack = build_attack(cfg, device)
+    attack = build_attack(cfg, device, sample_ids(data, cfg.report.gradient_check))
     settings = attack_settings(cfg)
     todo = pending(data, cfg.output, settings)
     bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
@@ -87,3 +87,8 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
         bar.update(len(records), broken=broken)
     bar.close()
     return results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
+
+
+def sample_ids(data, n: int) -> list[int]:
+    """The first `n` images of the run by id (a gallery's, a gradient check's): two runs on a selection compare."""
+    return sorted(data.ids.tolist())[:n]

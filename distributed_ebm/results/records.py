@@ -106,7 +106,7 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     records here, this one's as `seconds_this_run`), written with its plot."""
     a = cfg.attack
     columns = ["index", "natural_protocol_correct", "natural_defense_correct", "broken_at", "image_steps",
-               "confirm_image_steps", "natural_votes", "final_votes"]
+               "confirm_image_steps", "natural_votes", "final_votes", "gradient_cosine"]
     columns += ["reeval_correct"] if a.reevaluations else []
     columns += ["broken_by", "broken_restart"] if a.worst_case else []
     table = read_records(cfg.output, columns)
@@ -120,9 +120,11 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     if a.worst_case:
         summary["ensemble" if a.ensemble is not None else "restarts"] = worst_case_summary(
             a, col("broken_by"), col("broken_restart"))
-    votes = {k: col(k) if k in table.column_names else [None] * table.num_rows for k in ("natural_votes", "final_votes")}
-    summary["convergence"] = convergence(votes["natural_votes"], votes["final_votes"], col("broken_at"),
+    new = {k: col(k) if k in table.column_names else [None] * table.num_rows
+           for k in ("natural_votes", "final_votes", "gradient_cosine")}  # None: records written before them
+    summary["convergence"] = convergence(new["natural_votes"], new["final_votes"], col("broken_at"),
                                          evaluation_points(a), a.eot_defense or a.eot_attack)
+    summary["convergence"]["gradient"] = gradient_convergence(new["gradient_cosine"], a.eot_attack)
     confirm = int(sum(col("confirm_image_steps")))
     steps = table.column("image_steps").to_pylist()
     fresh = sum(s for i, s in zip(table.column("index").to_pylist(), steps) if i in new_ids)
@@ -295,6 +297,26 @@ def chains_to_decide(top: int, second: int, chains: int, most: int = 1_000_000) 
             return n
         n *= 2
     return None
+
+
+def gradient_convergence(cosines: list, chains: int, target: float = 0.9) -> dict | None:
+    """The cosine similarity of two independent EOT gradient estimates of the same point (median over the checked
+    images, at the clean and at the adversarial image), and the chains per estimate at which it would reach
+    `target`: an average of n chains' gradients, mean g and per-chain noise of variance s2, has an expected
+    cosine r n / (r n + 1) with r = |g|^2 / s2, so the measured c at n chains gives r and then n = t / ((1 - t) r).
+    None when no image was checked."""
+    known = lambda v: v is not None and v == v  # noqa: E731 - None (NaN in old files): not checked
+    pairs = [c for c in cosines if c is not None and (known(c[0]) or known(c[1]))]
+    clean = [c[0] for c in pairs if known(c[0])]
+    adv = [c[1] for c in pairs if known(c[1])]
+    if not clean and not adv:
+        return None
+    c = float(np.median(clean + adv))
+    needed = 1 if c >= 1 else None if c <= 0 else max(1, math.ceil(target / (1 - target) * chains * (1 - c) / c - 1e-9))
+    return {"images": len(pairs), "chains": chains, "cosine_median": c,
+            "cosine_median_clean": float(np.median(clean)) if clean else None,
+            "cosine_median_adversarial": float(np.median(adv)) if adv else None,
+            f"chains_for_{target:g}": needed}
 
 
 def convergence(natural_votes: list, final_votes: list, broken_at: list[int], points: int, chains: int) -> dict:

@@ -76,8 +76,12 @@ def format_convergence(summary: dict) -> str:
     steps = ("no image broke after the clean image" if c["last_break_point"] is None else
              f"last break at point {c['last_break_point']}" + (f"; {c['late_breaks']} broke in the last 20% of the "
                                                                "steps: increase attack.steps" if c["increase_steps"] else ""))
+    g = c.get("gradient")
+    grad = "" if not g else (f"; EOT gradient ({g['chains']} chains): median cosine {g['cosine_median']:.2f} between two "
+                             f"estimates on {g['images']} images, " + (f"about {g['chains_for_0.9']:,} chains for 0.9"
+                                                                       if g["chains_for_0.9"] else "no signal"))
     return (f"{describe(summary)[0]}, convergence ({c['chains']} chains per vote): "
-            f"{vote(c['natural_vote'], 'clean images')}; {vote(c['break_confirmation'], 'breaks')}; {steps}")
+            f"{vote(c['natural_vote'], 'clean images')}; {vote(c['break_confirmation'], 'breaks')}; {steps}{grad}")
 
 
 def attack_done(summary: dict, output: str) -> str:
@@ -179,6 +183,8 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
             metrics.update({f"{k}_undecided_share": c[k]["undecided_share"] for k in ("natural_vote", "break_confirmation")
                             if c[k]["undecided_share"] is not None})
             metrics["late_breaks"] = c["late_breaks"]
+            if c.get("gradient"):
+                metrics["gradient_cosine_median"] = c["gradient"]["cosine_median"]
         mlflow.log_metrics(metrics)
         for step, acc in enumerate(summary["accuracy_curve"]):
             mlflow.log_metric("accuracy_curve", acc, step=step)  # step = evaluation point (0 = clean image)

@@ -15,7 +15,8 @@ from . import storage
 from ..errors import InputError
 
 ATTACK_FREE = ("ray.", "mlflow.", "output", "batch_size", "chunk_size", "data.count", "data.indices", "data.random",
-               "data.subset_seed", "data.exclude", "data.download")
+               "data.subset_seed", "data.exclude", "data.download", "report.gallery")
+ADDED = {"report.gradient_check": 0}  # settings added since records were first written: their value before
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
@@ -51,6 +52,7 @@ def fingerprint(settings: dict) -> str:
 
 def check(stored: dict, current: dict, where: str) -> None:
     """Raise one line naming every setting in which `stored` (what wrote `where`) differs from `current`."""
+    stored = {**{k: v for k, v in ADDED.items() if k in current}, **stored}
     if fingerprint(stored) == fingerprint(current):
         return
     keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))

@@ -73,6 +73,7 @@ class ImageRecord:
     natural_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # top two vote counts of natural_defense_pred
     final_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # ... of the judgement that gave final_pred
     adv_point: int = 0  # the evaluation point of adv_image (0 = the clean image)
+    gradient_cosine: list = field(default_factory=lambda: [None, None])  # two EOT gradients: at clean, at adv; None = unchecked
 
     @property
     def robust(self) -> bool:
@@ -116,8 +117,9 @@ class Attack:
 
     def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings, *,
                  seed: int = 0, chunk_size: int = 1024, on_point: Callable[[int, int], None] | None = None,
-                 natural_defense: bool = True):
+                 natural_defense: bool = True, gradient_ids=()):
         self.s, self.seed, self.on_point = settings, seed, on_point
+        self.gradient_ids = torch.as_tensor(sorted(gradient_ids), dtype=torch.int64)  # images of the gradient check
         self.natural_defense = natural_defense  # False: point 0 confirms wrong checks only (no defense vote)
         self.mode = MODES[settings.mode](self)
         if self.mode.defended and purifier is None:
@@ -247,6 +249,7 @@ class Attack:
                     x = update.step(x, grad, loss)
                 self._report(point)
         reeval = self._reevaluate(adv, labels, rows) if self.s.reevaluations else [[] for _ in range(n)]
+        cosine = self._gradient_check(images, adv, labels, rows)
         self._report(self.points - 1)
 
         ids, labels = self._ids.tolist(), labels.tolist()
@@ -254,10 +257,25 @@ class Attack:
         broken_at, final_pred, adv_loss = broken_at.tolist(), final_pred.tolist(), adv_loss.tolist()
         cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), adv.float().cpu().numpy()
         natural_votes, final_votes, adv_point = natural_votes.tolist(), final_votes.tolist(), adv_point.tolist()
+        cosine = [[None if v != v else v for v in pair] for pair in cosine.tolist()]  # null: not checked
         return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], natural_vote[k],
                             natural_vote[k] == labels[k], broken_at[k], final_pred[k], cost[k], confirm_cost[k], adv[k],
-                            adv_loss[k], reeval[k], natural_votes[k], final_votes[k], adv_point[k])
+                            adv_loss[k], reeval[k], natural_votes[k], final_votes[k], adv_point[k], cosine[k])
                 for k in range(n)]
+
+    def _gradient_check(self, images, adv, labels, rows) -> torch.Tensor:
+        """N x 2 cosine similarities of two more EOT gradient estimates, with chains of their own (calls no other
+        judgement uses), at the clean image and at the record's adversarial image, for the images of
+        `gradient_ids` in this batch (NaN for the others, and for a mode that takes no gradient)."""
+        out = torch.full((len(rows), 2), float("nan"), dtype=torch.float64)
+        sel = rows[torch.isin(self._ids, self.gradient_ids.to(self._ids.device))] if len(self.gradient_ids) else rows[:0]
+        if not len(sel) or not self.mode.moves:
+            return out
+        spare = self.points + self.s.reevaluations  # calls 2 * spare and up: after checks, confirmations, re-evaluations
+        for j, x in enumerate((images[sel], adv[sel])):
+            g1, g2 = (self.mode.gradient(x, labels[sel], sel, spare + 1 + k)[1].flatten(1).double() for k in (0, 1))
+            out[sel.cpu(), j] = torch.nn.functional.cosine_similarity(g1, g2, dim=1, eps=1e-30).cpu()
+        return out
 
     def _first_checked(self) -> int:
         """The first checked iterate's point (transfer checks only the last)."""

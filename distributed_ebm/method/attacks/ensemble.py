@@ -37,10 +37,11 @@ class EnsembleAttack:
     (image-steps per image, on the CPU), `on_point` (handed to every run in turn)."""
 
     def __init__(self, classifier: nn.Module, purifier: Optional[Purifier], settings, *,
-                 seed: int = 0, chunk_size: int = 1024):
+                 seed: int = 0, chunk_size: int = 1024, gradient_ids=()):
         paired = settings.ensemble_keys == "paired"
         self.runs = [(k, r, Attack(classifier, purifier, m, seed=stream_seed(seed, 0 if paired else k, r),
-                                   chunk_size=chunk_size, natural_defense=(k, r) == (0, 0)))
+                                   chunk_size=chunk_size, natural_defense=(k, r) == (0, 0),
+                                   gradient_ids=gradient_ids if (k, r) == (0, 0) else ()))
                      for k, m in enumerate(settings.members()) for r in range(settings.restarts)]
         self.cost = None
 
@@ -79,5 +80,5 @@ class EnsembleAttack:
         return [EnsembleRecord(r.index, r.label, f.natural_protocol_pred, f.natural_protocol_correct,
                                f.natural_defense_pred, f.natural_defense_correct, r.broken_at, r.final_pred, c, cc,
                                r.adv_image, r.adv_loss, r.reeval_correct, f.natural_votes, r.final_votes, r.adv_point,
-                               broken_by=b, broken_restart=rs)
+                               f.gradient_cosine, broken_by=b, broken_restart=rs)
                 for r, f, c, cc, b, rs in zip(final, first, cost, confirm, by, restart)]
