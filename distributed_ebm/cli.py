@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the accuracy table of one or more attack results folders")
     r.add_argument("urls", nargs="+", metavar="URL", help="attack output folders (local or s3://)")
     r.add_argument("--plot", metavar="URL", help="also write their accuracy curves, in one PNG, here")
+    r.add_argument("--gallery", type=int, metavar="N", help="also draw each run's gallery.png of its first N images "
+                                                           "by id (from its records and its config)")
     return p
 
 
@@ -94,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n" + format_paired(pairs))
             if args.plot:
                 plot_curves(summaries, args.plot)
+            for url, summary in zip(args.urls, summaries) if args.gallery else ():
+                from .config import AttackConfig, build
+                from .local.attack import draw_gallery
+
+                cfg = build(AttackConfig, {**summary["config"], "output": url,
+                                           "report": {**summary["config"].get("report", {}), "gallery": args.gallery}})
+                print(f"gallery: {draw_gallery(cfg)}")
         except FileNotFoundError as err:
             print(f"debm report: {err} (is it an attack output folder?)", file=sys.stderr)
             return 2

@@ -75,3 +75,34 @@ def test_the_eot_gradient_check_gives_cosine_one_for_identical_estimates_and_les
     assert b["images"] == 2 and -1 <= b["cosine_median"] < 0.999
     assert gradient_convergence([[0.5, 0.5]], 15)["chains_for_0.9"] == 135  # c = r n / (r n + 1): r = 1/15 at c = 1/2
     assert gradient_convergence([[None, None], None], 15) is None
+
+
+def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
+    """One process and `debm report --gallery`: gallery.png of the first images by id; its purified pictures are
+    the run's own chains (replicate 0 of the clean image's check), so drawing it again gives the same pictures."""
+    from PIL import Image
+
+    from distributed_ebm.cli import main
+    from distributed_ebm.local.attack import gallery_rows
+    from distributed_ebm.method.noise import ChainKeys
+    from distributed_ebm.store.data import load
+
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), ebm)
+    cfg = _cfg(tmp_path, ebm, purify={"steps": 3, "noise": 0.05}, report={"gallery": 3}, mode="bpda_eot", steps=2)
+    run_attack(cfg, device="cpu", show=False)
+    png = Image.open(tmp_path / "out" / "gallery.png")
+    assert png.size[0] > 600 and png.size[1] > 400
+    rows = gallery_rows(cfg)
+    data = load(cfg.data)
+    assert [r.index for r in rows] == sorted(data.ids.tolist())[:3]
+    from distributed_ebm.local.attack import build_attack
+    defense = build_attack(cfg).defense
+    first = data.images[:1]
+    keys = ChainKeys.replicated(cfg.seed, data.ids[:1], cfg.attack.eot_attack, 0)[0:1]  # the check's replicate 0
+    assert (rows[0].purified_clean == defense.purifier(first, keys)[0].numpy()).all()
+    assert all(r.natural[1] is not None and 0 < r.natural[1] <= 1 for r in rows)  # the vote shares are recorded
+    before = (tmp_path / "out" / "gallery.png").read_bytes()
+    assert main(["report", str(tmp_path / "out"), "--gallery", "3"]) == 0
+    assert f"gallery: {tmp_path}/out/gallery.png" in capsys.readouterr().out
+    assert (tmp_path / "out" / "gallery.png").read_bytes() == before

@@ -130,7 +130,8 @@ def test_results_and_mlflow_artifacts_land_in_s3(ray_local, tmp_path, ebm_url, s
     assert run.data.params["attack.mode"] == "bpda_eot" and run.info.artifact_uri.startswith(f"{s3_bucket}/mlflow")
     fs.invalidate_cache()
     names = {os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")}
-    assert {"summary.json", "accuracy.png"} <= names
+    assert {"summary.json", "accuracy.png", "gallery.png"} <= names  # every run draws its gallery (4 images here)
+    assert storage.exists(out + "/gallery.png")
 
 
 def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):

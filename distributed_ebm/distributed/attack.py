@@ -30,7 +30,7 @@ from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
 from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
-from ..local.attack import build_attack, dtype_of, pending, sample_ids
+from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
 from ..method.cuda import job_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
@@ -216,5 +216,7 @@ def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bo
         todo = pending(data, cfg.output, settings)
     bar.close()
     summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
-    log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)])
+    gallery = draw_gallery(cfg, data)  # on the driver: a few images, from their records
+    log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)]
+               + ([gallery] if gallery else []))
     return summary

@@ -54,7 +54,8 @@ def with_params(section, params: dict):
 def trial_attack(cfg: SearchConfig, ids: list[int], output: str, purify=None, ebm: str | None = None) -> AttackConfig:
     """The evaluation of one trial on these validation images (the trial logs to MLflow itself)."""
     update = {"data": cfg.validation.model_copy(update={"indices": ids, "count": None, "random": None}),
-              "output": output, "mlflow": cfg.attack.mlflow.model_copy(update={"enabled": False})}
+              "output": output, "mlflow": cfg.attack.mlflow.model_copy(update={"enabled": False}),
+              "report": cfg.attack.report.model_copy(update={"gallery": 0})}  # a trial's pictures help no one
     if purify is not None:
         update["purify"] = purify
     if ebm is not None:

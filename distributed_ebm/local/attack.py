@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ..results import records as results
@@ -15,7 +17,10 @@ from ..method.attacks.modes import MODES
 from ..method.attacks import Attack, EnsembleAttack
 from ..errors import InputError
 from ..config import AttackConfig
-from ..store.data import ImageSet, load, unit_range
+from ..method.noise import ChainKeys, stream_seed
+from ..results.gallery import GalleryRow, write_gallery
+from ..results.report import describe
+from ..store.data import Catalog, ImageSet, load, read_rows, unit_range
 from ..method.defense import Purifier
 from ..method.cuda import PRECISIONS, job_device, set_arithmetic
 from ..method.memory import auto_chunk_size
@@ -86,9 +91,75 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
         broken += sum(not r.robust for r in records)
         bar.update(len(records), broken=broken)
     bar.close()
-    return results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
+    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
+    draw_gallery(cfg, data, device)
+    return summary
 
 
 def sample_ids(data, n: int) -> list[int]:
     """The first `n` images of the run by id (a gallery's, a gradient check's): two runs on a selection compare."""
     return sorted(data.ids.tolist())[:n]
+
+
+def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu") -> str | None:
+    """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing."""
+    rows = gallery_rows(cfg, data, device) if cfg.report.gallery else []
+    system, attack_label = describe({"config": cfg.model_dump(mode="json")})
+    return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
+
+
+def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu") -> list[GalleryRow]:
+    """The gallery's rows, from the records and the run's own keyed chains (a check's replicate 0: at point 0 for the
+    clean image, at the record's adv_point for the adversarial one; the seed of the run that judged it, for an
+    ensemble or restarts): no new randomness."""
+    n = cfg.report.gallery
+    data = data if data is not None else load(cfg.data)
+    ids = sample_ids(data, n)
+    table = results.read_records(cfg.output)
+    table = table.filter(pc.is_in(table.column("index"), pa.array(ids, type=pa.int64())))
+    rows = table.to_pylist()
+    if not rows:
+        return []
+    if isinstance(data, Catalog):
+        data = read_rows(data, cfg.data.image_size)
+    where = {i: k for k, i in enumerate(data.ids.tolist())}
+    clean = data.floats([where[r["index"]] for r in rows]).to(dtype_of(cfg))
+    attack, a = build_attack(cfg, device), cfg.attack
+    defense = attack.defense
+    out = []
+    for k, r in enumerate(rows):
+        adv = torch.tensor(r["adv_image"], dtype=clean.dtype).reshape(r["image_shape"])
+        chains = lambda broke: (a.eot_defense or a.eot_attack) if broke else a.eot_attack  # noqa: E731
+        natural = (r["natural_defense_pred"], _share(r.get("natural_votes"), a.eot_defense or a.eot_attack))
+        final = (r["final_pred"], _share(r.get("final_votes"), chains(r["broken_at"] >= 0)))
+        purified = preds = None
+        if defense is not None:
+            x = torch.stack([clean[k], adv]).to(device)
+            ident = torch.tensor([r["index"]] * 2, device=device)
+            seeds = (cfg.seed, _judging_seed(cfg, r))
+            calls = (0, 2 * r.get("adv_point", 0))
+            purified = torch.cat([defense.purifier(x[j:j + 1], ChainKeys(seeds[j], ident[j:j + 1], ident[:1] * 0, calls[j]))
+                                  for j in (0, 1)])
+            with torch.no_grad():
+                preds = tuple(defense.classifier(purified).argmax(1).tolist())
+            purified = purified.float().cpu().numpy()
+        out.append(GalleryRow(r["index"], r["label"], clean[k].float().numpy(), adv.float().numpy(),
+                              r.get("adv_point", 0), r["broken_at"], natural, final,
+                              None if purified is None else purified[0], None if purified is None else purified[1], preds))
+    return out
+
+
+def _share(votes, chains: int) -> float | None:
+    return None if not votes or votes[0] is None or votes[0] < 0 else votes[0] / chains
+
+
+def _judging_seed(cfg: AttackConfig, record: dict) -> int:
+    """The seed of the run whose keys judged the record's adversarial image (ensemble member k, restart r)."""
+    a = cfg.attack
+    if not a.worst_case:
+        return cfg.seed
+    members = len(a.members())
+    k, r = record.get("broken_by", -1), record.get("broken_restart", -1)
+    if k < 0:  # never broken: the last run's image
+        k, r = members - 1, a.restarts - 1
+    return stream_seed(cfg.seed, 0 if a.ensemble_keys == "paired" else k, r)
