@@ -137,16 +137,28 @@ def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
             x = torch.stack([clean[k], adv]).to(device)
             ident = torch.tensor([r["index"]] * 2, device=device)
             seeds = (cfg.seed, _judging_seed(cfg, r))
-            calls = (0, 2 * r.get("adv_point", 0))
-            purified = torch.cat([defense.purifier(x[j:j + 1], ChainKeys(seeds[j], ident[j:j + 1], ident[:1] * 0, calls[j]))
+            calls = (0, 2 * adv_point(r)) if adv_point(r) is not None else (0, None)  # unknown: no chain of its own
+            purified = torch.cat([defense.purifier(x[j:j + 1], ChainKeys(seeds[j], ident[j:j + 1], ident[:1] * 0,
+                                                                         calls[j] if calls[j] is not None else 0))
                                   for j in (0, 1)])
             with torch.no_grad():
                 preds = tuple(defense.classifier(purified).argmax(1).tolist())
             purified = purified.float().cpu().numpy()
+            if calls[1] is None:
+                purified[1], preds = float("nan"), (preds[0], -1)
         out.append(GalleryRow(r["index"], r["label"], clean[k].float().numpy(), adv.float().numpy(),
-                              r.get("adv_point", 0), r["broken_at"], natural, final,
-                              None if purified is None else purified[0], None if purified is None else purified[1], preds))
+                              adv_point(r) if adv_point(r) is not None else -1, r["broken_at"], natural, final,
+                              None if purified is None else purified[0],
+                              None if purified is None or calls[1] is None else purified[1], preds))
     return out
+
+
+def adv_point(record: dict) -> int | None:
+    """The point of a record's adversarial image: recorded, or for records written before, the break's (an image
+    never broken then had its last or most adversarial iterate: unknown)."""
+    if record.get("adv_point") is not None:
+        return record["adv_point"]
+    return record["broken_at"] if record["broken_at"] >= 0 else None
 
 
 def _share(votes, chains: int) -> float | None:
