@@ -227,3 +227,21 @@ def test_an_unbroken_images_record_keeps_its_most_adversarial_iterate(exact_test
             assert r.adv_loss == pytest.approx(float(losses[best, k]), rel=1e-5)
             not_last += best != s.steps
     assert not_last >= 1, "the case should have an image whose last iterate is not its most adversarial"
+
+
+def test_a_longer_attack_repeats_the_shorter_ones_steps(defended):
+    """RESULTS.md bounds the paper's 50-step attack by the 10-step one: the first steps of a longer run are the
+    shorter run's steps (each point keyed by its index), so every break comes at the same point and the longer
+    run's robust images are a subset of the shorter one's."""
+    data, clf, purifier = defended
+    runs = {n: _run(Attack(clf, purifier, AttackSettings(mode="bpda_eot", eps=2 / 255, step_size=0.5 / 255, steps=n,
+                                                         eot_attack=3, eot_defense=5), seed=11), data, 6)
+            for n in (2, 5)}
+    short, long = runs[2], runs[5]
+    assert any(r.broken_at > 0 for r in long), "want breaks under attack"
+    for s, l in zip(short, long):
+        if s.broken_at != -1:
+            assert l.broken_at == s.broken_at
+        else:
+            assert l.broken_at == -1 or l.broken_at > 2 + 1
+    assert sum(r.robust for r in long) <= sum(r.robust for r in short)

@@ -59,7 +59,8 @@ def gallery_png(rows: list[GalleryRow], title: str, classes=CIFAR10) -> tuple[by
     defended = any(r.purified_clean is not None for r in rows)
     columns = ["clean", "adversarial", f"perturbation x {scale:.3g}"] + (
         ["a purified chain of the clean", "a purified chain of the adversarial"] if defended else [])
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.5 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.5 * len(rows)), squeeze=False,
+                             layout="constrained")  # makes room for the suptitle, which tight_layout ignores
     for i, r in enumerate(rows):
         where = "never broken" if r.broken_at < 0 else f"broken at point {r.broken_at}"
         cells = [(r.clean, f"id {r.index}, label {_name(r.label, classes)}\n"
@@ -81,7 +82,6 @@ def gallery_png(rows: list[GalleryRow], title: str, classes=CIFAR10) -> tuple[by
             if i == 0:
                 ax.set_title(columns[j], fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
