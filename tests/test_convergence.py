@@ -1,6 +1,9 @@
 """Has the evaluation converged? The defense's vote (decided at 95% by a sign test between its top two classes,
 and how many chains would decide it) and the attack's steps (breaks in the last 20% of them), checked against
 cases with a known answer, in one process; the Ray engine gives the same figures (tests/test_ray_evaluate.py)."""
+import math
+import time
+
 import pytest
 
 from distributed_ebm.config import AttackConfig, build
@@ -21,6 +24,18 @@ def test_a_unanimous_vote_is_decided_an_even_one_never_and_a_close_one_needs_mor
     assert chains_to_decide(5, 5, 10) is None
     c = convergence([[150, 0]] * 3, [[-1, -1]] * 3, [0, -1, -1], 52, 150)
     assert c["natural_vote"] == {"images": 3, "undecided": 0, "undecided_share": 0.0, "chains_to_decide_all": 150}
+
+
+def test_close_votes_are_costed_in_milliseconds_and_the_float_sign_test_equals_the_exact_one():
+    """A 60:59 vote of 150 chains needs about 69,000 chains; the exact big-integer sign test on such counts took
+    minutes per call and held a finished run's summary back for many minutes. The float sum must equal the exact one."""
+    n, k = 5001, 2400
+    exact = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    assert sign_test_p(k, n - k) == pytest.approx(exact, rel=1e-9)
+    start = time.perf_counter()
+    needed = chains_to_decide(60, 59, 150)
+    assert time.perf_counter() - start < 5  # a hang guard: the big-integer sums needed minutes
+    assert 60_000 < needed < 80_000 and sign_test_p(round(needed * 60 / 150), round(needed * 59 / 150)) < 0.05
 
 
 def test_breaks_in_the_last_fifth_of_the_steps_ask_for_more_steps():

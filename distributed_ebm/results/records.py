@@ -275,6 +275,7 @@ def worst_case_summary(settings, broken_by: list[int], broken_restart: list[int]
 
 
 UNDECIDED_P = 0.05  # a vote whose top two classes a two-sided sign test cannot tell apart at 95% is undecided
+EXACT_UP_TO = 1_000  # sign tests on more pairs sum floats: big-integer sums over a million chains take minutes
 LATE = 0.2  # a break in the last 20% of the attack's steps says the attack had not finished
 
 
@@ -348,7 +349,15 @@ def sign_test_p(a_only: int, b_only: int) -> float:
     n, k = a_only + b_only, min(a_only, b_only)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    if n <= EXACT_UP_TO:
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    else:  # the same sum in floats, from its largest term down until the terms no longer count
+        term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2))
+        tail, i = 0.0, k
+        while i >= 0 and term >= 1e-17 * tail:
+            tail += term
+            term *= i / (n - i + 1)  # C(n, i-1) / C(n, i)
+            i -= 1
     return min(1.0, 2 * tail)
 
 
