@@ -1,5 +1,7 @@
 import hashlib
 import io
+import os
+import stat
 
 import numpy as np
 import pyarrow as pa
@@ -94,3 +96,13 @@ def test_parquet_from_s3(s3_bucket, exact_test):
     cfg = build(DataConfig, {"path": url, "indices": [3, 4, 5]})
     sub = load(cfg)
     assert torch.equal(sub.images, exact_test.images[3:6]) and sub.labels.tolist() == exact_test.labels[3:6].tolist()
+
+
+def test_atomic_writes_leave_no_temporary_and_the_mode_a_plain_write_gives(tmp_path):
+    """Outputs are written to a temporary file and renamed; mkstemp makes that file 0600, which left every summary,
+    plot and checkpoint unreadable to the rest of a team on a shared filesystem."""
+    storage.write_bytes(str(tmp_path / "out" / "a.json"), b"{}")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"{}")
+    assert os.listdir(tmp_path / "out") == ["a.json"]
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "a.json").st_mode) == stat.S_IMODE(plain.stat().st_mode)

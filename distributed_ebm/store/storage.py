@@ -98,6 +98,10 @@ def check_destination(url: str, what: str, folder: bool = False) -> None:
         raise InputError(f"{what} {url}: {parent} is not writable")
 
 
+_UMASK = os.umask(0o022)  # read once, at import (setting it is the only way to read it), and put back
+os.umask(_UMASK)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write atomically: a temporary file renamed into place (local), or one PUT (object stores)."""
     fs, path = filesystem(url)
@@ -106,6 +110,7 @@ def write_bytes(url: str, data: bytes) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".{uuid.uuid4().hex[:8]}")
         try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file the mode a plain open() would
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
