@@ -8,6 +8,7 @@ import pytest
 
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
+from distributed_ebm.results.report import format_convergence
 from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
 from distributed_ebm.store.weights import save_ebm
 
@@ -65,8 +66,10 @@ def test_identical_chains_always_agree_so_every_vote_is_decided(tmp_path):
 def test_a_one_step_attack_that_breaks_images_is_flagged(tmp_path, steps, late):
     """PGD at 8/255 on the undefended ResNet-20: with one step every break is in the last step (flagged);
     with ten, the flag follows where the breaks fell."""
-    c = run_attack(_cfg(tmp_path, None, mode="pgd", steps=steps, step_size="8/255"), device="cpu",
-                   show=False)["convergence"]
+    summary = run_attack(_cfg(tmp_path, None, mode="pgd", steps=steps, step_size="8/255"), device="cpu", show=False)
+    c = summary["convergence"]
+    line = format_convergence(summary)  # no chains vote on an undefended classifier: the line must not count any
+    assert "chains per vote" not in line and "no chains vote" in line and "undefended" in line
     assert c["last_break_point"] is not None
     if late is not None:
         assert c["increase_steps"] is late

@@ -80,6 +80,8 @@ def format_convergence(summary: dict) -> str:
     grad = "" if not g else (f"; EOT gradient ({g['chains']} chains): median cosine {g['cosine_median']:.2f} between two "
                              f"estimates on {g['images']} images, " + (f"about {g['chains_for_0.9']:,} chains for 0.9"
                                                                        if g["chains_for_0.9"] else "no signal"))
+    if not (c["natural_vote"]["images"] or c["break_confirmation"]["images"]):  # undefended: no chain ever voted
+        return f"{describe(summary)[0]}, convergence: no chains vote; {steps}{grad}"
     return (f"{describe(summary)[0]}, convergence ({c['chains']} chains per vote): "
             f"{vote(c['natural_vote'], 'clean images')}; {vote(c['break_confirmation'], 'breaks')}; {steps}{grad}")
 
