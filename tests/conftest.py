@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,28 @@ def no_ray_started(request, monkeypatch):
             raise AssertionError(f"{request.node.nodeid} starts a Ray: mark it `ray` (tests/conftest.py)")
         monkeypatch.setattr(ray, "init", refuse)
     yield
+
+
+@pytest.fixture(autouse=True)
+def ray_resources_returned(request):
+    """A test on the session's Ray gives back every CPU it took: otherwise the tests after it starve and fail
+    far from the cause (a CI run once lost all of tests/test_ray_train.py so). The test that kept them fails
+    here, naming what is still alive."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import ray
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.monotonic() > deadline:
+            from ray._private import state
+            actors = [f"{a.get('ActorClassName')} {a.get('Name') or ''} ({a.get('State')}, pid {a.get('Pid')})"
+                      for a in state.actors().values() if a.get("State") != "DEAD"]
+            groups = [f"{g.get('name') or pg_id} {g.get('state')} {g.get('bundles')}"
+                      for pg_id, g in ray.util.placement_group_table().items() if g.get("state") != "REMOVED"]
+            pytest.fail(f"{ray.available_resources().get('CPU', 0):g} of {total:g} CPUs free 60 s after the test; "
+                        f"alive actors: {actors}; placement groups: {groups}")
+        time.sleep(0.2)
