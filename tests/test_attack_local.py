@@ -56,3 +56,27 @@ def test_bad_device_is_one_line(tmp_path, capsys):
     cfg = str(REPO / "jobs" / "configs" / "results" / "defended_bpda_eot.yaml")
     assert main(["--config", cfg, "--device", "tpu:x", f"output={tmp_path}", *ARGS]) == 2
     assert "--device 'tpu:x' is not a torch device" in capsys.readouterr().err
+
+
+def test_a_one_process_run_builds_its_attack_once_and_draws_its_gallery_with_it(tmp_path, monkeypatch):
+    """The gallery reuses the run's attack (before: weights loaded and the chunk size probed a second time),
+    and draws the same pictures as an attack built anew."""
+    import distributed_ebm.local.attack as local
+    ebm = str(tmp_path / "ebm.pt")
+    save_ebm(tiny_ebm(scale=20), ebm)
+    tree = {"data": {"path": TEST_EXACT, "random": 2, "subset_seed": 0}, "classifier": {"weights": RESNET20}, "ebm": ebm,
+            "purify": {"steps": 2, "noise": 0.05, "step_size": 1.0}, "batch_size": 2, "seed": 1,
+            "output": str(tmp_path / "out"), "report": {"gallery": 2},
+            "attack": {"mode": "bpda_eot", "eps": "2/255", "step_size": "1/255", "steps": 1, "eot_attack": 2,
+                       "eot_defense": 2, "reevaluations": 0}, "mlflow": {"enabled": False}}
+    cfg = build(AttackConfig, tree)
+    built, real = [], local.build_attack
+    monkeypatch.setattr(local, "build_attack", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    run_attack(cfg, device="cpu", show=False)
+    assert len(built) == 1 and os.path.exists(tmp_path / "out" / "gallery.png")
+    monkeypatch.undo()
+    reused, anew = local.gallery_rows(cfg, None, "cpu", built[0]), local.gallery_rows(cfg)
+    assert len(reused) == len(anew) == 2
+    for a, b in zip(reused, anew):
+        assert a.purified_preds == b.purified_preds and np.array_equal(a.purified_clean, b.purified_clean)
+        assert np.array_equal(a.purified_adversarial, b.purified_adversarial, equal_nan=True)

@@ -92,7 +92,7 @@ def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = 
         bar.update(len(records), broken=broken)
     bar.close()
     summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
-    draw_gallery(cfg, data, device)
+    draw_gallery(cfg, data, device, attack)
     return summary
 
 
@@ -101,14 +101,17 @@ def sample_ids(data, n: int) -> list[int]:
     return sorted(data.ids.tolist())[:n]
 
 
-def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu") -> str | None:
-    """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing."""
-    rows = gallery_rows(cfg, data, device) if cfg.report.gallery else []
+def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu",
+                 attack: Attack | EnsembleAttack | None = None) -> str | None:
+    """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing.
+    `attack`: the run's own, when the caller holds it (else built here, as the config says)."""
+    rows = gallery_rows(cfg, data, device, attack) if cfg.report.gallery else []
     system, attack_label = describe({"config": cfg.model_dump(mode="json")})
     return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
 
 
-def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu") -> list[GalleryRow]:
+def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu",
+                 attack: Attack | EnsembleAttack | None = None) -> list[GalleryRow]:
     """The gallery's rows, from the records and the run's own keyed chains (a check's replicate 0: at point 0 for the
     clean image, at the record's adv_point for the adversarial one; the seed of the run that judged it, for an
     ensemble or restarts): no new randomness."""
@@ -124,7 +127,7 @@ def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
         data = read_rows(data, cfg.data.image_size)
     where = {i: k for k, i in enumerate(data.ids.tolist())}
     clean = data.floats([where[r["index"]] for r in rows]).to(dtype_of(cfg))
-    attack, a = build_attack(cfg, device), cfg.attack
+    attack, a = attack or build_attack(cfg, device), cfg.attack
     defense = attack.defense
     out = []
     for k, r in enumerate(rows):
