@@ -5,8 +5,6 @@
 # no network). Copy `.device` there beside the checkout (docs/gpu.md). Run from anywhere; idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exclude="$(git rev-parse --git-path info/exclude)"
-grep -qxF '/.device/' "$exclude" 2>/dev/null || echo '/.device/' >> "$exclude"
 shared="${DEBM_SHARED:-../shared}"
 mkdir -p .device/shared/datasets/cifar10 .device/shared/weights .device/whl
 cp "$shared/datasets/cifar10/train.parquet" "$shared/datasets/cifar10/test-exact-1000.parquet" .device/shared/datasets/cifar10/

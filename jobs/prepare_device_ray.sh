@@ -12,8 +12,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-cp312}
 version=${tag#cp}; version="${version:0:1}.${version:1}"
-exclude="$(git rev-parse --git-path info/exclude)"
-grep -qxF '/.device-ray/' "$exclude" 2>/dev/null || echo '/.device-ray/' >> "$exclude"
 out=.device-ray/$tag
 rm -rf "$out" && mkdir -p "$out/whl" .device-ray/download
 pip_download() {

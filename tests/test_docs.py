@@ -20,3 +20,13 @@ def test_every_setting_of_every_job_is_in_the_reference():
         assert f"| `{key}` |" in page, key
     assert set(AttackConfig.model_fields) | set(TrainEBMConfig.model_fields) <= {
         line.split("`")[1].split(".")[0] for line in page.splitlines() if line.startswith("| `")}
+
+
+def test_the_folders_the_device_scripts_fill_are_in_gitignore():
+    """Ray's working-dir upload (`ray job submit --working-dir .`) skips what .gitignore names, not what
+    .git/info/exclude names: before, a prepared .device-ray (236 MB) made every submission from the checkout fail."""
+    from pathlib import Path
+    ignored = Path(".gitignore").read_text().splitlines()
+    for script, folder in (("jobs/prepare_device.sh", "/.device/"), ("jobs/prepare_device_ray.sh", "/.device-ray/")):
+        assert folder in ignored, folder
+        assert "info/exclude" not in Path(script).read_text(), script

@@ -231,7 +231,10 @@ def _submit(cluster, name: str, *entrypoint: str, timeout: float = 300) -> str:
     except subprocess.TimeoutExpired:
         jobs.stop_job(submission)
         pytest.fail(f"job {name} still running after {timeout} s; its log:\n{jobs.get_job_logs(submission)[-6000:]}")
-    status = jobs.get_job_status(submission)
+    try:
+        status = jobs.get_job_status(submission)
+    except RuntimeError:  # no such job: `ray job submit` failed before creating it (the upload, the address)
+        status = None
     assert done.returncode == 0 and status == JobStatus.SUCCEEDED, (
         f"job {name}: `ray job submit` exit {done.returncode}, status {status}\n--- output:\n{done.stdout[-6000:]}"
         f"\n--- stderr:\n{done.stderr[-3000:]}\n--- ray head:\n{_tail(cluster.logs / 'ray-head.log', 1500)}")
