@@ -38,8 +38,9 @@ def resnet20():
 
 
 # A test that needs a Ray, an S3 endpoint or an MLflow server: it asks for one of these fixtures, lives in one of
-# these modules, or is marked `ray` itself (a job that gets as far as starting a Ray). `pytest -m "not ray"` runs
-# everything else: the method, the I/O, configs, jobs' input checks; `no_ray_started` holds it to that.
+# these modules, or is marked `ray` itself (a job that gets as far as starting a Ray). The inner loop,
+# `pytest -m "not ray and not slow"`, runs the rest but the `slow` checks of committed results: the method, the I/O,
+# configs, jobs' input checks; `no_ray_started` holds it to that.
 RAY_FIXTURES = {"ray_local", "s3_bucket"}
 RAY_MODULES = {"test_e2e_cluster", "test_faults"}
 
@@ -48,7 +49,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: the whole workflow through `ray job submit` on real Ray, S3 and MLflow "
                                        "servers (tests/test_e2e_cluster.py, a few minutes)")
     config.addinivalue_line("markers", "ray: needs a Ray, an S3 endpoint or an MLflow server (set by conftest.py from "
-                                       "the fixtures a test asks for); `-m 'not ray'` is the fast inner loop")
+                                       "the fixtures a test asks for); `-m 'not ray and not slow'` is the inner loop")
 
 
 def pytest_collection_modifyitems(config, items):

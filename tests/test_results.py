@@ -3,6 +3,8 @@ images RESULTS.md uses, both natural figures of the committed summary that RESUL
 import json
 from pathlib import Path
 
+import pytest
+
 from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.method.nets import EBM
@@ -12,6 +14,7 @@ from distributed_ebm.store.weights import load_ebm
 SUMMARY = Path("results/counting/cpu_lrelu_8_reduced.json")
 
 
+@pytest.mark.slow  # a minute of the committed EBM's chains: outside the inner loop (`-m "not ray and not slow"`)
 def test_committed_ebm_gives_the_committed_summarys_natural_figures(tmp_path):
     committed = json.loads(SUMMARY.read_text())
     images, attack = committed["images"], committed["config"]["attack"]
