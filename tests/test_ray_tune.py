@@ -66,11 +66,12 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
                    "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "best"}},
         "validation": {"random": 4, "subset_seed": 1},
         "space": {"noise": {"low": 0.001, "high": 3.0}, "steps": {"low": 1, "high": 4}, "step_size": None},
-        "rungs": [2, 4], "trials": 5, "max_concurrent": 1, "seed": 3,
+        # 3 trials (was 5: 53 s more): Optuna's seed 3 draws one with noise 1.27 that ASHA stops after rung 1
+        "rungs": [2, 4], "trials": 3, "max_concurrent": 1, "seed": 3,
         "output": str(tmp_path / "search"), "name": "tiny",
         "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "search"}})
     best = tune_purification(cfg)
-    assert len(best["trials"]) == 5
+    assert len(best["trials"]) == 3
     assert best["stopped_early"] >= 1, best["trials"]
     assert best["metrics"]["objective"] == max(t["objective"] for t in best["trials"] if t["rungs"] == 2)
 
@@ -140,10 +141,10 @@ def test_training_sampler_search_holds_out_validation_and_writes_a_training_conf
         "validation": {"path": exact_train, "split": "train", "random": 4, "subset_seed": 1, "id_range": None},
         "validation_images": "training",  # the named option: held out of each trial's training data
         "space": {"noise": {"low": 0.001, "high": 0.1}, "steps": {"low": 1, "high": 3}},
-        "rungs": [2], "trials": 2, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "tt",
+        "rungs": [2], "trials": 1, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "tt",
         "mlflow": {"enabled": False}})
     best = tune_training(cfg)
-    assert len(best["trials"]) == 2 and all(t["natural_defense_accuracy"] is not None for t in best["trials"])
+    assert len(best["trials"]) == 1 and best["trials"][0]["natural_defense_accuracy"] is not None
     validation_ids = set(load(cfg.validation).ids.tolist())
     trained_on = set(load(trial_training(cfg, best["params"], "x", sorted(validation_ids)).data).ids.tolist())
     assert trained_on and not trained_on & validation_ids
@@ -175,7 +176,7 @@ def test_a_stopped_search_resumes(ray_local, tmp_path):
     tree = {"attack": {"classifier": {"weights": RESNET20}, "ebm": ebm, "purify": {"steps": 2},
                        "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 4, "ray": {"actors": 1}},
             "validation": {"random": 4}, "space": {"noise": {"low": 0.001, "high": 0.1}},
-            "rungs": [2], "trials": 3, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "stop",
+            "rungs": [2], "trials": 2, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "stop",
             "mlflow": {"enabled": False}}
     file = tmp_path / "search.yaml"
     file.write_text(yaml.safe_dump(tree))
@@ -193,6 +194,6 @@ def test_a_stopped_search_resumes(ray_local, tmp_path):
     assert not storage.exists(storage.join(run_dir(cfg), TRIALS))
     best = tune_purification(cfg)
     finished = {t["trial"] for t in best["trials"]}
-    # the search went on from its saved state: the finished trial is kept, the total is still 3
+    # the search went on from its saved state: the finished trial is kept, the total is still 2
     # (a trial that was running at the kill may be replaced if the state was saved before it began)
-    assert len(finished) == 3 and first in finished
+    assert len(finished) == 2 and first in finished
