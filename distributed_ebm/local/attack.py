@@ -127,7 +127,7 @@ def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
         data = read_rows(data, cfg.data.image_size)
     where = {i: k for k, i in enumerate(data.ids.tolist())}
     clean = data.floats([where[r["index"]] for r in rows]).to(dtype_of(cfg))
-    attack, a = attack or build_attack(cfg, device), cfg.attack
+    attack, a = attack if attack is not None else build_attack(cfg, device), cfg.attack
     defense = attack.defense
     out = []
     for k, r in enumerate(rows):
