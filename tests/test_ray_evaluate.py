@@ -149,3 +149,36 @@ def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):
     with pytest.raises(InputError, match="indices is empty"):
         _cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"data.indices": []})
     assert not storage.exists(str(tmp_path / "o"))
+
+
+def test_a_pass_that_loses_an_actor_gives_back_the_other_actors_cpus_at_once(ray_local, tmp_path, ebm_url):
+    """A pass that fails on a lost actor stops its other actors before it raises (before: Ray Data only dropped its
+    references to them, and the survivor held its CPU while anything still referred to the pass; the retry then
+    ran on the CPUs left, and the next job on the cluster found one fewer: a CI run lost all of
+    tests/test_ray_train.py so)."""
+    import ray
+
+    from distributed_ebm.distributed.attack import attack_settings, lost, pending, preflight, run_pipeline
+    from distributed_ebm.store.progress import Progress
+
+    cfg = _cfg(tmp_path, ebm_url, str(tmp_path / "out"),
+               **{"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40, "mlflow.enabled": False})
+    settings = attack_settings(cfg)
+    todo = pending(preflight(cfg), cfg.output, settings)
+    killer = threading.Thread(target=_kill_an_actor_once_a_batch_is_written, args=(cfg.output,))
+    killer.start()
+    with pytest.raises(Exception) as failed:  # held, with its traceback, as a caller that reports it would
+        run_pipeline(ray, cfg, todo, settings, Progress(len(todo), "t", enabled=False), 0, fitting=False)
+    killer.join()
+    assert lost(failed.value)
+    deadline = time.time() + 10
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2 and not _actor_pids(), _actor_pids()
+
+
+def _kill_an_actor_once_a_batch_is_written(out: str) -> None:
+    deadline = time.time() + 120
+    while not results.list_parts(out) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(_actor_pids()[0], signal.SIGKILL)

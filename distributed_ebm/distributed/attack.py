@@ -37,7 +37,7 @@ from ..store.provenance import attack_settings
 from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
 from .devices import Plan, cluster_plan
-from .ray_private import unserializable_lost
+from .ray_private import stop_pass, unserializable_lost
 
 
 class AttackActor:
@@ -183,9 +183,12 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
                                                 "threads": max(1, int(cpus)), "gradient_ids": list(gradient_ids)},
             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        broken += int(batch["broken"].sum())
-        bar.update(len(batch["index"]), broken=broken)
+    try:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            broken += int(batch["broken"].sum())
+            bar.update(len(batch["index"]), broken=broken)
+    finally:  # a failed pass's other actors give back their CPUs/GPUs now, not when its error is collected
+        stop_pass(out)
     return broken
 
 
