@@ -8,7 +8,6 @@ import pytest
 
 from distributed_ebm.store import storage
 from distributed_ebm.cli import main
-from distributed_ebm.store.weights import load_ebm
 from distributed_ebm.results.records import read_records
 
 
@@ -28,23 +27,6 @@ def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
     assert summary["images"] == 6 and len(summary["accuracy_curve"]) == 7
     assert storage.read_bytes(out + "/accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_train_ebm_command_runs_on_ray_and_resumes(ray_local, tmp_path, capsys):
-    args = ["--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "ebm.width=4", "langevin.steps=2",
-            "batch_size=8", "bank_size=16", "checkpoint_every=2", "log_every=2", f"output={tmp_path}", "name=cli",
-            "mlflow.enabled=false"]
-    assert main(["train-ebm", *args, "iterations=2"]) == 0
-    capsys.readouterr()
-    assert main(["train-ebm", *args, "iterations=4"]) == 0
-    out, err = capsys.readouterr()
-    assert f"EBM trained to iteration 4: {tmp_path}/cli/ebm.pt" in out
-    # the driver's own progress line (rank 0 posts it; the workers print nothing here), resumed at 2
-    assert "cli: 2 Ray Train worker(s) on CPU (the cluster has no GPU and no autoscaler that could add one)" in err
-    progress = [line for line in err.splitlines() if line.startswith("[train-ebm:cli]")]
-    assert progress and progress[-1].startswith("[train-ebm:cli] 4/4 (100.0%)") and "energy_diff=" in progress[-1]
-    assert "TrainingReport" not in out + err
-    assert storage.load_torch(f"{tmp_path}/cli/ebm.pt")["iteration"] == 4 and load_ebm(f"{tmp_path}/cli/ebm.pt").width == 4
 
 
 def test_job_file_reports_bad_input_in_one_line():
