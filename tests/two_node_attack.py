@@ -16,7 +16,7 @@ from distributed_ebm.errors import InputError
 from distributed_ebm.distributed.attack import evaluate
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.store.weights import save_ebm
-from tests.conftest import RESNET20, TEST_EXACT, tiny_ebm
+from tests.conftest import QUICK_NODE_DEATH, RESNET20, TEST_EXACT, tiny_ebm
 
 IMAGES = 12
 
@@ -41,7 +41,7 @@ def main(out: str) -> None:
     ebm = f"{out}/ebm.pt"
     save_ebm(tiny_ebm(scale=20), ebm)
     reference = results.read_records(run_attack(config(f"{out}/ref", ebm), device="cpu", show=False)["config"]["output"])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": QUICK_NODE_DEATH})
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     try:  # a local output on two nodes is refused unless the user vouches that every node shares it (as here)

@@ -13,11 +13,11 @@ from ray.cluster_utils import Cluster
 from distributed_ebm.config import TrainEBMConfig, build
 from distributed_ebm.store.data import read_parquet, select
 from distributed_ebm.distributed.train import train_ebm_on_ray
-from tests.conftest import TEST_EXACT
+from tests.conftest import QUICK_NODE_DEATH, TEST_EXACT
 
 
 def main(out: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": QUICK_NODE_DEATH})
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     cfg = build(TrainEBMConfig, {
