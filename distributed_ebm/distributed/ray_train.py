@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ..store import storage
 from ..errors import JobFailed
 from .devices import Plan, cluster_plan
+from .progress_board import ProgressBoard
 from .ray_private import train_start_timeout_env, train_startup_errors
 
 
@@ -71,23 +72,6 @@ def device_plan(cfg) -> Plan:
 
 class CapacityLost(JobFailed):
     """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources)."""
-
-
-class ProgressBoard:
-    """A tiny actor: rank 0 posts where the run is, and each (re)start of the workers; the driver reads it for
-    its one progress line and a line per restart (the workers' own output stays in Ray's log files)."""
-
-    def __init__(self):
-        self.last, self.starts = None, []
-
-    def post(self, state: tuple) -> None:
-        self.last = state
-
-    def started(self, done: int) -> None:
-        self.starts.append(done)
-
-    def read(self):
-        return self.last, self.starts
 
 
 class WorkerProgress:
