@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,11 @@ os.chdir(REPO)
 # Before ray is imported anywhere (Ray 2.60 on a local cluster): no token auth, no usage stats, fast health checks.
 os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
+# Every Ray this test run starts (the session's, a job's own) keeps its files in a folder of this run's, not in the
+# machine's shared /tmp/ray (short: Ray's socket paths must stay under 107 bytes); removed when the run ends.
+OWN_RAY_TMPDIR = "RAY_TMPDIR" not in os.environ
+if OWN_RAY_TMPDIR:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="debm-", dir="/tmp")
 
 from distributed_ebm.config import ClassifierConfig, DataConfig  # noqa: E402
 
@@ -53,6 +60,11 @@ def pytest_configure(config):
                                        "servers (tests/test_e2e_cluster.py, a few minutes)")
     config.addinivalue_line("markers", "ray: needs a Ray, an S3 endpoint or an MLflow server (set by conftest.py from "
                                        "the fixtures a test asks for); `-m 'not ray and not slow'` is the inner loop")
+
+
+def pytest_unconfigure(config):
+    if OWN_RAY_TMPDIR:  # not one the caller named
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
