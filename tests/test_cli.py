@@ -11,11 +11,12 @@ from distributed_ebm.cli import main
 from distributed_ebm.results.records import read_records
 
 
-def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_path, capsys):
+def test_attack_writes_records_summary_plots_and_mlflow_artifacts_to_s3(ray_local, s3_bucket, tmp_path, capsys):
+    import mlflow
     out = f"{s3_bucket}/attack-pgd"
     assert main(["attack", "--config", "jobs/configs/attack_pgd_undefended.yaml", "data.count=6", "batch_size=3",
                  "attack.steps=5", f"output={out}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
-                 f"mlflow.artifact_location={tmp_path}/art"]) == 0
+                 f"mlflow.artifact_location={s3_bucket}/mlflow", "mlflow.experiment=s3-test"]) == 0
     printed = capsys.readouterr().out
     assert "resnet20 undefended" in printed and "PGD linf eps=8/255, 5 steps" in printed
     assert main(["report", out]) == 0
@@ -27,6 +28,16 @@ def test_attack_writes_records_summary_and_plot_to_s3(ray_local, s3_bucket, tmp_
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
     assert summary["images"] == 6 and len(summary["accuracy_curve"]) == 7
     assert storage.read_bytes(out + "/accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.exists(out + "/gallery.png")
+    # MLflow: one run with the summary's figures and the config, its artifacts in the bucket
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    (run,) = mlflow.search_runs(experiment_names=["s3-test"], output_format="list")
+    assert run.data.metrics["robust_accuracy"] == summary["robust_accuracy"]
+    assert run.data.params["attack.mode"] == "pgd" and run.info.artifact_uri.startswith(f"{s3_bucket}/mlflow")
+    fs, _ = storage.filesystem(out)
+    fs.invalidate_cache()
+    names = {os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")}
+    assert {"summary.json", "accuracy.png", "gallery.png"} <= names  # every run draws its gallery (6 images here)
 
 
 def test_job_file_reports_bad_input_in_one_line():

@@ -114,26 +114,6 @@ def test_killed_actor_and_restarted_job_give_every_image_once(ray_local, tmp_pat
     _same(results.read_records(out), reference)
 
 
-def test_results_and_mlflow_artifacts_land_in_s3(ray_local, tmp_path, ebm_url, s3_bucket):
-    import mlflow
-    out = f"{s3_bucket}/eval/run1"
-    cfg = _cfg(tmp_path, ebm_url, out, **{"mlflow.artifact_location": f"{s3_bucket}/mlflow",
-                                          "mlflow.experiment": "s3-test", "data.indices": [0, 1, 2, 3]})
-    summary = evaluate(cfg, show=False)
-    fs, _ = storage.filesystem(out)
-    assert len(results.list_parts(out)) >= 1 and storage.exists(out + "/summary.json") and storage.exists(out + "/accuracy.png")
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    runs = mlflow.search_runs(experiment_names=["s3-test"], output_format="list")
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.data.metrics["robust_accuracy"] == summary["robust_accuracy"]
-    assert run.data.params["attack.mode"] == "bpda_eot" and run.info.artifact_uri.startswith(f"{s3_bucket}/mlflow")
-    fs.invalidate_cache()
-    names = {os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")}
-    assert {"summary.json", "accuracy.png", "gallery.png"} <= names  # every run draws its gallery (4 images here)
-    assert storage.exists(out + "/gallery.png")
-
-
 def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):
     # no ray fixture: each failure must come from the pre-flight checks, before Ray is touched
     with pytest.raises(FileNotFoundError, match="nope.th does not exist"):
