@@ -43,13 +43,3 @@ def test_no_other_module_reaches_into_ray_internals():
     reaching = [str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "ray_private.py"
                 and any(hook in p.read_text() for hook in ("ray._private", "._internal", "UnserializableException"))]
     assert not reaching, reaching
-
-
-def test_a_datasets_running_pass_can_be_stopped():
-    import inspect
-
-    from ray.data import Dataset
-    from ray.data._internal.execution.streaming_executor import StreamingExecutor
-
-    assert "self._current_executor" in inspect.getsource(Dataset.__init__)  # what stop_pass reads
-    assert "force" in inspect.signature(StreamingExecutor.shutdown).parameters

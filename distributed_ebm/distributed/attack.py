@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -37,7 +38,7 @@ from ..store.provenance import attack_settings
 from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
 from .devices import Plan, cluster_plan
-from .ray_private import stop_pass, unserializable_lost
+from .ray_private import unserializable_lost
 
 
 class AttackActor:
@@ -176,6 +177,14 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
             images = image_dataset(ray, cfg, todo).materialize()
     except Exception as err:  # an image that does not decode: the data's one-line error, before any attack
         raise data_error(err) or err
+    try:
+        return _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids)
+    except BaseException as err:
+        release_frames(err)
+        raise
+
+
+def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids) -> int:
     with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a deprecated extra keyword; none named
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         out = images.map_batches(
@@ -183,13 +192,25 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
                                                 "threads": max(1, int(cpus)), "gradient_ids": list(gradient_ids)},
             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
-    try:
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            broken += int(batch["broken"].sum())
-            bar.update(len(batch["index"]), broken=broken)
-    finally:  # a failed pass's other actors give back their CPUs/GPUs now, not when its error is collected
-        stop_pass(out)
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        broken += int(batch["broken"].sum())
+        bar.update(len(batch["index"]), broken=broken)
     return broken
+
+
+def release_frames(err: BaseException) -> None:
+    """Drop what the frames of a failed pass's error (and of the errors it wraps) hold. Ray Data's failed pass
+    keeps its error, whose traceback's frames hold the pass: a cycle that kept the other actors alive, each with
+    its CPU or GPU, until Python's cycle collector happened to run, or for as long as anyone kept the error (the
+    retry then ran on the CPUs left, and a CI run lost tests/test_ray_train.py to the CPU held)."""
+    todo, seen = [err], set()
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]  # `cause`: Ray's task errors
 
 
 def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bool = True) -> dict:

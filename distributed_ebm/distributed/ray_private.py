@@ -6,9 +6,6 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
   placed in time (no public class);
 - the session's logs folder, for the first line of every job (no public accessor);
 - the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
-- the executor of a Ray Data pass that failed, to stop its actors at once: Ray Data only drops its references to
-  them, and an actor lives on, holding its CPU or GPU, while anything (the raised error's traceback) still refers to
-  the pass (no public way to stop a dataset's actors);
 - a lost actor that Ray could not rebuild as an error: Ray Data's reader re-raises it as an
   UnserializableException whose text names the original class (lost errors are otherwise recognized by class,
   through ray.exceptions, in distributed/attack.py).
@@ -40,13 +37,6 @@ def logs_dir() -> str:
         return _global_node.get_logs_dir_path()
     except Exception:  # noqa: BLE001 - a missing internal must not fail a job: the default place
         return "/tmp/ray/session_latest/logs"
-
-
-def stop_pass(dataset) -> None:
-    """Stop the actors of the Ray Data pass now iterating `dataset` (a no-op once it has finished)."""
-    executor = getattr(dataset, "_current_executor", None)
-    if executor is not None:
-        executor.shutdown(force=True)
 
 
 def unserializable_lost(err: BaseException, names: tuple[str, ...]) -> bool:
