@@ -230,8 +230,9 @@ def test_resume_with_other_settings_fails_before_any_work_naming_them(resumed_on
 
 def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):
     # an absurd SGD step makes the energies blow up within a few iterations
+    # one worker and one bank shard: stopping on a non-finite loss needs no second process of either kind
     cfg = build(TrainEBMConfig, _tree(tmp_path, "nan", iterations=40, checkpoint_every=1, sgd_lr=1e6,
-                                      **{"mlflow.enabled": False}))
+                                      **{"mlflow.enabled": False, "ray.workers": 1, "ray.bank_shards": 1}))
     with pytest.raises(TrainingDiverged, match=r"EBM loss is (nan|inf|-inf), .* at iteration (\d+); the last good checkpoint") as err:
         train_ebm_on_ray(cfg, data=small)
     failed_at = int(re.search(r"at iteration (\d+);", str(err.value)).group(1))
