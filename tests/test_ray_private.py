@@ -36,6 +36,24 @@ def test_lost_errors_are_recognized_by_class_and_through_rays_stand_in():
     assert lost(stand_in) and not lost(ray.exceptions.UnserializableException("KeyError: 'x'"))
 
 
+def test_the_error_chain_follows_every_wrapped_error_once():
+    import ray.exceptions
+
+    from distributed_ebm.distributed.attack import data_error, error_chain, lost
+    from distributed_ebm.store.data import DataError
+
+    died, bad = ray.exceptions.ActorDiedError(), DataError("row 3 is not an image\nretry advice")
+    outer = ValueError("outer")
+    outer.__cause__, outer.__context__ = KeyError("cause"), died  # a lost actor in the context, not the cause
+    task = ray.exceptions.RayTaskError("f", "tb", bad)  # Ray's task error carries its error as `cause`
+    died.__context__ = task
+    task.__context__ = outer  # a cycle ends
+    chain = list(error_chain(outer))
+    assert [type(e).__name__ for e in chain] == ["ValueError", "KeyError", "ActorDiedError", "RayTaskError",
+                                                  "DataError"]
+    assert lost(outer) and str(data_error(outer)) == "row 3 is not an image" and data_error(KeyError()) is None
+
+
 def test_no_other_module_reaches_into_ray_internals():
     from pathlib import Path
 

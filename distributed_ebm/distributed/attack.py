@@ -16,11 +16,11 @@ flight. Bad input fails in `preflight`, before any actor starts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
 import time
-import traceback
 import warnings
 
 import numpy as np
@@ -125,18 +125,27 @@ LOST = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "ObjectLostE
         "WorkerCrashedError", "ObjectReconstructionFailedError", "RayActorError", "LocalRayletDiedError")
 
 
+def error_chain(err: BaseException | None):
+    """`err` and every error it wraps, each once: its `__cause__`, its `__context__` and Ray's `cause` (what a
+    task's error carries), followed through all of them."""
+    todo, seen = [err], set()
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        yield err
+        todo += [getattr(err, "cause", None), err.__context__, err.__cause__]  # popped: __cause__ first
+
+
 def lost(err: BaseException | None) -> bool:
-    """Whether `err` (or an error it wraps) says an actor, a node or an object was lost (a task's error that
-    wraps one is an instance of it too: RayTaskError(ActorDiedError) subclasses ActorDiedError)."""
+    """Whether `err` or an error it wraps says an actor, a node or an object was lost (a task's error that wraps
+    one is an instance of it too: RayTaskError(ActorDiedError) subclasses ActorDiedError)."""
     import ray.exceptions
 
     kinds = tuple(getattr(ray.exceptions, n) for n in LOST)
-    seen = 0
-    while err is not None and seen < 20:
-        if isinstance(err, kinds) or unserializable_lost(err, LOST):  # the latter: Ray Data's reader lost an actor
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    return any(isinstance(e, kinds) or unserializable_lost(e, LOST) for e in error_chain(err))  # the latter: Ray
+    # Data's reader lost an actor and could not rebuild its error
 
 
 @contextlib.contextmanager
@@ -154,12 +163,10 @@ def quiet_task_errors():
 
 
 def data_error(err: BaseException | None) -> DataError | None:
-    """The `DataError` a Ray Data task raised, if `err` (or an error it wraps) carries one."""
-    seen = 0
-    while err is not None and seen < 20:
-        if type(err) is DataError:  # not Ray's wrapper, which prints the trace; Ray appends its retry advice
-            return DataError(str(err).splitlines()[0])
-        err, seen = getattr(err, "cause", None) or err.__cause__ or err.__context__, seen + 1
+    """The `DataError` a Ray Data task raised, if `err` or an error it wraps is one."""
+    for e in error_chain(err):
+        if type(e) is DataError:  # not Ray's wrapper, which prints the trace; Ray appends its retry advice
+            return DataError(str(e).splitlines()[0])
     return None
 
 
@@ -198,19 +205,28 @@ def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradien
     return broken
 
 
+GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
 def release_frames(err: BaseException) -> None:
-    """Drop what the frames of a failed pass's error (and of the errors it wraps) hold. Ray Data's failed pass
-    keeps its error, whose traceback's frames hold the pass: a cycle that kept the other actors alive, each with
-    its CPU or GPU, until Python's cycle collector happened to run, or for as long as anyone kept the error (the
-    retry then ran on the CPUs left, and a CI run lost tests/test_ray_train.py to the CPU held)."""
-    todo, seen = [err], set()
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        traceback.clear_frames(err.__traceback__)
-        todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]  # `cause`: Ray's task errors
+    """Drop the locals of the finished frames a failed pass's error reaches: those of its traceback and of the
+    errors it wraps, and their callers (`f_back`: Ray Data's scheduling thread). Those frames hold the pass's
+    tasks, whose callbacks hold its actors: while anyone kept the error (or, without it, until Python's cycle
+    collector ran: the frames hold the error too) the other actors lived on, each with its CPU or GPU; the retry
+    then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. The traceback's lines
+    stay; running frames (the caller's) and callers that are generators are left as they are."""
+    seen = set()
+    for e in list(error_chain(err)):
+        tb = e.__traceback__
+        while tb is not None:
+            frame, raised = tb.tb_frame, True
+            while frame is not None and id(frame) not in seen:
+                seen.add(id(frame))
+                if raised or not frame.f_code.co_flags & GENERATOR:  # a caller that is a generator may live on
+                    with contextlib.suppress(RuntimeError):  # a frame still running (any thread's): left as it is
+                        frame.clear()
+                frame, raised = frame.f_back, False
+            tb = tb.tb_next
 
 
 def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bool = True) -> dict:
