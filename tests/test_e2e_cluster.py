@@ -269,16 +269,18 @@ def test_train_tune_attack_as_submitted_ray_jobs(cluster):
     assert any(k.endswith("/ckpt.pt") for k in saved) and any(k.endswith("/bank-0.pt") for k in saved), saved
 
     # 2. Search the purifier for that EBM (2 trials at once, each on 2 held-out training images from S3);
-    #    the best settings to S3.
+    #    the best settings to S3. Each trial takes its share of the cluster: one attack actor (before, each sized
+    #    its pool to the whole cluster, two actors, and the trials fought over the CPUs); the first line says so.
     out = _submit(cluster, "tune", "jobs/tune_purification.py", "--config", "jobs/configs/tune_purification.yaml",
                   f"attack.ebm={ebm}", "attack.data.count=2", "attack.purify.steps=2", "attack.attack.steps=1",
                   "attack.attack.eot_attack=2", "attack.attack.eot_defense=2", "attack.batch_size=2",
-                  "attack.ray.actors=1", "validation.random=2", "rungs=[2]", "trials=2", "max_concurrent=2",
+                  "validation.random=2", "rungs=[2]", "trials=2", "max_concurrent=2",
                   "space.steps.low=1", "space.steps.high=4", f"output={RUNS}", "name=tune-e2e",
                   f"attack.output={RUNS}/attack-e2e")
     assert f"best settings: {RUNS}/tune-e2e/best_attack.yaml" in out
+    assert "tune-purification: 2 trials, 2 at a time, each evaluating with 1 attack actor(s) (1 CPU each)" in out
     trials = json.loads(_read(cluster, "runs/tune-e2e/trials.json"))
-    assert len(trials) == 2, trials
+    assert len(trials) == 2 and all(t["rungs"] == 1 for t in trials), trials
     best = yaml.safe_load(_read(cluster, "runs/tune-e2e/best_attack.yaml"))
     assert best["ebm"] == ebm and best["data"]["path"] == f"{SHARED}/datasets/cifar10/test-exact-1000.parquet"
     purify = best["purify"]

@@ -113,23 +113,6 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
     assert sorted(t["trial"] for t in again["trials"]) == sorted(t["trial"] for t in best["trials"])
 
 
-def test_concurrent_trials_share_the_cluster_and_both_finish(ray_local, tmp_path, capsys):
-    """Two trials at once on 2 CPUs: each gets one attack actor (before: each sized its pool to the whole cluster,
-    two actors, so the trials fought over the CPUs), the search says so in its first line, and both finish."""
-    ebm = str(tmp_path / "ebm.pt")
-    save_ebm(tiny_ebm(scale=20), ebm)
-    cfg = build(TunePurificationConfig, {
-        "attack": {"classifier": {"weights": RESNET20}, "ebm": ebm, "purify": {"steps": 2},
-                   "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 2},
-        "validation": {"random": 2}, "space": {"noise": {"low": 0.001, "high": 0.1}},
-        "rungs": [2], "trials": 2, "max_concurrent": 2, "output": str(tmp_path / "search"), "name": "two",
-        "mlflow": {"enabled": False}})
-    best = tune_purification(cfg)
-    assert "tune-purification: 2 trials, 2 at a time, each evaluating with 1 attack actor(s) (1 CPU each)" in \
-        capsys.readouterr().err
-    assert len(best["trials"]) == 2 and all(t["rungs"] == 1 for t in best["trials"])
-
-
 def test_training_sampler_search_holds_out_validation_and_writes_a_training_config(ray_local, tmp_path):
     from distributed_ebm.config import TrainEBMConfig, TuneTrainingConfig
     from distributed_ebm.distributed.tune import trial_training, tune_training
