@@ -67,12 +67,13 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
                    "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "best"}},
         "validation": {"random": 4, "subset_seed": 1},
         "space": {"noise": {"low": 0.001, "high": 3.0}, "steps": {"low": 1, "high": 4}, "step_size": None},
-        # 3 trials (was 5: 53 s more): Optuna's seed 3 draws one with noise 1.27 that ASHA stops after rung 1
-        "rungs": [2, 4], "trials": 3, "max_concurrent": 1, "seed": 3,
+        # 2 trials (was 3: 28 s more; 5 before that): Optuna's seed 38 draws noise 0.022, then 1.92, which ASHA stops
+        # after rung 1
+        "rungs": [2, 4], "trials": 2, "max_concurrent": 1, "seed": 38,
         "output": str(tmp_path / "search"), "name": "tiny",
         "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "search"}})
     best = tune_purification(cfg)
-    assert len(best["trials"]) == 3
+    assert len(best["trials"]) == 2
     assert best["stopped_early"] >= 1, best["trials"]
     assert best["metrics"]["objective"] == max(t["objective"] for t in best["trials"] if t["rungs"] == 2)
 
