@@ -192,6 +192,8 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
 
 
 def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids) -> int:
+    """The pass proper, in a frame of its own: finished by the time its error reaches run_pipeline, so that
+    `release_frames` can clear what it holds (the dataset; a running frame cannot be cleared)."""
     with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a deprecated extra keyword; none named
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         out = images.map_batches(
@@ -216,7 +218,7 @@ def release_frames(err: BaseException) -> None:
     then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. The traceback's lines
     stay; running frames (the caller's) and callers that are generators are left as they are."""
     seen = set()
-    for e in list(error_chain(err)):
+    for e in error_chain(err):
         tb = e.__traceback__
         while tb is not None:
             frame, raised = tb.tb_frame, True
