@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import numpy as np
 import ray
 import torch
 
@@ -32,6 +31,7 @@ from ..results.report import image_grid_png
 from ..store import storage
 from ..store.checkpoints import CKPT, check_fingerprint, data_fingerprint, load_checkpoint, save_checkpoint, settings_fingerprint
 from ..store.data import ImageSet, load
+from ..store.tracking import log_torch_model
 from ..store.weights import load_ebm, save_ebm
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect
@@ -203,9 +203,5 @@ def _log_final_ebm(cfg: TrainEBMConfig, mlflow) -> None:
     """The final EBM as an MLflow model (unless the run diverged)."""
     ebm_url = storage.join(run_dir(cfg), "ebm.pt")
     if storage.exists(ebm_url) and not storage.exists(storage.join(run_dir(cfg), DIVERGED)):
-        import mlflow.pytorch
-
         ebm = load_ebm(ebm_url)
-        # a batch of 2, so MLflow's torch.export keeps the batch dimension dynamic (1 would pin it)
-        example = np.zeros((2, ebm.channels, ebm.image_size, ebm.image_size), dtype=np.float32)
-        mlflow.pytorch.log_model(ebm, name="ebm", input_example=example)
+        log_torch_model(ebm, "ebm", (ebm.channels, ebm.image_size, ebm.image_size))

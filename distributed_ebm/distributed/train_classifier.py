@@ -17,6 +17,7 @@ from ..local import checks
 from ..store import storage
 from ..config import TrainClassifierConfig
 from ..store.data import ImageSet, load, to_unit_range
+from ..store.tracking import log_torch_model
 from ..store.weights import load_classifier, save_classifier
 from ..local.train import classifier_state
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
@@ -86,11 +87,9 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     url = storage.join(run_dir(cfg), "classifier.pt")
 
     def log_final(mlflow, _result):
-        import mlflow.pytorch
-
         c = cfg.classifier
         clf = load_classifier(c.arch, url, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
-        mlflow.pytorch.log_model(clf, name="classifier", input_example=np.zeros((2, 3, 32, 32), dtype=np.float32))
+        log_torch_model(clf, "classifier", tuple(data.data.shape[1:]))
 
     result = fit_tracked(classifier_loop, cfg, config, "train-classifier", log_final)
     if result.error:
