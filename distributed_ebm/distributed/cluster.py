@@ -61,11 +61,18 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
     the driver prints one progress line per job."""
     import ray
 
+    verbose = os.environ.get("DEBM_VERBOSE") == "1"
+    if not verbose:  # also on a Ray this process joined before (a notebook's, a test session's)
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger(DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)  # "bars disabled": we chose it
     if not ray.is_initialized():
         where, source = target(address)
         if source:
             probe(where, source, timeout_s)
-        verbose = os.environ.get("DEBM_VERBOSE") == "1"
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print once, not twice
         by_job = _set_by_job()
         forward = {k: v for k, v in os.environ.items() if k not in by_job and
@@ -73,13 +80,6 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
         ray.init(address=where, runtime_env={"env_vars": forward} if forward else None,
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                  ignore_reinit_error=True)
-        if not verbose:
-            import ray.data
-
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            logging.getLogger(DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)  # "bars disabled": we chose it
         print(f"Ray: {where if source else 'a new local Ray'}; its logs: {logs_dir()}"
               + ("" if verbose else " (--verbose prints them here)"), file=sys.stderr, flush=True)
     return ray
