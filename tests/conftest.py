@@ -27,7 +27,7 @@ if OWN_RAY_TMPDIR:
 from distributed_ebm.config import ClassifierConfig, DataConfig  # noqa: E402
 
 TEST_EXACT = DataConfig().path
-# The two-node tests' head (tests/two_node_*.py): a killed node is declared dead after 3 missed health checks a second
+# The two-node tests' head (tests/two_node.py): a killed node is declared dead after 3 missed health checks a second
 # apart instead of Ray's default 5 checks 3 s apart (15 s the tests would spend waiting).
 QUICK_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 RESNET20 = ClassifierConfig().weights

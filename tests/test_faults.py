@@ -66,25 +66,28 @@ def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(t
     assert read_records(f"{tmp_path}/out").num_rows == 3  # nothing was attacked
 
 
-def _two_node(script: str, tmp_path) -> dict:
-    """Run a two-node-cluster script (tests/two_node_*.py) in a process of its own; its JSON line."""
+@pytest.fixture(scope="module")
+def two_node(tmp_path_factory) -> dict:
+    """tests/two_node.py's JSON line: an attack and then a training run, each losing a node of one two-node
+    cluster, run in a process of its own."""
     import json
+    out = tmp_path_factory.mktemp("two-node")
     temp = Path(tempfile.mkdtemp(prefix="debm"))  # Ray's socket paths must stay short
     try:
-        done = subprocess.run([sys.executable, script, str(tmp_path / "out")],
-                              capture_output=True, text=True, timeout=420, cwd=REPO,
+        done = subprocess.run([sys.executable, "tests/two_node.py", str(out / "out")],
+                              capture_output=True, text=True, timeout=600, cwd=REPO,
                               env=_env(RAY_TMPDIR=str(temp), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
                                        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1"))
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, done.stderr[-3000:]
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "out": out / "out"}
 
 
 @pytest.mark.slow
-def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(tmp_path):
-    got = _two_node("tests/two_node_capacity.py", tmp_path)
+def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(two_node):
+    got = two_node["training"]
     assert got["finished"], "still waiting for the lost node's resources"
     assert got["seconds_after_kill"] < 120
     assert got["error"].startswith("CapacityLost: 2 workers (1 CPU each, ray.workers) could not be placed within "
@@ -93,10 +96,10 @@ def test_training_that_loses_a_node_fails_within_the_startup_timeout_saying_why(
 
 
 @pytest.mark.slow
-def test_an_attack_that_loses_a_node_finishes_with_every_image_once_as_the_reference(tmp_path):
-    got = _two_node("tests/two_node_attack.py", tmp_path)
+def test_an_attack_that_loses_a_node_finishes_with_every_image_once_as_the_reference(two_node):
+    got = two_node["attack"]
     # one storage: a local output on two nodes is refused before any work unless ray.shared_filesystem vouches for it
-    assert got["refused"] == (f"output {tmp_path}/out/refused is a local path but the cluster has 2 nodes, each of "
+    assert got["refused"] == (f"output {two_node['out']}/refused is a local path but the cluster has 2 nodes, each of "
                               "which would write to its own disk: use an object store (s3://...), or set "
                               "ray.shared_filesystem=true if every node mounts this path"), got["refused"]
     assert got["finished"], "the attack never finished after the node was lost"
