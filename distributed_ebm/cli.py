@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from .errors import InputError, exit_status
+from .errors import ConfigError, InputError, exit_status
 
 from .config import AttackConfig, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml
 
@@ -49,7 +49,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(command: str, config: str | None, overrides: list[str]):
-    return load_config(COMMANDS[command][0], config, overrides)
+    """The command's validated config; `config` may be a URL (a search on S3 writes its best settings there)."""
+    data = None
+    if config is not None and "://" in config:
+        from .store import storage
+        if not storage.exists(config):
+            raise ConfigError(f"config file {config} does not exist")
+        data = storage.read_bytes(config)
+    return load_config(COMMANDS[command][0], config, overrides, data)
 
 
 def run(command: str, cfg) -> None:

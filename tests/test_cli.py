@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from distributed_ebm.store import storage
 from distributed_ebm.cli import main
@@ -38,6 +39,18 @@ def test_attack_writes_records_summary_plots_and_mlflow_artifacts_to_s3(ray_loca
     fs.invalidate_cache()
     names = {os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")}
     assert {"summary.json", "accuracy.png", "gallery.png"} <= names  # every run draws its gallery (6 images here)
+
+
+def test_a_config_file_on_s3_is_read_as_a_local_one(s3_bucket, capsys):
+    """A search on S3 writes its best settings there and says `--config THIS`; before, --config read local files
+    only and such a file 'did not exist'."""
+    url = f"{s3_bucket}/configs/best_attack.yaml"
+    storage.write_bytes(url, f"ebm: {s3_bucket}/ebm.pt\nattack:\n  steps: 7\npurify:\n  noise: 0.02\n".encode())
+    assert main(["attack", "--config", url, "--print-config", "batch_size=5"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["attack"]["steps"] == 7 and cfg["purify"]["noise"] == 0.02 and cfg["batch_size"] == 5
+    assert main(["attack", "--config", f"{s3_bucket}/configs/nope.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == f"debm attack: config file {s3_bucket}/configs/nope.yaml does not exist"
 
 
 def test_job_file_reports_bad_input_in_one_line():

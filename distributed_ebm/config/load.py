@@ -66,14 +66,16 @@ def _omegaconf_error(err: Exception, where: str) -> ConfigError:
     return ConfigError(f"{where}{f', key {key}' if key else ''}: {first}{hint}")
 
 
-def _read_file(path: str | os.PathLike):
+def _read_file(path: str | os.PathLike, data: bytes | None = None):
     from omegaconf import DictConfig, OmegaConf
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    if data is None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+        data = p.read_bytes()
     try:
-        text = p.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
     try:
@@ -85,12 +87,14 @@ def _read_file(path: str | os.PathLike):
     return conf
 
 
-def load_config(cls: type[BaseModel], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> BaseModel:
+def load_config(cls: type[BaseModel], path: str | os.PathLike | None = None, overrides: list[str] = (),
+                data: bytes | None = None) -> BaseModel:
     """The job's defaults, the YAML file over them, the dotted overrides over that (all merged and
-    interpolated by OmegaConf), validated by pydantic. A `null` removes a search dimension."""
+    interpolated by OmegaConf), validated by pydantic. A `null` removes a search dimension. `data`: the
+    file's bytes, when the caller read `path` itself (a URL: this layer reads local files only)."""
     from omegaconf import OmegaConf
 
-    layers = [] if path is None else [_read_file(path)]
+    layers = [] if path is None else [_read_file(path, data)]
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item or not key or not all(key.split(".")):
