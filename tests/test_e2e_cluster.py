@@ -41,7 +41,7 @@ BIN = Path(sys.executable).parent  # ray, mlflow and moto_server of the project'
 BUCKET = "debm-e2e"
 SHARED = f"s3://{BUCKET}/shared"  # DEBM_SHARED inside the jobs: the configs' data and weights resolve here
 RUNS = f"s3://{BUCKET}/runs"
-GRACE = 10.0  # seconds from SIGTERM to SIGKILL when the services stop
+GRACE = 10.0  # seconds from SIGTERM to SIGKILL when a service stops (the Ray head's: 3 s)
 KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -71,8 +71,8 @@ def _tail(path: Path, chars: int = 3000) -> str:
 class Service:
     """A process in a new session (so every process it starts can be found and stopped), its log in a file."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, logs: Path):
-        self.name, self.log = name, logs / f"{name}.log"
+    def __init__(self, name: str, cmd: list[str], env: dict, logs: Path, grace: float = GRACE):
+        self.name, self.log, self.grace = name, logs / f"{name}.log", grace
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, env=env, cwd=logs, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -107,14 +107,13 @@ class Service:
                 found.append(int(entry))
         return found
 
-    def stop(self, grace: float | None = None) -> list[int]:
+    def stop(self) -> list[int]:
         """SIGTERM to every process of the service's session at once (as `ray stop` does; the MLflow CLI
         waits for its server processes rather than passing the signal on), SIGKILL to what is left after
-        `grace` seconds. Returns what needed SIGKILL."""
-        grace = GRACE if grace is None else grace
+        the service's grace period (as `ray stop` does after its own). Returns what needed SIGKILL."""
         for pid in self.members():
             _signal(pid, signal.SIGTERM)
-        deadline = time.time() + grace
+        deadline = time.time() + self.grace
         while self.members() and time.time() < deadline:
             time.sleep(0.2)
         killed = self.members()
@@ -182,7 +181,7 @@ def cluster(tmp_path_factory):
                                    "--min-worker-port=0", "--max-worker-port=0",
                                    "--num-cpus=2", "--num-gpus=0", "--object-store-memory=500000000",
                                    f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-                      _clean_env(), logs)
+                      _clean_env(), logs, grace=3.0)  # once it ran jobs, its GCS outlasts any grace (>10 s)
         services.append(ray)
         s3.wait_until(endpoint + "/", 60)
         client = _s3_client(endpoint)
@@ -212,7 +211,7 @@ def cluster(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     stray = {name: pids for name, pids in left.items() if pids}
     if stray:  # stopped all the same (as `ray stop` does after its grace period); on a busy machine
-        print(f"e2e: processes still there {GRACE:.0f} s after SIGTERM, killed: {stray}")
+        print(f"e2e: processes still there after their grace period ({GRACE:.0f} s, the Ray head's 3 s), killed: {stray}")
     assert not any(s.members() for s in services) and not _working_in(ray_tmp), "processes left running"
 
 
@@ -285,13 +284,9 @@ def test_train_tune_attack_as_submitted_ray_jobs(cluster):
     assert best["ebm"] == ebm and best["data"]["path"] == f"{SHARED}/datasets/cifar10/test-exact-1000.parquet"
     purify = best["purify"]
 
-    # 3. Attack with the settings found (what `--config best_attack.yaml` runs), results to S3.
-    out = _submit(cluster, "attack", "jobs/attack.py", "--config", "jobs/configs/attack_bpda_eot.yaml",
-                  f"ebm={ebm}", "data.count=2", f"purify.steps={purify['steps']}",
-                  f"purify.step_size={purify['step_size']}", f"purify.noise={purify['noise']}",
-                  "attack.steps=1", "attack.eot_attack=2", "attack.eot_defense=2", "batch_size=2", "ray.actors=1",
-                  "ray.gpus_per_actor=0",  # the paper's config names a GPU per actor; this cluster has none
-                  f"output={RUNS}/attack-e2e")
+    # 3. Attack with the settings found: `--config` the best-settings file as the search wrote it to S3 (the search's
+    #    attack with the tuned purifier, its output included), results to S3.
+    out = _submit(cluster, "attack", "jobs/attack.py", "--config", f"{RUNS}/tune-e2e/best_attack.yaml")
     assert f"results: {RUNS}/attack-e2e/records/" in out
     summary = json.loads(_read(cluster, "runs/attack-e2e/summary.json"))
     assert summary["images"] == 2 and summary["config"]["purify"] == purify
