@@ -179,7 +179,7 @@ def fit(loop, cfg, config: dict):
 
 def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
     """`fit` inside one MLflow run per job (continued when the job resumes); rank 0 logs to it by
-    run id, and `log_final(mlflow, result)` adds the final model."""
+    run id, and `log_final()` adds the final model to it."""
     if not cfg.mlflow.enabled:
         return fit(loop, cfg, config)
     from ..store.tracking import mlflow_run, tracking_uri
@@ -192,7 +192,7 @@ def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
         storage.write_bytes(id_url, run_id.encode())
         result = fit(loop, cfg, {**config, "mlflow": {"uri": tracking_uri(cfg.mlflow), "run_id": run_id}})
         if log_final and not result.error:
-            log_final(mlflow, result)
+            log_final()
     return result
 
 

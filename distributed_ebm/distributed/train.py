@@ -185,7 +185,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     if storage.exists(diverged_url):  # a rerun (perhaps with other settings) tries again from the last checkpoint
         storage.filesystem(diverged_url)[0].rm(storage.filesystem(diverged_url)[1])
     try:
-        result = fit_tracked(train_loop, cfg, config, "train-ebm", lambda mlflow, _: _log_final_ebm(cfg, mlflow))
+        result = fit_tracked(train_loop, cfg, config, "train-ebm", lambda: _log_final_ebm(cfg))
         books = ShardedBank(shards, bounds).books()
     finally:
         for s in shards:
@@ -199,7 +199,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
             "ebm": storage.join(run_dir(cfg), "ebm.pt"), "bank_books": books}
 
 
-def _log_final_ebm(cfg: TrainEBMConfig, mlflow) -> None:
+def _log_final_ebm(cfg: TrainEBMConfig) -> None:
     """The final EBM as an MLflow model (unless the run diverged)."""
     ebm_url = storage.join(run_dir(cfg), "ebm.pt")
     if storage.exists(ebm_url) and not storage.exists(storage.join(run_dir(cfg), DIVERGED)):

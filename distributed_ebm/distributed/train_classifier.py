@@ -86,7 +86,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
               "test": [ray.put((test.pixels(), test.labels.numpy()))] if test is not None else None}
     url = storage.join(run_dir(cfg), "classifier.pt")
 
-    def log_final(mlflow, _result):
+    def log_final():
         c = cfg.classifier
         clf = load_classifier(c.arch, url, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
         log_torch_model(clf, "classifier", tuple(data.data.shape[1:]))
