@@ -16,7 +16,7 @@ from distributed_ebm.local.attack import run_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.weights import save_ebm
 
-from .conftest import RESNET20, TEST_EXACT, tiny_ebm
+from .conftest import RESNET20, TEST_EXACT, own_processes, tiny_ebm
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +74,7 @@ def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url,
 
 
 def _actor_pids():
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"AttackActor" in f.read():
-                    pids.append(int(pid))
-        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
-            pass
-    return pids
+    return own_processes(b"AttackActor")
 
 
 def test_killed_actor_and_restarted_job_give_every_image_once(ray_local, tmp_path, ebm_url):
@@ -199,3 +191,36 @@ def _kill_an_actor_once_a_batch_is_written(out: str, before: set, killed: list) 
         time.sleep(0.2)
     killed.append(min(set(_actor_pids()) - before))  # one of this pass's actors
     os.kill(killed[0], signal.SIGKILL)
+
+
+def test_a_frame_another_thread_still_runs_is_released_once_that_thread_leaves_it():
+    """A race that can keep a failed pass's actors alive: the error passed through a frame of another thread (Ray
+    Data's) that was still running when `release_frames` swept, so that frame, and what its locals reach, stayed
+    held by the error. Now the sweep is repeated once the thread has left the frame. Failed on the old code (the
+    payload stayed alive)."""
+    import weakref
+
+    from distributed_ebm.distributed.attack import release_frames
+
+    class Payload:  # stands for the pass's actors
+        pass
+    box, leave = {}, threading.Event()
+
+    def scheduler():  # Ray Data's thread: the error goes up through this frame, which then goes on a while
+        payload = Payload()
+        box["payload"] = weakref.ref(payload)
+        try:
+            raise RuntimeError("actor died")
+        except RuntimeError as err:
+            box["err"] = err
+        leave.wait(5)
+    thread = threading.Thread(target=scheduler)
+    thread.start()
+    while "err" not in box:
+        time.sleep(0.01)
+    threading.Timer(0.3, leave.set).start()
+    err = box["err"]  # held, as a caller that reports it would
+    release_frames(err)
+    thread.join()
+    assert box["payload"]() is None, "the error still holds the frame's locals"
+    assert str(err) == "actor died" and err.__traceback__ is not None  # the error itself is untouched

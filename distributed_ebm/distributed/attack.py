@@ -210,25 +210,42 @@ def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradien
 GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
-def release_frames(err: BaseException) -> None:
+def release_frames(err: BaseException, wait_s: float = 5.0) -> None:
     """Drop the locals of the finished frames a failed pass's error reaches: those of its traceback and of the
     errors it wraps, and their callers (`f_back`: Ray Data's scheduling thread). Those frames hold the pass's
     tasks, whose callbacks hold its actors: while anyone kept the error (or, without it, until Python's cycle
     collector ran: the frames hold the error too) the other actors lived on, each with its CPU or GPU; the retry
-    then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. The traceback's lines
-    stay; running frames (the caller's) and callers that are generators are left as they are."""
-    seen = set()
+    then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. A frame that another
+    thread is still running (Ray Data's, still shutting down on a busy machine) cannot be cleared yet: it is
+    cleared once that thread has left it, within `wait_s` (before, such a frame kept its locals for as long as the
+    error was held). The traceback's lines stay; this thread's running frames (the caller's) and
+    callers that are generators are left as they are."""
+    mine, frame = set(), sys._getframe()
+    while frame is not None:
+        mine.add(id(frame))
+        frame = frame.f_back
+    deadline = time.monotonic() + wait_s
+    while _clear_frames(err, mine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _clear_frames(err: BaseException, mine: set[int]) -> int:
+    """One sweep of `release_frames`; returns how many frames other threads were still running."""
+    seen, running = set(), 0
     for e in error_chain(err):
         tb = e.__traceback__
         while tb is not None:
             frame, raised = tb.tb_frame, True
             while frame is not None and id(frame) not in seen:
                 seen.add(id(frame))
-                if raised or not frame.f_code.co_flags & GENERATOR:  # a caller that is a generator may live on
-                    with contextlib.suppress(RuntimeError):  # a frame still running (any thread's): left as it is
+                if id(frame) not in mine and (raised or not frame.f_code.co_flags & GENERATOR):
+                    try:  # a caller that is a generator may live on
                         frame.clear()
+                    except RuntimeError:  # still running in another thread
+                        running += 1
                 frame, raised = frame.f_back, False
             tb = tb.tb_next
+    return running
 
 
 def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bool = True) -> dict:
