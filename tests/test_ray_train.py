@@ -21,7 +21,7 @@ from distributed_ebm.store.weights import load_ebm
 from distributed_ebm.local.train import train_ebm
 from distributed_ebm.method.training import TrainingDiverged, new_ebm
 
-from .conftest import TEST_EXACT
+from .conftest import TEST_EXACT, own_processes
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +125,6 @@ def build_fresh_bank(run):
     return ImageBank(len(run.bank), run.bank.shape, "noise", run.cfg.seed).states
 
 
-def _pids(marker: bytes):
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker in f.read():
-                    found.append(int(pid))
-        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
-            pass
-    return found
-
-
 def _run_in_thread(cfg, small):
     box = {}
 
@@ -198,7 +186,7 @@ def test_a_run_that_loses_a_bank_shard_then_a_worker_ends_bit_for_bit_as_the_uni
     assert resumed in (10, 20, 30, 40), err
     _wait_for(lambda: _checkpoints(cfg)[-1] > resumed, "checkpoint of the restarted run")
     time.sleep(0.5)
-    workers = _pids(b"ray::RayTrainWorker")
+    workers = own_processes(b"ray::RayTrainWorker")
     assert workers, "no Ray Train worker process found"
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=300)
