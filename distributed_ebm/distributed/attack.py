@@ -16,6 +16,7 @@ flight. Bad input fails in `preflight`, before any actor starts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 import os
@@ -218,7 +219,9 @@ def release_frames(err: BaseException, wait_s: float = 5.0) -> None:
     then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. A frame that another
     thread is still running (Ray Data's, still shutting down on a busy machine) cannot be cleared yet: it is
     cleared once that thread has left it, within `wait_s` (before, such a frame kept its locals for as long as the
-    error was held). The traceback's lines stay; this thread's running frames (the caller's) and
+    error was held). Then the cycle collector runs at once: what the frames held in reference cycles, created at
+    the pass's start and so in the oldest generation, otherwise waited for a full collection, which an idle
+    caller may not trigger for minutes. The traceback's lines stay; this thread's running frames (the caller's) and
     callers that are generators are left as they are."""
     mine, frame = set(), sys._getframe()
     while frame is not None:
@@ -227,6 +230,7 @@ def release_frames(err: BaseException, wait_s: float = 5.0) -> None:
     deadline = time.monotonic() + wait_s
     while _clear_frames(err, mine) and time.monotonic() < deadline:
         time.sleep(0.05)
+    gc.collect()  # what the cleared frames held in reference cycles (Ray Data's operators), long past gen 0 by now
 
 
 def _clear_frames(err: BaseException, mine: set[int]) -> int:
