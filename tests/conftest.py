@@ -11,18 +11,29 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+# A parallel run (`pytest -n N`, pyproject's default: one worker per CPU) gives each worker its share of the CPUs
+# as torch threads, before torch is imported (its own thread pools and those of the processes a test starts); two
+# workers with two threads each on 2 CPUs ran the suite slower than one process did.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+import torch  # noqa: E402
+
+if WORKER:
+    torch.set_num_threads(threads)
 REPO = Path(__file__).resolve().parents[1]
 os.chdir(REPO)
 # Before ray is imported anywhere (Ray 2.60 on a local cluster): no token auth, no usage stats, fast health checks.
 os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
 # Every Ray this test run starts (the session's, a job's own) keeps its files in a folder of this run's, not in the
-# machine's shared /tmp/ray (short: Ray's socket paths must stay under 107 bytes); removed when the run ends.
-OWN_RAY_TMPDIR = "RAY_TMPDIR" not in os.environ
+# machine's shared /tmp/ray (short: Ray's socket paths must stay under 107 bytes); removed when the run ends. Each
+# parallel worker has a folder of its own inside the run's (or inside the one the caller named).
+OWN_RAY_TMPDIR = "RAY_TMPDIR" not in os.environ or WORKER is not None
 if OWN_RAY_TMPDIR:
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="debm-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="debm-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
 
 from distributed_ebm.config import ClassifierConfig, DataConfig  # noqa: E402
 
@@ -67,10 +78,13 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
             item.add_marker(pytest.mark.ray)
+        if "ray_local" in getattr(item, "fixturenames", ()):  # one worker starts the session's Ray, and runs them all
+            item.add_marker(pytest.mark.xdist_group("ray_local"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -146,12 +160,17 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_bucket):
+def ray_local(s3_bucket, request):
     """One real local Ray for the whole session (2 CPUs); started after the S3 variables are set, so every worker
     inherits the same endpoint (no runtime env: it would start each worker through one more Python process). Idle
     task workers are kept (8, for 5 minutes, instead of 2 for 1 s), so that each Ray Data pass reuses the
     processes that read the last one's files instead of starting and importing new ones: tests/test_ray_evaluate.py
     took 64-71 s instead of 76-82 s, same hour. Actors get processes of their own either way."""
+    if getattr(request.config.option, "loadgroup", False):  # a parallel run: this worker runs every test on it
+        lost = [item.nodeid for item in request.session.items if "ray_local" in item.fixturenames and "@" not in item.nodeid]
+        if lost:  # pytest 9.2 with pytest-xdist 3.8 stopped grouping (pytest-dev/pytest-xdist#1386), silently
+            pytest.fail(f"pytest-xdist ignored the xdist_group marks (e.g. {lost[0]}), so each worker would start a "
+                        "Ray claiming every CPU: use the pytest pyproject.toml names, or run with -n 0")
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 300_000})

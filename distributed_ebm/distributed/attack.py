@@ -242,8 +242,9 @@ def _clear_frames(err: BaseException, mine: set[int]) -> int:
             frame, raised = tb.tb_frame, True
             while frame is not None and id(frame) not in seen:
                 seen.add(id(frame))
+                # a caller (f_back) that is a generator may live on: of those, clear only frames the error passed through
                 if id(frame) not in mine and (raised or not frame.f_code.co_flags & GENERATOR):
-                    try:  # a caller that is a generator may live on
+                    try:
                         frame.clear()
                     except RuntimeError:  # still running in another thread
                         running += 1
