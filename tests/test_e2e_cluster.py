@@ -9,8 +9,7 @@ On the 2-CPU machine: the jobs 100 s in a CI run; 145 s in all, alone in a busie
 45 + 51 + 30 s, stopping 6 s); 4.1-4.6 minutes while other jobs kept both CPUs busy (measured before the stop and MLflow
 changes: services 35-64 s, train 81-109 s, tune 45-59 s, attack 21-32 s, stopping 13 s);
 nearly all of it fixed costs: Ray and MLflow start-up, and in each job
-the imports, Ray Train's and Ray Data's set-up, MLflow's model logging. In the parallel suite (2 workers on 2 CPUs,
-the session's Ray busy in the other) the jobs took 225 s and the services 24 s. Run it alone with
+the imports, Ray Train's and Ray Data's set-up, MLflow's model logging. Run it alone with
 `pytest -m e2e`, leave it out with `-m "not e2e"`.
 """
 from __future__ import annotations
