@@ -39,7 +39,7 @@ from ..store.provenance import attack_settings
 from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
 from .devices import Plan, cluster_plan
-from .ray_private import unserializable_lost
+from .ray_private import stop_own_actors, unserializable_lost
 
 
 class AttackActor:
@@ -189,6 +189,10 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
         return _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids)
     except BaseException as err:
         release_frames(err)
+        try:  # what still holds a survivor after that (seen under load, for minutes): it is stopped all the same
+            stop_own_actors(AttackActor.__name__)
+        except Exception:  # noqa: BLE001 - a failed clean-up must not hide the pass's own error
+            pass
         raise
 
 
