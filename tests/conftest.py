@@ -170,7 +170,7 @@ def ray_local(s3_bucket, request):
         lost = [item.nodeid for item in request.session.items if "ray_local" in item.fixturenames and "@" not in item.nodeid]
         if lost:  # pytest 9.2 with pytest-xdist 3.8 stopped grouping (pytest-dev/pytest-xdist#1386), silently
             pytest.fail(f"pytest-xdist ignored the xdist_group marks (e.g. {lost[0]}), so each worker would start a "
-                        "Ray claiming every CPU: use the pytest pyproject.toml names, or run with -n 0")
+                        "Ray claiming every CPU: install the pytest version pyproject.toml allows, or run with -n 0")
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 300_000})

@@ -215,14 +215,14 @@ def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradien
 GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
-def release_frames(err: BaseException, wait_s: float = 5.0) -> None:
+def release_frames(err: BaseException) -> None:
     """Drop the locals of the finished frames a failed pass's error reaches: those of its traceback and of the
     errors it wraps, and their callers (`f_back`: Ray Data's scheduling thread). Those frames hold the pass's
     tasks, whose callbacks hold its actors: while anyone kept the error (or, without it, until Python's cycle
     collector ran: the frames hold the error too) the other actors lived on, each with its CPU or GPU; the retry
     then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. A frame that another
     thread is still running (Ray Data's, still shutting down on a busy machine) cannot be cleared yet: it is
-    cleared once that thread has left it, within `wait_s` (before, such a frame kept its locals for as long as the
+    cleared once that thread has left it, within 5 s (before, such a frame kept its locals for as long as the
     error was held). Then the cycle collector runs at once: what the frames held in reference cycles, created at
     the pass's start and so in the oldest generation, otherwise waited for a full collection, which an idle
     caller may not trigger for minutes. The traceback's lines stay; this thread's running frames (the caller's) and
@@ -231,7 +231,7 @@ def release_frames(err: BaseException, wait_s: float = 5.0) -> None:
     while frame is not None:
         mine.add(id(frame))
         frame = frame.f_back
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + 5.0
     while _clear_frames(err, mine) and time.monotonic() < deadline:
         time.sleep(0.05)
     gc.collect()  # what the cleared frames held in reference cycles (Ray Data's operators), long past gen 0 by now
