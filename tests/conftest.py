@@ -64,6 +64,10 @@ def resnet20():
 # configs, jobs' input checks; `no_ray_started` holds it to that.
 RAY_FIXTURES = {"ray_local", "s3_bucket"}
 RAY_MODULES = {"test_e2e_cluster", "test_faults"}
+# Module fixtures that take seconds to build: in a parallel run the tests that use one run on one worker, so it is
+# built once (before, both workers ran tests/two_node.py, 90 s each). With a test that needs the session's Ray, that
+# is the Ray's worker.
+SHARED_FIXTURES = {"two_node", "runs", "first"}
 
 
 def pytest_configure(config):
@@ -80,11 +84,20 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    groups = {}  # item -> its xdist group
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
             item.add_marker(pytest.mark.ray)
         if "ray_local" in getattr(item, "fixturenames", ()):  # one worker starts the session's Ray, and runs them all
-            item.add_marker(pytest.mark.xdist_group("ray_local"))
+            groups[item] = "ray_local"
+    for name in SHARED_FIXTURES:
+        users = [item for item in items if name in getattr(item, "fixturenames", ())]
+        for module in {item.module.__name__ for item in users}:
+            together = [item for item in users if item.module.__name__ == module]
+            group = "ray_local" if any(groups.get(item) == "ray_local" for item in together) else f"{module}.{name}"
+            groups.update(dict.fromkeys(together, group))
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -198,6 +211,9 @@ def ray_resources_returned(request):
     yield
     if "ray_local" not in request.fixturenames:
         return
+    if request.config.getvalue("loadgroup") and "@ray_local" not in request.node.nodeid:  # got it at run time
+        pytest.fail("a test outside the ray_local group started the session's Ray on a worker of its own: ask for "
+                    "ray_local as a parameter, not with request.getfixturevalue")
     import ray
     if not ray.is_initialized():
         return
