@@ -170,7 +170,9 @@ def cluster(tmp_path_factory):
         mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                                     "--workers", "1", "--backend-store-uri", f"sqlite:///{logs}/mlflow.db",
                                     "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
-                         _clean_env(**s3_env), logs)
+                         # tracking only: without MLflow's job runner and its seven huey consumers (9 processes, ~30 CPU-s
+                         # at start, measured; 2 without), which serve MLflow's GenAI jobs, never ours
+                         _clean_env(**s3_env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), logs)
         services.append(mlflow)
         # A head as `ray start` makes one on a cluster node; every port chosen here or by the OS, so it
         # cannot collide with another Ray on this machine.
