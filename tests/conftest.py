@@ -211,7 +211,7 @@ def ray_resources_returned(request):
     yield
     if "ray_local" not in request.fixturenames:
         return
-    if request.config.getvalue("loadgroup") and "@ray_local" not in request.node.nodeid:  # got it at run time
+    if getattr(request.config.option, "loadgroup", False) and "@ray_local" not in request.node.nodeid:  # at run time
         pytest.fail("a test outside the ray_local group started the session's Ray on a worker of its own: ask for "
                     "ray_local as a parameter, not with request.getfixturevalue")
     import ray

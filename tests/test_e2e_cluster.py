@@ -5,8 +5,8 @@ output, and an MLflow tracking server whose artifacts live on that S3. The three
 attack with the settings found. Every service is a process of its own (its own session), stopped by
 process id at the end; the test checks that none of them is left running.
 
-On the 2-CPU machine: the jobs 100 s in a CI run; 145 s in all, alone in a busier hour (set-up 10 s, the jobs
-45 + 51 + 30 s, stopping 6 s); 4.1-4.6 minutes while other jobs kept both CPUs busy (measured before the stop and MLflow
+On the 2-CPU machine: the jobs 100 s in a CI run; 118 s in all, alone (services ready in 7 s, the jobs 38 + 41 + 25 s;
+2026-12-07, MLflow's job runner off), 145 s in a busier hour before (set-up 10 s, the jobs 45 + 51 + 30 s, stopping 6 s); 4.1-4.6 minutes while other jobs kept both CPUs busy (measured before the stop and MLflow
 changes: services 35-64 s, train 81-109 s, tune 45-59 s, attack 21-32 s, stopping 13 s);
 nearly all of it fixed costs: Ray and MLflow start-up, and in each job
 the imports, Ray Train's and Ray Data's set-up, MLflow's model logging. Run it alone with
