@@ -188,11 +188,11 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
     try:
         return _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids)
     except BaseException as err:
-        release_frames(err)
-        try:  # what still holds a survivor after that (seen under load, for minutes): it is stopped all the same
+        try:  # the survivors first, by id: whatever still holds one (seen under load, for minutes), its CPU is back
             stop_own_actors(AttackActor.__name__)
         except Exception:  # noqa: BLE001 - a failed clean-up must not hide the pass's own error
             pass
+        release_frames(err)
         raise
 
 
@@ -222,8 +222,9 @@ def release_frames(err: BaseException) -> None:
     collector ran: the frames hold the error too) the other actors lived on, each with its CPU or GPU; the retry
     then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. A frame that another
     thread is still running (Ray Data's, still shutting down on a busy machine) cannot be cleared yet: it is
-    cleared once that thread has left it, within 5 s (before, such a frame kept its locals for as long as the
-    error was held). Then the cycle collector runs at once: what the frames held in reference cycles, created at
+    cleared once that thread has left it, within 30 s (before, such a frame kept its locals for as long as the
+    error was held; 5 s was too short once in a parallel test run, where Ray Data's thread still logged the
+    pass's error after the 10 s test had ended). Then the cycle collector runs at once: what the frames held in reference cycles, created at
     the pass's start and so in the oldest generation, otherwise waited for a full collection, which an idle
     caller may not trigger for minutes. The traceback's lines stay; this thread's running frames (the caller's) and
     callers that are generators are left as they are."""
@@ -231,7 +232,7 @@ def release_frames(err: BaseException) -> None:
     while frame is not None:
         mine.add(id(frame))
         frame = frame.f_back
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 30.0
     while _clear_frames(err, mine) and time.monotonic() < deadline:
         time.sleep(0.05)
     gc.collect()  # what the cleared frames held in reference cycles (Ray Data's operators), long past gen 0 by now
