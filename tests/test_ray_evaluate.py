@@ -60,7 +60,10 @@ STRONGER = {"attack.mode": "exact_eot", "attack.optimizer": "apgd", "attack.loss
 @pytest.mark.parametrize("settings", [{}, STRONGER], ids=["bpda_eot", "exact_apgd_dlr_reeval"])
 def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url, settings):
     single = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "single"), **settings), show=False)
+    readers = _footer_readers()
     piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray"), **settings), show=False)
+    # the one parquet file's footer is read by one actor (Ray Data's default started 32 processes per pass)
+    assert _footer_readers() - readers == 1
     _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
     assert {r for r in results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()} - {-1}, "some breaks"
     keys = ["natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy", "accuracy_curve", "image_steps",
@@ -71,6 +74,12 @@ def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url,
     for k in keys:
         assert piped[k] == single[k]
     assert len(results.list_parts(str(tmp_path / "ray"))) >= 3  # several batches, several actors' files
+
+
+def _footer_readers() -> int:
+    """How many footer-reading actors the session's Ray has started so far (the dead ones included)."""
+    from ray._private import state
+    return sum(a.get("ActorClassName") == "FooterReader" for a in state.actors().values())
 
 
 def _actor_pids():

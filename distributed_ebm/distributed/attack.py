@@ -85,6 +85,9 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
     ray.data.DataContext.get_current().raise_original_map_exception = True  # a DataError stays one (`data_error`)
     if isinstance(todo, Catalog):
         if todo.indexed:
+            # one file, one footer: one footer-reading actor (Ray Data 2.60 starts 32 per read, each a process, and
+            # reads the setting in the process that plans the read: this one)
+            os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
             fs, path = arrow_filesystem(todo.url)
             ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["img", "label", "index"])
             ds = ds.filter(expr=col("index").is_in(todo.ids.tolist()))
