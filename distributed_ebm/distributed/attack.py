@@ -227,10 +227,10 @@ def release_frames(err: BaseException) -> None:
     thread is still running (Ray Data's, still shutting down on a busy machine) cannot be cleared yet: it is
     cleared once that thread has left it, within 30 s (before, such a frame kept its locals for as long as the
     error was held; 5 s was too short once in a parallel test run, where Ray Data's thread still logged the
-    pass's error after the 10 s test had ended). Then the cycle collector runs at once: what the frames held in reference cycles, created at
-    the pass's start and so in the oldest generation, otherwise waited for a full collection, which an idle
-    caller may not trigger for minutes. The traceback's lines stay; this thread's running frames (the caller's) and
-    callers that are generators are left as they are."""
+    pass's error after the 10 s test had ended). Then the cycle collector runs at once: what the frames held in
+    reference cycles, created at the pass's start and so in the oldest generation, otherwise waited for a full
+    collection, which an idle caller may not trigger for minutes. The traceback's lines stay; this thread's running
+    frames (the caller's) and callers that are generators are left as they are."""
     mine, frame = set(), sys._getframe()
     while frame is not None:
         mine.add(id(frame))
