@@ -6,9 +6,9 @@ from typing import Any, Literal, Optional
 from pydantic import Field, ValidationError, model_validator
 
 from ..method.attacks import MODES, NORMS, UPDATERS
-from ..method.cuda import PRECISIONS
 from ..method.defense import LOSSES
-from .common import URL, Budget, ClassifierConfig, DataConfig, EBMNetConfig, LangevinConfig, MLflowConfig, RayConfig, Section
+from .common import (URL, Budget, ClassifierConfig, DataConfig, EBMNetConfig, LangevinConfig, MLflowConfig, Output,
+                     Precision, RayConfig, Section, Seed)
 from .load import describe
 
 class AttackSettings(Section):
@@ -139,14 +139,9 @@ class AttackConfig(Section):
     chunk_size: Optional[int] = Field(None, ge=1, le=10_000_000, description="most chains per forward pass; "
                                       "null = 1024, except for a defended attack on CUDA without exact_eot: as many "
                                       "as fit 40% of the free memory (from a measured per-chain footprint)")
-    precision: Literal[tuple(PRECISIONS)] = Field(
-        "float32", description="the arithmetic (method/cuda.py PRECISIONS): float32 (on CUDA: TF32 convolutions and "
-        "matmuls); float32_strict (on CUDA: TF32 off, deterministic cuDNN and algorithms: repeatable bit for bit, "
-        "slower); float64 for exact cross-checks (results then independent of batching to the last bit); bf16: the "
-        "EBM's forward and backward under bf16 autocast, chains and classifier in float32")
-    seed: int = Field(0, ge=0, lt=2**32, description="run seed: every chain's noise and every random start are "
-                      "keyed by (seed, image id, ...)")
-    output: URL = Field("runs/attack", description="where records, summary.json and accuracy.png go (a folder URL; a rerun resumes)")
+    precision: Precision = "float32"
+    seed: Seed = 0
+    output: Output = "runs/attack"
     report: ReportConfig = Field(default_factory=lambda: ReportConfig())
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from ..method.cuda import PRECISIONS
 from ..method.nets import ACTIVATIONS, ARCHITECTURES
 
 def _fraction(value: Any) -> Any:
@@ -49,6 +50,23 @@ def _folder_name(value: str) -> str:
 # A run's folder under `output`: letters, digits, _ . - (no path component, not . or ..)
 RunName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_folder_name)]
 """A local path (made absolute) or fsspec URL (s3://...)."""
+
+
+# The keys every job's top level shares: declared once here, each job giving its own default.
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="the run seed: every random draw of the run is keyed by it "
+                            "(with the image id, the iteration, the chain, ...), so a rerun or a resume repeats them; "
+                            "a search's Optuna sampler is seeded with it")]
+Output = Annotated[URL, Field(description="the folder (a local path or URL) the run writes into: records, "
+                              "checkpoints, weights, summaries (under output/name where the job has a name); a rerun "
+                              "into the same folder resumes")]
+_PRECISION = ("the arithmetic (method/cuda.py PRECISIONS): float32 (on CUDA: TF32 convolutions and matmuls); "
+              "float32_strict (on CUDA: TF32 off, deterministic cuDNN and algorithms: repeatable bit for bit, a resume "
+              "included; slower); float64 (attacks only) for exact cross-checks (results then independent of batching "
+              "to the last bit); bf16: the EBM's forward and backward under bf16 autocast (in training: inside the "
+              "Langevin chains only), chains, classifier, loss and update in float32. It changes results: part of a "
+              "training checkpoint's fingerprint")
+Precision = Annotated[Literal[tuple(PRECISIONS)], Field(description=_PRECISION)]
+TrainingPrecision = Annotated[Literal[tuple(p for p in PRECISIONS if p != "float64")], Field(description=_PRECISION)]
 
 
 class Section(BaseModel):
@@ -138,19 +156,24 @@ class ClassifierConfig(Section):
                                                                description="input normalization's std; null = the arch's own")
 
 
-class RayConfig(Section):
-    """Where the Ray engine runs and what each actor asks for."""
+class RaySection(Section):
+    """What every Ray section holds: where the cluster is and whether its nodes share a filesystem."""
 
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
+    shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
+                                    "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
+                                    "is refused, since each node would write its part to its own disk")
+
+
+class RayConfig(RaySection):
+    """Where the Ray engine runs and what each actor asks for."""
+
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
     cpus_per_actor: float = Field(1.0, gt=0, le=1024, description="CPUs each attack actor asks for")
     gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="GPUs per attack actor; null = auto: 1 where a node has a GPU or the "
                                           "autoscaler can add one, else 0 (docs/cluster.md)")
     max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
                               "pipeline again on the images without a record")
-    shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
-                                    "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
-                                    "is refused, since each node would write its part to its own disk")
 
 
 class MLflowConfig(Section):
@@ -161,10 +184,9 @@ class MLflowConfig(Section):
     run_name: Optional[str] = None
 
 
-class TrainRayConfig(Section):
+class TrainRayConfig(RaySection):
     """A Ray Train run: DDP workers, their resources, failures tolerated, checkpoints kept."""
 
-    address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
     workers: int = Field(1, ge=1, le=4096, description="DDP workers, each taking its share of every batch "
                          "(train-ebm: batch_size must split evenly over them)")
     use_gpu: Optional[bool] = Field(None, description="one GPU per worker; null = auto: where a node has a GPU or "
@@ -174,9 +196,6 @@ class TrainRayConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps; older ones are deleted")
     startup_timeout_s: float = Field(60.0, gt=0, le=86_400, description="how long a (re)started run waits for "
                                     "its workers' resources before it fails (e.g. after losing a node)")
-    shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
-                                    "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
-                                    "is refused, since each node would write its part to its own disk")
 
 
 class EBMRayConfig(TrainRayConfig):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .attack import AttackConfig, AttackSettings
-from .common import URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, Section
+from .common import Output, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, Section
 from .train import TrainEBMConfig
 
 class QuickstartConfig(Section):
@@ -19,4 +19,4 @@ class QuickstartConfig(Section):
         attack=AttackSettings(steps=20, eot_attack=4, eot_defense=8), ebm="(set by quickstart)"),
         description="both attacks on the Ray Data engine: PGD on the undefended classifier, then BPDA+EOT through "
         "the trained EBM (into output/pgd, output/bpda_eot)")
-    output: URL = Field("runs/quickstart", description="where every stage writes (a rerun resumes)")
+    output: Output = "runs/quickstart"

@@ -5,8 +5,8 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..method.cuda import PRECISIONS
-from .common import RunName, URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared
+from .common import (Output, RunName, Seed, TrainingPrecision, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig,
+                     MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared)
 
 
 class TrainEBMConfig(Section):
@@ -23,17 +23,12 @@ class TrainEBMConfig(Section):
     bank_size: Optional[int] = Field(None, ge=1, description="persistent chains; null = one per training image")
     bank_init: Literal["noise", "data"] = Field("noise", description="where a fresh chain starts: uniform noise in [-1, 1] (the paper), or a training image")
     rejuvenation: float = Field(0.0, ge=0.0, le=1.0, description="chance a drawn chain restarts from bank_init")
-    precision: Literal[tuple(p for p in PRECISIONS if p != "float64")] = Field(
-        "float32", description="the arithmetic of training (method/cuda.py PRECISIONS): float32 (on CUDA: TF32); "
-        "float32_strict (on CUDA: TF32 off, deterministic cuDNN and algorithms: a resume repeats bit for bit); bf16: "
-        "the EBM under bf16 autocast inside the Langevin chains only (chains, loss and update in float32). It changes "
-        "results: part of a checkpoint's fingerprint")
-    seed: int = Field(0, ge=0, lt=2**32, description="every draw of iteration t comes from (seed, t), a chain's noise "
-                      "from (seed, slot, t)")
+    precision: TrainingPrecision = "float32"
+    seed: Seed = 0
     checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints (one is also written at the end)")
     log_every: int = Field(100, ge=1, description="iterations per metric window: the means logged and kept in the "
                            "checkpoint's history")
-    output: URL = Field("runs/ebm", description="where the run lives (output/name: checkpoints, ebm.pt); the same name and output resume")
+    output: Output = "runs/ebm"
     name: RunName = Field("ebm",
                       description="run name: the same name and output resume the run")
     ray: EBMRayConfig = Field(default_factory=lambda: EBMRayConfig())
@@ -61,8 +56,8 @@ class TrainClassifierConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(2e-4, ge=0.0, le=1.0)
     augment: bool = Field(True, description="random crop (4 pixels of padding) and horizontal flip")
-    seed: int = Field(0, ge=0, lt=2**32)
-    output: URL = Field("runs/classifier", description="where the run lives (output/name: checkpoints, classifier.pt); the same name and output resume")
+    seed: Seed = 0
+    output: Output = "runs/classifier"
     name: RunName = Field("classifier",
                       description="run name: the same name and output resume the run")
     ray: TrainRayConfig = Field(default_factory=lambda: TrainRayConfig())

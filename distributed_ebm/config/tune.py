@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .attack import AttackConfig, AttackSettings
-from .common import RunName, URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, Section
+from .common import Output, RunName, Seed, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, Section
 from .train import TrainEBMConfig
 
 class SearchRange(Section):
@@ -49,8 +49,8 @@ class SearchConfig(Section):
     natural_floor: float = Field(0.7, ge=0.0, le=1.0, description="robust_with_floor: trials whose natural accuracy "
                                  "(natural_figure) reaches it are ranked by robust accuracy, every other one below them")
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null = as many as fit")
-    seed: int = Field(0, ge=0, lt=2**32, description="Optuna's sampler seed")
-    output: URL = Field("runs", description="where the search lives (output/name: trials, the best settings file)")
+    seed: Seed = 0
+    output: Output = "runs"
     name: RunName = Field("tune",
                       description="search name: the same name and output resume the search")
     mlflow: MLflowConfig = Field(default_factory=lambda: MLflowConfig())
