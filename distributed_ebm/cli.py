@@ -8,16 +8,26 @@
     debm quickstart       (the README's end-to-end run)
     debm report           runs/attack-pgd runs/attack-bpda_eot   (the accuracy table of results folders)
 
-Every command validates its config and checks every input it will touch before any work; a bad
-one prints one line and exits with 2. Ray's own logs stay in its session folder unless --verbose.
+Without Ray, MLflow or s3fs, in one process on one device (docs/gpu.md):
+
+    debm attack-local     --config jobs/configs/attack_mefa.yaml [--device cuda] [key=value ...]
+    debm train-ebm-gpu    --config jobs/configs/train_ebm_cifar10.yaml --minutes 8 --out DIR \\
+                          [--resume models/ebm-cifar10-gpu/ckpt.pt] [--keep-bank] [key=value ...]
+    debm train-ebm-gpu    --card models/ebm-cifar10-gpu     (rewrite the card from its ckpt.pt)
+
+Dotted `key=value` overrides may stand anywhere on the line, before or after the options. Every command
+validates its config and checks every input it will touch before any work; a bad one prints one line
+and exits with 2. Ray's own logs stay in its session folder unless --verbose. This module imports neither
+Ray nor MLflow, so the one-process commands (and jobs/) run where only torch, pydantic and omegaconf are.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
-from .errors import ConfigError, InputError, exit_status
+from .errors import ConfigError, InputError, run_job
 
 from .config import AttackConfig, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml
 
@@ -31,21 +41,65 @@ COMMANDS = {
 }
 
 
+# the one-process commands (no Ray): what each runs
+LOCAL = {
+    "attack-local": "run an attack config in one process on one device, without Ray, MLflow or s3fs",
+    "train-ebm-gpu": "train the EBM in one process within a time budget, resumable from a compact checkpoint (no Ray)",
+}
+OVERRIDES = "dotted key=value overrides, anywhere on the line, e.g. attack.steps=10"
+USAGE = "%(prog)s [options] [key=value ...]"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="debm", description="distributed-ebm: EBM adversarial purification")
+    """Every command's options; the key=value overrides are what is left over (`overrides`)."""
+    p = argparse.ArgumentParser(prog="debm", description="distributed-ebm: EBM adversarial purification",
+                                epilog=OVERRIDES)
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        s = sub.add_parser(name, help=help_text)
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=OVERRIDES, usage=USAGE)
         s.add_argument("--config", help="YAML config (defaults: the paper's settings)")
         s.add_argument("--print-config", action="store_true", help="print the validated config and exit")
         s.add_argument("--verbose", action="store_true", help="also print Ray's, Ray Train's and Ray Data's own logs")
-        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. attack.steps=10")
+    a = sub.add_parser("attack-local", help=LOCAL["attack-local"], description=LOCAL["attack-local"], epilog=OVERRIDES,
+                       usage=USAGE)
+    a.add_argument("--config", required=True, help="attack YAML (e.g. jobs/configs/attack_mefa.yaml)")
+    a.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    t = sub.add_parser("train-ebm-gpu", help=LOCAL["train-ebm-gpu"], description=LOCAL["train-ebm-gpu"],
+                       epilog=OVERRIDES, usage=USAGE)
+    t.add_argument("--config", help="training YAML (e.g. jobs/configs/train_ebm_cifar10.yaml)")
+    t.add_argument("--minutes", type=float, help="wall-clock budget of this session, from the start, saves included")
+    t.add_argument("--resume", metavar="CKPT", help="a training checkpoint to continue from (ckpt.pt; its bank-0.pt "
+                                                    "is used where it lies beside it, else the bank is re-burned)")
+    t.add_argument("--out", metavar="DIR", help="where ckpt.pt, the sample grid, curves.png and README.md go")
+    t.add_argument("--keep-bank", action="store_true", help="also write the bank (bank-0.pt, 600 MB for the paper's "
+                                                            "50,000 chains) beside ckpt.pt, for an exact resume")
+    t.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
+    t.add_argument("--iterations", type=int, help="stop at this iteration (default: the config's `iterations`)")
+    t.add_argument("--card", metavar="DIR", help="only rewrite DIR/README.md and DIR/curves.png from DIR/ckpt.pt")
     r = sub.add_parser("report", help="print the accuracy table of one or more attack results folders")
     r.add_argument("urls", nargs="+", metavar="URL", help="attack output folders (local or s3://)")
     r.add_argument("--plot", metavar="URL", help="also write their accuracy curves, in one PNG, here")
     r.add_argument("--gallery", type=int, metavar="N", help="also draw each run's gallery.png of its first N images "
                                                            "by id (from its records and its config)")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its key=value overrides taken wherever they stand (`args.overrides`): argparse's own
+    positional list takes one unbroken run of them, refusing `trials=3 --print-config rungs=[25,50]`. An
+    unknown option left over is one line and exit 2."""
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    if args.command == "report":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        p.exit(2, f"debm {args.command}: {unknown[0]!r} is not an option of debm {args.command} "
+                  f"(see debm {args.command} --help); overrides are key=value\n")
+    args.overrides = rest
+    return args
 
 
 def parse(command: str, config: str | None, overrides: list[str]):
@@ -86,8 +140,78 @@ def run(command: str, cfg) -> None:
         quickstart(cfg)
 
 
+def attack_local(args: argparse.Namespace) -> None:
+    """`debm attack-local`: the same records, summary and plot as `debm attack` (one engine,
+    `local.attack.run_attack`, which the Ray actors also run batch by batch), resumable the same way, under
+    `output`; nothing is logged to MLflow."""
+    from .local.attack import run_attack
+    from .method.cuda import job_device
+    from .results.report import attack_done
+
+    cfg = load_config(AttackConfig, args.config, args.overrides)
+    device = job_device(args.device)
+    print(f"attack-local: {cfg.attack.name} on {device}, output {cfg.output}", flush=True)
+    summary = run_attack(cfg, device=str(device))
+    print(attack_done(summary, cfg.output))
+
+
+def train_ebm_gpu(args: argparse.Namespace, started: float) -> None:
+    """`debm train-ebm-gpu`: one session of `local.train.LocalTraining` that trains for `--minutes` (counted
+    from `started`), then leaves in `--out` the compact checkpoint, a sample grid of the bank, the loss and
+    energy curves and the model card; the next session, on any machine, continues with `--resume`,
+    re-burning the bank where it did not travel. `--card DIR` only rewrites DIR's card."""
+    import torch
+
+    from .config import StandaloneTrainConfig
+    from .local.train import LocalTraining, device_name
+    from .method.cuda import job_device
+    from .method.training import TrainingDiverged
+    from .results.card import write_card
+    from .store import storage
+    from .store.checkpoints import CKPT, check_fingerprint, load_checkpoint, settings_fingerprint
+    from .store.data import load
+
+    if args.card:
+        write_card(args.card, load_checkpoint(storage.join(args.card, CKPT)))
+        print(f"wrote {storage.join(args.card, 'README.md')}")
+        return
+    if args.minutes is None or not 0 < args.minutes <= 24 * 60:
+        raise InputError(f"--minutes must be in (0, 1440] (got {args.minutes})")
+    if not args.out:
+        raise InputError("--out DIR is required (where the checkpoint and the card go)")
+    storage.check_destination(args.out, "--out", folder=True)
+    cfg = load_config(StandaloneTrainConfig, args.config, args.overrides)
+    iterations = cfg.iterations if args.iterations is None else args.iterations
+    if not 1 <= iterations <= cfg.iterations:
+        raise InputError(f"--iterations must be in [1, {cfg.iterations}] (got {iterations})")
+    device = job_device(args.device)
+    state = None
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
+    data = load(cfg.data)
+    print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
+          f"{args.minutes} min", flush=True)
+    session = LocalTraining(cfg, data, args.out, device, state, _parent(args.resume) if args.resume else None,
+                            args.keep_bank, card=True, minutes=args.minutes, log=lambda s: print(s, flush=True),
+                            started=started)
+    try:
+        record = session.run(iterations, started + 60 * args.minutes, name="train-ebm-gpu")
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"{err}; the last good checkpoint is the last one saved in {args.out}") from None
+    rate = record["iterations_per_second"]
+    print(f"session {record['session']}: iterations {record['start_iteration']} -> {record['end_iteration']} in "
+          f"{record['seconds'] / 60:.2f} min on {record['device']} ({rate or 0:.3g} it/s); wrote {args.out}/", flush=True)
+
+
+def _parent(url: str) -> str:
+    """The folder a file URL lies in."""
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    started = time.monotonic()  # the one-GPU session's --minutes count from here
+    args = parse_args(argv)
     if args.command == "report":
         from .store import storage
         from .results.report import format_paired, format_table, plot_curves
@@ -117,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"debm report: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "attack-local":
+        return run_job("debm attack-local", lambda: attack_local(args))
+    if args.command == "train-ebm-gpu":
+        return run_job("debm train-ebm-gpu", lambda: train_ebm_gpu(args, started))
     if args.verbose:
         os.environ["DEBM_VERBOSE"] = "1"
     elif os.environ.get("DEBM_VERBOSE") != "1":
@@ -133,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             if ray_running() and not ray_before:
                 sys.modules["ray"].shutdown()
 
-    return exit_status(f"debm {args.command}", job)
+    return run_job(f"debm {args.command}", job)
 
 def ray_running() -> bool:
     """Whether this process is connected to a Ray (without importing Ray)."""

@@ -20,9 +20,10 @@ class JobFailed(RuntimeError):
     """A job that cannot go on for a reason outside its input (e.g. lost capacity): one line, exit 1."""
 
 
-def exit_status(prog: str, job: Callable[[], int | None]) -> int:
-    """Run a job's body and turn the failures users cause or meet into one line and an exit code:
-    bad input 2, a job that cannot go on 1 (anything else keeps its traceback). Every entry point uses it."""
+def run_job(prog: str, job: Callable[[], int | None]) -> int:
+    """Run a job's body and return its exit code: 0, or for the failures users cause or meet one line on
+    stderr and 2 for bad input, 1 for a job that cannot go on (anything else keeps its traceback). Every
+    entry point runs its body through it."""
     try:
         return job() or 0
     except (InputError, FileNotFoundError) as err:

@@ -1,9 +1,12 @@
-"""Job: `debm tune`. Usage: python jobs/tune_purification.py --config jobs/configs/tune_purification.yaml [key=value ...]"""
+"""Job: `debm tune`, runnable from a bare checkout (the repository root goes on sys.path).
+
+Usage: python3 jobs/tune_purification.py --config jobs/configs/tune_purification.yaml [key=value ...]
+"""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _entry import run_job  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distributed_ebm.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    run_job("tune")
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,9 +1,12 @@
-"""Job: `debm tune-training`. Usage: python jobs/tune_training.py --config jobs/configs/tune_training.yaml [key=value ...]"""
+"""Job: `debm tune-training`, runnable from a bare checkout (the repository root goes on sys.path).
+
+Usage: python3 jobs/tune_training.py --config jobs/configs/tune_training.yaml [key=value ...]
+"""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _entry import run_job  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from distributed_ebm.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    run_job("tune-training")
+    sys.exit(main(["tune-training", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""jobs/attack_local.py: an attack config in one process without Ray, MLflow or s3fs (a machine with one GPU)."""
+"""jobs/attack_local.py (`debm attack-local`): an attack config in one process without Ray, MLflow or s3fs (a machine with one GPU)."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from distributed_ebm.results import records as results
-from distributed_ebm.local.attack_local import main
+from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.store.weights import save_ebm
@@ -54,7 +54,7 @@ def test_runs_without_ray_mlflow_or_s3fs_equal_to_the_engine_and_resumes(tmp_pat
 
 def test_bad_device_is_one_line(tmp_path, capsys):
     cfg = str(REPO / "jobs" / "configs" / "results" / "defended_bpda_eot.yaml")
-    assert main(["--config", cfg, "--device", "tpu:x", f"output={tmp_path}", *ARGS]) == 2
+    assert main(["attack-local", "--config", cfg, "--device", "tpu:x", f"output={tmp_path}", *ARGS]) == 2
     assert "--device 'tpu:x' is not a torch device" in capsys.readouterr().err
 
 

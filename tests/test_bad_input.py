@@ -269,7 +269,8 @@ def test_run_names_and_bank_shards_that_cannot_work(tmp_path, capsys):
 
 
 def test_one_gpu_job_refuses_an_out_that_is_a_file_and_names_a_missing_card_folder(tmp_path, capsys):
-    from distributed_ebm.local.train import main as gpu_main
+    def gpu_main(argv):
+        return main(["train-ebm-gpu", *argv])
 
     (tmp_path / "file").write_text("x")
     assert gpu_main(["--minutes", "1", "--out", str(tmp_path / "file"), f"data.path={TEST_EXACT}"]) == 2

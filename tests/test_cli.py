@@ -63,8 +63,26 @@ def test_job_file_reports_bad_input_in_one_line():
     assert done.returncode == 2 and done.stderr.strip() == f"debm attack: {os.path.abspath('missing.pt')} does not exist"
 
 
-def test_exit_status_turns_user_facing_failures_into_one_line(capsys):
-    from distributed_ebm.errors import ConfigError, JobFailed, exit_status
+def test_overrides_stand_anywhere_on_the_line(capsys):
+    """Before, argparse's positional list took one unbroken run of overrides: `trials=3 --config FILE rungs=[30,60]`
+    was refused as unrecognized arguments."""
+    assert main(["tune", "--config", "jobs/configs/tune_purification.yaml", "--print-config", "rungs=[25,50]"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["rungs"] == [25, 50]
+    assert main(["tune", "trials=3", "--config", "jobs/configs/tune_purification.yaml", "rungs=[30,60]",
+                 "--print-config", "seed=4"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["trials"], cfg["rungs"], cfg["seed"]) == (3, [30, 60], 4)
+    with pytest.raises(SystemExit) as exit:
+        main(["tune", "rungs=[25,50]", "--bogus", "3", "--print-config"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("debm tune: '--bogus' is not an option of debm tune (see debm tune --help); "
+                                       "overrides are key=value\n")
+    assert main(["attack", "--print-config", "attack.steps"]) == 2  # not key=value: the loader's one line
+    assert "override 'attack.steps' is not of the form key=value" in capsys.readouterr().err
+
+
+def test_run_job_turns_user_facing_failures_into_one_line(capsys):
+    from distributed_ebm.errors import ConfigError, JobFailed, run_job
     from distributed_ebm.method.training import TrainingDiverged
 
     def fail(exc):
@@ -72,15 +90,15 @@ def test_exit_status_turns_user_facing_failures_into_one_line(capsys):
             raise exc
         return job
 
-    assert exit_status("job", lambda: None) == 0
-    assert exit_status("job", fail(ConfigError("batch_size: must be > 0"))) == 2
-    assert exit_status("job", fail(FileNotFoundError("no such file: x.pt"))) == 2
-    assert exit_status("job", fail(JobFailed("capacity lost"))) == 1
-    assert exit_status("job", fail(TrainingDiverged("EBM loss is nan"))) == 1  # a diverged run, not a traceback
+    assert run_job("job", lambda: None) == 0
+    assert run_job("job", fail(ConfigError("batch_size: must be > 0"))) == 2
+    assert run_job("job", fail(FileNotFoundError("no such file: x.pt"))) == 2
+    assert run_job("job", fail(JobFailed("capacity lost"))) == 1
+    assert run_job("job", fail(TrainingDiverged("EBM loss is nan"))) == 1  # a diverged run, not a traceback
     assert capsys.readouterr().err.splitlines() == ["job: batch_size: must be > 0", "job: no such file: x.pt",
                                                    "job: capacity lost", "job: EBM loss is nan"]
     with pytest.raises(KeyError):  # a bug keeps its traceback
-        exit_status("job", fail(KeyError("bug")))
+        run_job("job", fail(KeyError("bug")))
 
 
 def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):

@@ -15,7 +15,8 @@ from distributed_ebm.store.checkpoints import energy_stats, load_checkpoint, reb
 from distributed_ebm.errors import InputError
 from distributed_ebm.config import StandaloneTrainConfig, build
 from distributed_ebm.store.data import ImageSet, select
-from distributed_ebm.local.train import CKPT, LocalTraining, main
+from distributed_ebm.cli import main as debm
+from distributed_ebm.local.train import CKPT, LocalTraining
 from distributed_ebm.store.weights import load_ebm
 from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
 
@@ -26,6 +27,11 @@ CPU = torch.device("cpu")
 TREE = {"data": {"image_size": 8}, "ebm": {"width": 8, "image_size": 8}, "langevin": {"steps": 5}, "batch_size": 16,
         "bank_size": 32, "iterations": 16, "adam_lr": 3e-3, "sgd_start": 14, "checkpoint_every": 1000, "log_every": 4,
         "reburn_steps": 300, "reburn_check": 5, "reburn_chunk": 16}
+
+
+def main(argv: list[str]) -> int:
+    """The one-GPU job (jobs/train_ebm_gpu.py) in this process."""
+    return debm(["train-ebm-gpu", *argv])
 
 
 def _cfg(**kw):

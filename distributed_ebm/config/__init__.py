@@ -1,6 +1,6 @@
 """Typed job configs, one module per job (train, attack, tune, quickstart) over the shared sections
 (common) and the loader (load). Every number of the paper is a default here, never a constant in the code."""
-from ..errors import ConfigError, InputError, JobFailed, exit_status
+from ..errors import ConfigError, InputError, JobFailed, run_job
 from .attack import AttackConfig, AttackSettings, ReportConfig
 from .common import (URL, Budget, ClassifierConfig, DataConfig, EBMConfig, EBMNetConfig, EBMRayConfig, LangevinConfig,
                      MLflowConfig, RayConfig, Section, TrainRayConfig, shared)

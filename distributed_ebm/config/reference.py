@@ -25,10 +25,11 @@ from .tune import TunePurificationConfig, TuneTrainingConfig
 # (job, its config class, what runs it), in the order the page lists them
 JOBS = [
     ("train-ebm", TrainEBMConfig, "`debm train-ebm`, `jobs/train_ebm.py` (Ray Train)"),
-    ("train-ebm, one GPU", StandaloneTrainConfig, "`jobs/train_ebm_gpu.py` (one process, no Ray): the keys of "
-                                                  "train-ebm and these"),
+    ("train-ebm, one GPU", StandaloneTrainConfig, "`debm train-ebm-gpu`, `jobs/train_ebm_gpu.py` (one process, "
+                                                  "no Ray): the keys of train-ebm and these"),
     ("train-classifier", TrainClassifierConfig, "`debm train-classifier`, `jobs/train_classifier.py`"),
-    ("attack", AttackConfig, "`debm attack`, `jobs/attack.py` (Ray Data), `jobs/attack_local.py` (one process)"),
+    ("attack", AttackConfig, "`debm attack`, `jobs/attack.py` (Ray Data); `debm attack-local`, "
+                             "`jobs/attack_local.py` (one process)"),
     ("tune (purifier)", TunePurificationConfig, "`debm tune`, `jobs/tune_purification.py`"),
     ("tune (training sampler)", TuneTrainingConfig, "`debm tune-training`, `jobs/tune_training.py`"),
     ("quickstart", QuickstartConfig, "`debm quickstart`, `jobs/quickstart.py`"),

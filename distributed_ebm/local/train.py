@@ -4,18 +4,14 @@ asked) and natural classifiers.
 `LocalTraining` runs the method's loop (`training.run_ebm` over `EBMIteration`, the bank in memory) and
 writes the one training checkpoint (`store/checkpoints.py`: `ckpt.pt`, plus `bank-0.pt` where the bank is
 kept). `train_ebm` is the plain single-process run: it keeps the bank, so a rerun into the same output
-continues exactly. The one-GPU job (`main`, jobs/train_ebm_gpu.py) is for any machine with one GPU and no
-Ray, MLflow or s3fs: each session trains for `--minutes`, then leaves in `--out` the compact checkpoint
-(about 8 MB for the paper's EBM), a sample grid of the bank, the loss and energy curves and the model card;
-the next session, on any machine, continues with `--resume`, re-burning the bank where it did not travel.
-
-    python3 jobs/train_ebm_gpu.py --config jobs/configs/train_ebm_cifar10.yaml --minutes 8 \\
-        [--resume models/ebm-cifar10-gpu/ckpt.pt] --out DIR [--keep-bank] [key=value ...]
-    python3 jobs/train_ebm_gpu.py --card models/ebm-cifar10-gpu     (rewrite the card from its ckpt.pt)
+continues exactly. The one-GPU job (`debm train-ebm-gpu`, jobs/train_ebm_gpu.py) runs `LocalTraining` a
+session at a time on any machine with one GPU and no Ray, MLflow or s3fs: each session trains for
+`--minutes`, then leaves in `--out` the compact checkpoint (about 8 MB for the paper's EBM), a sample grid of
+the bank, the loss and energy curves and the model card; the next session, on any machine, continues with
+`--resume`, re-burning the bank where it did not travel.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import math
@@ -24,11 +20,11 @@ import time
 
 import torch
 
-from ..config import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig, load_config, to_yaml
-from ..errors import InputError, exit_status
+from ..config import TrainClassifierConfig, TrainEBMConfig, to_yaml
+from ..errors import InputError
 from ..method.bank import ImageBank
-from ..method.cuda import job_device, set_arithmetic
-from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
+from ..method.cuda import set_arithmetic
+from ..method.training import (METRICS, EBMIteration, LocalBank, check_sizes, classifier_optimizer,
                                new_classifier, new_ebm, run_classifier, run_ebm, time_split)
 from ..results.card import write_card
 from ..results.report import image_grid_png
@@ -224,65 +220,3 @@ def classifier_state(cfg, epoch: int, clf, opt, sched, history: list) -> dict:
     return {"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "history": history, "config": to_yaml(cfg)}
 
-
-# --- the one-GPU job ---------------------------------------------------------------------------
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_ebm_gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="training YAML (e.g. jobs/configs/train_ebm_cifar10.yaml)")
-    p.add_argument("--minutes", type=float, help="wall-clock budget of this session, from the start, saves included")
-    p.add_argument("--resume", metavar="CKPT", help="a training checkpoint to continue from (ckpt.pt; its bank-0.pt "
-                                                    "is used where it lies beside it, else the bank is re-burned)")
-    p.add_argument("--out", metavar="DIR", help="where ckpt.pt, the sample grid, curves.png and README.md go")
-    p.add_argument("--keep-bank", action="store_true", help="also write the bank (bank-0.pt, 600 MB for the paper's "
-                                                            "50,000 chains) beside ckpt.pt, for an exact resume")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--iterations", type=int, help="stop at this iteration (default: the config's `iterations`)")
-    p.add_argument("--card", metavar="DIR", help="only rewrite DIR/README.md and DIR/curves.png from DIR/ckpt.pt")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. reburn_steps=500")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
-    args = parser().parse_args(argv)
-    return exit_status("train_ebm_gpu", lambda: _main(args, started))
-
-
-def _main(args: argparse.Namespace, started: float) -> int:
-    if args.card:
-        write_card(args.card, load_checkpoint(storage.join(args.card, CKPT)))
-        print(f"wrote {storage.join(args.card, 'README.md')}")
-        return 0
-    if args.minutes is None or not 0 < args.minutes <= 24 * 60:
-        raise InputError(f"--minutes must be in (0, 1440] (got {args.minutes})")
-    if not args.out:
-        raise InputError("--out DIR is required (where the checkpoint and the card go)")
-    storage.check_destination(args.out, "--out", folder=True)
-    cfg = load_config(StandaloneTrainConfig, args.config, args.overrides)
-    iterations = cfg.iterations if args.iterations is None else args.iterations
-    if not 1 <= iterations <= cfg.iterations:
-        raise InputError(f"--iterations must be in [1, {cfg.iterations}] (got {iterations})")
-    device = job_device(args.device)
-    state = None
-    if args.resume:
-        state = load_checkpoint(args.resume)
-        check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
-    data = load(cfg.data)
-    print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
-          f"{args.minutes} min", flush=True)
-    session = LocalTraining(cfg, data, args.out, device, state, _parent(args.resume) if args.resume else None, args.keep_bank,
-                            card=True, minutes=args.minutes, log=lambda s: print(s, flush=True), started=started)
-    try:
-        record = session.run(iterations, started + 60 * args.minutes, name="train-ebm-gpu")
-    except TrainingDiverged as err:
-        raise TrainingDiverged(f"{err}; the last good checkpoint is the last one saved in {args.out}") from None
-    rate = record["iterations_per_second"]
-    print(f"session {record['session']}: iterations {record['start_iteration']} -> {record['end_iteration']} in "
-          f"{record['seconds'] / 60:.2f} min on {record['device']} ({rate or 0:.3g} it/s); wrote {args.out}/", flush=True)
-    return 0
-
-
-def _parent(url: str) -> str:
-    """The folder a file URL lies in."""
-    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
