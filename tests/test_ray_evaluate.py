@@ -142,7 +142,7 @@ def test_a_pass_that_loses_an_actor_gives_back_the_other_actors_cpus_at_once(ray
     import ray
 
     from distributed_ebm.distributed.attack import attack_settings, lost, pending, preflight, run_pipeline
-    from distributed_ebm.store.progress import Progress
+    from distributed_ebm.progress import Progress
 
     cfg = _cfg(tmp_path, ebm_url, str(tmp_path / "out"),
                **{"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40, "mlflow.enabled": False})

@@ -100,7 +100,7 @@ def _follow(board, stop: threading.Event) -> None:
     """The driver's progress line: what rank 0 last posted, every 2 seconds until the run ends."""
     import ray
 
-    from ..store.progress import Progress
+    from ..progress import Progress
 
     bar, restarts = None, 0
     while True:
