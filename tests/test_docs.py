@@ -27,6 +27,7 @@ def test_the_folders_the_device_scripts_fill_are_in_gitignore():
     .git/info/exclude names: before, a prepared .device-ray (236 MB) made every submission from the checkout fail."""
     from pathlib import Path
     ignored = Path(".gitignore").read_text().splitlines()
-    for script, folder in (("jobs/prepare_device.sh", "/.device/"), ("jobs/prepare_device_ray.sh", "/.device-ray/")):
+    for script, folder in (("benchmarks/device/prepare_device.sh", "/.device/"),
+                           ("benchmarks/device/prepare_device_ray.sh", "/.device-ray/")):
         assert folder in ignored, folder
         assert "info/exclude" not in Path(script).read_text(), script
