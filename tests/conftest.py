@@ -65,8 +65,7 @@ def resnet20():
 RAY_FIXTURES = {"ray_local", "s3_bucket"}
 RAY_MODULES = {"test_e2e_cluster", "test_faults"}
 # Module fixtures that take seconds to build: in a parallel run the tests that use one run on one worker, so it is
-# built once (before, both workers ran tests/two_node.py, 90 s each). With a test that needs the session's Ray, that
-# is the Ray's worker.
+# built once, not once per worker. With a test that needs the session's Ray, that is the Ray's worker.
 SHARED_FIXTURES = {"two_node", "runs", "first"}
 
 
@@ -177,8 +176,8 @@ def ray_local(s3_bucket, request):
     """One real local Ray for the whole session (2 CPUs); started after the S3 variables are set, so every worker
     inherits the same endpoint (no runtime env: it would start each worker through one more Python process). Idle
     task workers are kept (8, for 5 minutes, instead of 2 for 1 s), so that each Ray Data pass reuses the
-    processes that read the last one's files instead of starting and importing new ones: tests/test_ray_evaluate.py
-    took 64-71 s instead of 76-82 s, same hour. Actors get processes of their own either way."""
+    processes that read the last one's files instead of starting and importing new ones. Actors get processes of
+    their own either way."""
     if getattr(request.config.option, "loadgroup", False):  # a parallel run: this worker runs every test on it
         lost = [item.nodeid for item in request.session.items if "ray_local" in item.fixturenames and "@" not in item.nodeid]
         if lost:  # pytest 9.2 with pytest-xdist 3.8 stopped grouping (pytest-dev/pytest-xdist#1386), silently
@@ -206,8 +205,7 @@ def no_ray_started(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def ray_resources_returned(request):
     """A test on the session's Ray gives back every CPU it took: otherwise the tests after it starve and fail
-    far from the cause (a CI run once lost all of tests/test_ray_train.py so). The test that kept them fails
-    here, naming what is still alive."""
+    far from the cause. The test that kept them fails here, naming what is still alive."""
     yield
     if "ray_local" not in request.fixturenames:
         return

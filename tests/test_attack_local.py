@@ -59,8 +59,8 @@ def test_bad_device_is_one_line(tmp_path, capsys):
 
 
 def test_a_one_process_run_builds_its_attack_once_and_draws_its_gallery_with_it(tmp_path, monkeypatch):
-    """The gallery reuses the run's attack (before: weights loaded and the chunk size probed a second time),
-    and draws the same pictures as an attack built anew."""
+    """The gallery reuses the run's attack (no second load of the weights, no second chunk-size probe), and
+    draws the same pictures as an attack built anew."""
     import distributed_ebm.local.attack as local
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)

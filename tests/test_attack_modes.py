@@ -2,9 +2,8 @@
 compared with in test_ray_evaluate.py; the ensemble is held to its members alone in test_ensemble.py)
 must keep giving these records.
 
-The values were recorded from the engine before its mode strings became the classes of
-method/attacks/modes.py (float64 on the CPU: integers exact, sums of adversarial images to a relative 1e-9, since the last bits of
-float64 convolutions and sums depend on the CPU's vector kernels). A new mode adds
+The values are the engine's records in float64 on the CPU: integers exact, sums of adversarial images to a
+relative 1e-9, since the last bits of float64 convolutions and sums depend on the CPU's vector kernels. A new mode adds
 a case here; `test_every_mode_is_pinned` fails until it does.
 """
 import numpy as np
@@ -28,8 +27,7 @@ CASES = {  # attack settings over the common ones in _config
 
 # per image: natural_protocol_pred, natural_defense_pred, broken_at, final_pred, image_steps, confirm_image_steps,
 # reeval_correct, broken_by (ensemble, else None), sum of adv_image, sum of adv_image weighted by its flat position.
-# Since the defense's own natural figure (issue 22) every clean image gets the 2-chain vote: image_steps grew by
-# 2 chains x 3 steps = 6 where the check was right; nothing else changed.
+# image_steps includes the defense's own natural check, the 2-chain vote on every clean image (2 chains x 3 steps).
 EXPECTED = {
     "pgd_apgd_dlr": [
         (3, 3, 3, 5, 0, 0, [], None, -460.8753920372692, -750530.8976904699),

@@ -169,8 +169,8 @@ def _parquet(tmp_path, images, labels, label_type=pa.int64(), index=None) -> str
     ("label_too_big", "labels must lie in [0, 10) (classifier.num_classes), found 10"),
     ("negative_label", "labels must lie in [0, 10) (classifier.num_classes), found -1"),
     ("folder", "is a folder, not a file"),
-    # before: an index column that repeats or holds a negative id was silently replaced by the row numbers, so
-    # records and keyed randomness named other images than the file's
+    # an index column that repeats or holds a negative id is refused, not replaced by the row numbers (records and
+    # keyed randomness would then name other images than the file's)
     ("index_repeats", "index names id 7 2 times (rows [0, 2]); each image needs an id of its own"),
     ("index_negative", "index holds the negative id -3 (row 1); image ids must be >= 0"),
 ])
@@ -189,8 +189,8 @@ def test_bad_data_files(tmp_path, capsys, case, expected):
 
 
 def test_image_bytes_that_do_not_decode_fail_on_the_cluster_in_one_line(ray_local, tmp_path, capsys):
-    """Decoded in Ray Data's tasks, on the session's Ray (a Ray of its own took 10 s more): where it runs, then one
-    line."""
+    """Decoded in Ray Data's tasks, on the session's Ray (a Ray of its own would add its start-up): where it runs,
+    then one line."""
     capsys.readouterr()  # what starting the Ray printed
     url = _parquet(tmp_path, [_png(), b"GIF89a but not really", _png()], [0, 1, 2])
     assert _attack(url, tmp_path) == 2
@@ -249,7 +249,7 @@ def test_output_under_a_file(tmp_path, capsys, command):
 
 @pytest.mark.parametrize("command", ["attack", "train-ebm", "train-classifier"])
 def test_output_that_is_a_file(tmp_path, capsys, command):
-    """Before: the job started Ray, worked, and failed with a traceback when it first wrote into the file."""
+    """Refused in one line before the job starts Ray or does any work, not with a traceback at its first write."""
     (tmp_path / "file").write_text("x")
     args = {"attack": ["attack.mode=pgd", "data.count=2"],
             "train-ebm": [f"data.path={TEST_EXACT}", "data.count=64", "batch_size=8"],
@@ -259,7 +259,8 @@ def test_output_that_is_a_file(tmp_path, capsys, command):
 
 
 def test_run_names_and_bank_shards_that_cannot_work(tmp_path, capsys):
-    """Before: name=.. wrote the run beside `output`, not in it; more bank shards than chains hung the run."""
+    """Refused up front: name=.. would write the run beside `output`, not in it; more bank shards than chains
+    would hang the run."""
     base = [f"data.path={TEST_EXACT}", "data.count=64", "batch_size=8", "mlflow.enabled=false", f"output={tmp_path}/o"]
     assert main(["train-ebm", *base, "name=.."]) == 2
     assert "name = '..': '..' is not a folder name of its own" in one_line(capsys, "train-ebm")
@@ -276,7 +277,7 @@ def test_one_gpu_job_refuses_an_out_that_is_a_file_and_names_a_missing_card_fold
     assert gpu_main(["--minutes", "1", "--out", str(tmp_path / "file"), f"data.path={TEST_EXACT}"]) == 2
     assert f"--out {tmp_path}/file is a file" in capsys.readouterr().err
     assert gpu_main(["--card", str(tmp_path / "none")]) == 2
-    err = capsys.readouterr().err  # was: "--resume .../ckpt.pt does not exist"
+    err = capsys.readouterr().err  # names the checkpoint --card reads, not --resume
     assert err.count("\n") == 1 and f"checkpoint {tmp_path}/none/ckpt.pt does not exist" in err and "--resume" not in err
 
 

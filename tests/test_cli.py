@@ -42,8 +42,8 @@ def test_attack_writes_records_summary_plots_and_mlflow_artifacts_to_s3(ray_loca
 
 
 def test_a_config_file_on_s3_is_read_as_a_local_one(s3_bucket, capsys):
-    """A search on S3 writes its best settings there and says `--config THIS`; before, --config read local files
-    only and such a file 'did not exist'."""
+    """A search on S3 writes its best settings there and says `--config THIS`: --config reads a URL as it reads a
+    local file."""
     url = f"{s3_bucket}/configs/best_attack.yaml"
     storage.write_bytes(url, f"ebm: {s3_bucket}/ebm.pt\nattack:\n  steps: 7\npurify:\n  noise: 0.02\n".encode())
     assert main(["attack", "--config", url, "--print-config", "batch_size=5"]) == 0
@@ -141,8 +141,8 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
 ])
 def test_a_job_that_asks_for_gpus_no_node_can_give_fails_in_seconds(ray_local, tmp_path, capsys, monkeypatch,
                                                                     command, args):
-    """On a cluster without GPUs and without an autoscaler (before: training waited out ray.startup_timeout_s,
-    78 s measured, and an attack's actor pool waited for ever)."""
+    """On a cluster without GPUs and without an autoscaler the job fails at once, naming what it asked for: it
+    neither waits out ray.startup_timeout_s nor leaves an actor pool waiting for ever."""
     import time
 
     monkeypatch.setenv("DEBM_AUTOSCALER_CONFIG", str(tmp_path / "no-autoscaler.yaml"))

@@ -176,8 +176,9 @@ def test_a_submitted_jobs_own_variables_are_not_forwarded_twice(monkeypatch):
 # --- which devices a job runs on (distributed/devices.py) ---------------------------------------
 
 def test_devices_follow_the_request_and_the_autoscalers_node_types():
-    """The decision alone, with cluster/aws.yaml's node types (its GPU workers scale up from zero): before, `auto`
-    read the GPUs present when the job started, none on a fresh autoscaling cluster, and ran on the head's CPUs."""
+    """The decision alone, with cluster/aws.yaml's node types (its GPU workers scale up from zero): `auto` counts
+    the GPUs the autoscaler can add, not only those present when the job starts (none on a fresh autoscaling
+    cluster, which would leave the job on the head's CPUs)."""
     from distributed_ebm.distributed.devices import node_types, plan
     from distributed_ebm.errors import InputError
 

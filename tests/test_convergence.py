@@ -28,14 +28,14 @@ def test_a_unanimous_vote_is_decided_an_even_one_never_and_a_close_one_needs_mor
 
 
 def test_close_votes_are_costed_in_milliseconds_and_the_float_sign_test_equals_the_exact_one():
-    """A 60:59 vote of 150 chains needs about 69,000 chains; the exact big-integer sign test on such counts took
-    minutes per call and held a finished run's summary back for many minutes. The float sum must equal the exact one."""
+    """A 60:59 vote of 150 chains needs about 69,000 chains; an exact big-integer sign test on such counts costs
+    minutes per call, which would hold a finished run's summary back. The float sum must equal the exact one."""
     n, k = 5001, 2400
     exact = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
     assert sign_test_p(k, n - k) == pytest.approx(exact, rel=1e-9)
     start = time.perf_counter()
     needed = chains_to_decide(60, 59, 150)
-    assert time.perf_counter() - start < 5  # a hang guard: the big-integer sums needed minutes
+    assert time.perf_counter() - start < 5  # a hang guard: big-integer sums need minutes
     assert 60_000 < needed < 80_000 and sign_test_p(round(needed * 60 / 150), round(needed * 59 / 150)) < 0.05
 
 

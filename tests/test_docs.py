@@ -24,9 +24,11 @@ def test_every_setting_of_every_job_is_in_the_reference():
 
 def test_the_folders_the_device_scripts_fill_are_in_gitignore():
     """Ray's working-dir upload (`ray job submit --working-dir .`) skips what .gitignore names, not what
-    .git/info/exclude names: before, a prepared .device-ray (236 MB) made every submission from the checkout fail."""
+    .git/info/exclude names: a prepared .device-ray (hundreds of MB) left out of .gitignore would go up with every
+    submission from the checkout and make it fail."""
     from pathlib import Path
     ignored = Path(".gitignore").read_text().splitlines()
-    for script, folder in (("jobs/prepare_device.sh", "/.device/"), ("jobs/prepare_device_ray.sh", "/.device-ray/")):
+    for script, folder in (("benchmarks/device/prepare_device.sh", "/.device/"),
+                           ("benchmarks/device/prepare_device_ray.sh", "/.device-ray/")):
         assert folder in ignored, folder
         assert "info/exclude" not in Path(script).read_text(), script

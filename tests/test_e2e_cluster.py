@@ -5,12 +5,9 @@ output, and an MLflow tracking server whose artifacts live on that S3. The three
 attack with the settings found. Every service is a process of its own (its own session), stopped by
 process id at the end; the test checks that none of them is left running.
 
-On the 2-CPU machine: the jobs 100 s in a CI run; 118 s in all, alone (services ready in 7 s, the jobs 38 + 41 + 25 s;
-2026-12-07, MLflow's job runner off), 145 s in a busier hour before (set-up 10 s, the jobs 45 + 51 + 30 s, stopping 6 s); 4.1-4.6 minutes while other jobs kept both CPUs busy (measured before the stop and MLflow
-changes: services 35-64 s, train 81-109 s, tune 45-59 s, attack 21-32 s, stopping 13 s);
-nearly all of it fixed costs: Ray and MLflow start-up, and in each job
-the imports, Ray Train's and Ray Data's set-up, MLflow's model logging. Run it alone with
-`pytest -m e2e`, leave it out with `-m "not e2e"`.
+Its time is nearly all fixed costs: Ray and MLflow start-up, and in each job the imports, Ray Train's and
+Ray Data's set-up, MLflow's model logging (measured times: benchmarks/README.md, "Test suite and quickstart
+times"). Run it alone with `pytest -m e2e`, leave it out with `-m "not e2e"`.
 """
 from __future__ import annotations
 
@@ -170,8 +167,8 @@ def cluster(tmp_path_factory):
         mlflow = Service("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                                     "--workers", "1", "--backend-store-uri", f"sqlite:///{logs}/mlflow.db",
                                     "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
-                         # tracking only: without MLflow's job runner and its seven huey consumers (9 processes, ~30 CPU-s
-                         # at start, measured; 2 without), which serve MLflow's GenAI jobs, never ours
+                         # tracking only: without MLflow's job runner and its seven huey consumers (9 processes
+                         # at start; 2 without), which serve MLflow's GenAI jobs, never ours
                          _clean_env(**s3_env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), logs)
         services.append(mlflow)
         # A head as `ray start` makes one on a cluster node; every port chosen here or by the OS, so it
@@ -271,8 +268,8 @@ def test_train_tune_attack_as_submitted_ray_jobs(cluster):
     assert any(k.endswith("/ckpt.pt") for k in saved) and any(k.endswith("/bank-0.pt") for k in saved), saved
 
     # 2. Search the purifier for that EBM (2 trials at once, each on 2 held-out training images from S3);
-    #    the best settings to S3. Each trial takes its share of the cluster: one attack actor (before, each sized
-    #    its pool to the whole cluster, two actors, and the trials fought over the CPUs); the first line says so.
+    #    the best settings to S3. Each trial takes its share of the cluster: one attack actor (not a pool sized to
+    #    the whole cluster, over whose CPUs the trials would fight); the first line says so.
     out = _submit(cluster, "tune", "jobs/tune_purification.py", "--config", "jobs/configs/tune_purification.yaml",
                   f"attack.ebm={ebm}", "attack.data.count=2", "attack.purify.steps=2", "attack.attack.steps=1",
                   "attack.attack.eot_attack=2", "attack.attack.eot_defense=2", "attack.batch_size=2",

@@ -140,8 +140,8 @@ def test_checkpointed_memory_grows_with_sqrt_steps_and_segment_not_with_steps():
 def test_the_recomputed_chain_is_the_judged_chain_bit_for_bit(amp, steps):
     """In float32 (and with the EBM under bf16 autocast): the states the gradient is taken through are the
     sampler's own, bit for bit (the backward compares every recomputed segment with them and would raise
-    ChainMismatch). At the paper's K = 1500 (full suite; 28 s of the inner loop's 188 s) and at K = 150 (12
-    segments, the inner loop). The former recomputation (eager NCHW, x - s g + sigma xi) ended 6e-7 away at 1500."""
+    ChainMismatch). At the paper's K = 1500 (full suite, `slow`) and at K = 150 (12 segments, the inner loop). A
+    recomputation by another formula (eager NCHW, x - s g + sigma xi) ends close, not equal, and fails here."""
     from distributed_ebm.method.exact_chain import ChainMismatch  # noqa: F401  (what a difference would raise
     from distributed_ebm.method.langevin import prepare_energy
 

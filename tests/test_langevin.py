@@ -76,7 +76,7 @@ def test_float32_chain_is_the_reference_loop_bit_for_bit():
     keys = ChainKeys.replicated(3, torch.arange(3), 2, call=4)
     x0 = torch.rand(6, 3, 32, 32) * 2 - 1
     x = x0.clone(memory_format=torch.channels_last)
-    for t in range(4):  # the loop as it was before the fast path
+    for t in range(4):  # the plain loop, without the fast path: one keyed draw and step at a time
         xg = x.detach().requires_grad_(True)
         x.sub_(torch.autograd.grad(ebm(xg).sum(), xg)[0], alpha=1.0)
         x.add_(keys.normal(t, (32, 32, 3)).permute(0, 3, 1, 2), alpha=0.01)

@@ -134,22 +134,21 @@ def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):
 
 def test_a_pass_that_loses_an_actor_gives_back_the_other_actors_cpus_at_once(ray_local, tmp_path, ebm_url):
     """A pass that fails on a lost actor lets its other actors go before it raises, while its caller still holds
-    the error. Before, the frames the error reached (Ray Data's scheduling thread, through `f_back`) held the
-    pass's tasks and, through their callbacks, its actors: the survivor kept its CPU for as long as anyone held the
-    error (a CI run lost tests/test_ray_train.py so). The first check failed on that code in 3 runs of 4. The test
-    also keeps handles to the pass's actors, as something outside Python held a survivor for minutes in a parallel
-    CI run: the CPU check then fails on any code that only drops references (the pass must stop them by id)."""
+    the error. The frames the error reaches (Ray Data's scheduling thread, through `f_back`) hold the pass's
+    tasks and, through their callbacks, its actors: uncleared, they keep a survivor and its CPU for as long as
+    anyone holds the error. The test also keeps handles to the pass's actors, as something outside Python may: the
+    CPU check then fails on any code that only drops references (the pass must stop them by id)."""
     import ray
 
     from distributed_ebm.distributed.attack import attack_settings, lost, pending, preflight, run_pipeline
-    from distributed_ebm.store.progress import Progress
+    from distributed_ebm.progress import Progress
 
     cfg = _cfg(tmp_path, ebm_url, str(tmp_path / "out"),
                **{"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40, "mlflow.enabled": False})
     settings = attack_settings(cfg)
     todo = pending(preflight(cfg), cfg.output, settings)
     before = set(_actor_pids())  # none, unless an earlier test left one (the fixture then failed that test)
-    killed, kept = [], []  # kept: the pass's actor handles, kept here as whatever held a survivor in CI kept it
+    killed, kept = [], []  # kept: the pass's actor handles, kept here as a holder outside the pass would
     killer = threading.Thread(target=_kill_an_actor_once_a_batch_is_written, args=(cfg.output, before, killed, kept))
     killer.start()
     with pytest.raises(Exception) as failed:  # held, with its traceback, as a caller that reports it would
@@ -210,10 +209,9 @@ def _kill_an_actor_once_a_batch_is_written(out: str, before: set, killed: list, 
 
 
 def test_a_frame_another_thread_still_runs_is_released_once_that_thread_leaves_it():
-    """A race that can keep a failed pass's actors alive: the error passed through a frame of another thread (Ray
-    Data's) that was still running when `release_frames` swept, so that frame, and what its locals reach, stayed
-    held by the error. Now the sweep is repeated once the thread has left the frame. Failed on the old code (the
-    payload stayed alive)."""
+    """A race that could keep a failed pass's actors alive: the error passes through a frame of another thread (Ray
+    Data's) that is still running when `release_frames` sweeps, so that frame, and what its locals reach, would
+    stay held by the error. The sweep is repeated once the thread has left the frame."""
     import weakref
 
     from distributed_ebm.distributed.attack import release_frames
@@ -243,10 +241,10 @@ def test_a_frame_another_thread_still_runs_is_released_once_that_thread_leaves_i
 
 
 def test_what_the_cleared_frames_held_in_a_cycle_is_freed_at_once():
-    """What a failed pass's frames held in reference cycles (Ray Data's operators and their actors) became garbage
-    when the frames were cleared, but was freed only by a full collection, which a caller waiting on a retry or a
-    report may not trigger for minutes: an actor then kept its CPU 60 s after the pass (a CI run, 2682e2d). Failed
-    without release_frames' own collection."""
+    """What a failed pass's frames held in reference cycles (Ray Data's operators and their actors) becomes garbage
+    when the frames are cleared, but only a full collection frees it, which a caller waiting on a retry or a
+    report may not trigger for a long time, its actors keeping their CPUs meanwhile. Fails without release_frames'
+    own collection."""
     import gc
     import weakref
 
@@ -262,7 +260,7 @@ def test_what_the_cleared_frames_held_in_a_cycle_is_freed_at_once():
         raise RuntimeError("actor died")
     refs = []
     enabled = gc.isenabled()
-    gc.disable()  # the collector's own schedule decided it before: none here
+    gc.disable()  # the collector's own schedule must not decide it: none here
     try:
         try:
             failing_pass()

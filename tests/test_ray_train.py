@@ -193,7 +193,7 @@ def test_a_run_that_loses_a_bank_shard_then_a_worker_ends_bit_for_bit_as_the_uni
     assert "error" not in box, box.get("error")
     out = box["out"]
     assert out["iteration"] == 60 and out["started_at"] > resumed  # restarted again, from a later checkpoint
-    assert said(2), err  # the console says so in a line of the project's own (before: only Ray's raw lines)
+    assert said(2), err  # the console says so in a line of the project's own (not only in Ray's raw lines)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the float sums of a 1-CPU Ray worker
     try:

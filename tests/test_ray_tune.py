@@ -26,9 +26,10 @@ def test_objective_ranks_every_trial_below_the_floor_under_every_trial_above():
 
 
 def test_the_best_trial_saw_every_rung_and_ties_go_to_the_first_trial():
-    """Before: Ray's `get_best_result(scope='last')` could pick a trial ASHA stopped after 2 images over one scored
-    on all of them, and broke ties by listing order, which differs after a restore: a rerun of a finished search
-    then logged another best and MLflow refused it ("Changing param values is not allowed")."""
+    """The best trial is one scored on every rung, never one ASHA stopped early (Ray's
+    `get_best_result(scope='last')` may pick that), and ties go to the first trial, not to a listing order that
+    differs after a restore: a rerun of a finished search logs the same best, which MLflow requires ("Changing
+    param values is not allowed")."""
     from distributed_ebm.distributed.tune import best_trial
 
     def row(trial, rungs, objective):
@@ -65,7 +66,7 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
                    "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "art"), "experiment": "best"}},
         "validation": {"random": 4, "subset_seed": 1},
         "space": {"noise": {"low": 0.001, "high": 3.0}, "steps": {"low": 1, "high": 4}, "step_size": None},
-        # 2 trials (was 3: 28 s more; 5 before that): Optuna's seed 38 draws noise 0.022, then 1.92, which ASHA stops
+        # 2 trials, the fewest that show a stop: Optuna's seed 38 draws noise 0.022, then 1.92, which ASHA stops
         # after rung 1
         "rungs": [2, 4], "trials": 2, "max_concurrent": 1, "seed": 38,
         "output": str(tmp_path / "search"), "name": "tiny",

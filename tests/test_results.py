@@ -10,7 +10,8 @@ from distributed_ebm.local.attack import run_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.weights import load_ebm
 
-# RESULTS.md's counting table, row "CPU LeakyReLU EBM, 8/255, reduced counting" (jobs/counting_table.sh)
+# RESULTS.md's counting table, row "CPU LeakyReLU EBM, 8/255, reduced counting"
+# (benchmarks/experiments/counting_table.sh)
 SUMMARY = Path("results/counting/cpu_lrelu_8_reduced.json")
 
 

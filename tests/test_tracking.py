@@ -10,8 +10,8 @@ from .conftest import tiny_ebm
 
 
 def test_a_logged_model_loads_back_and_names_the_flavors_requirements(tmp_path):
-    """Requirements are the pytorch flavor's own list, not inferred: inference loads the model in a fresh Python
-    (12.8 s per model here) and finds nothing pip could install beyond it."""
+    """Requirements are the pytorch flavor's own list, not inferred: inference loads the model again in a fresh
+    Python and finds nothing pip could install beyond it."""
     import mlflow.pytorch
 
     ebm = tiny_ebm(scale=20)

@@ -114,8 +114,8 @@ def test_classifier_trains_and_resumes(tmp_path):
 
 def test_a_rejuvenated_start_and_its_chains_first_noise_are_independent_draws():
     """Iteration t's chain draws its step-0 noise with call t; a slot restarted at iteration t must not draw
-    its uniform start from the same Philox words (before: the start's log and the noise's radius were the same
-    number, correlation -1)."""
+    its uniform start from the same Philox words (with them, the start's log and the noise's radius would be the
+    same number, correlation -1)."""
     from distributed_ebm.method.bank import ImageBank
     from distributed_ebm.method.noise import ChainKeys
 

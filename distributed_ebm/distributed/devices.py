@@ -5,8 +5,8 @@ A job names its GPUs (`ray.use_gpu: true` for training, `ray.gpus_per_actor: 1` 
 node types it may launch (the cluster launcher's config on the head node, `~/ray_bootstrap_config.yaml`, or the
 file `DEBM_AUTOSCALER_CONFIG` names):
 - asked for GPUs: a node that holds them now runs it; else, if the autoscaler has a node type with them, the
-  job waits for it (saying so); else it fails at once with one line (before: it waited out
-  `ray.startup_timeout_s`, or an actor pool waited forever);
+  job waits for it (saying so); else it fails at once with one line (not after `ray.startup_timeout_s`, and
+  no actor pool waits forever);
 - auto: GPUs where a node holds them now or a node type can bring them, else the CPU;
 - the job's first line after connecting says which devices it runs on.
 """

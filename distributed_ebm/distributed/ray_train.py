@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 
 import torch
 import torch.distributed as dist
 
 from ..store import storage
 from ..errors import JobFailed
+from ..progress import ProgressBoard, Reporter, follow
 from .devices import Plan, cluster_plan
-from .progress_board import ProgressBoard
 from .ray_private import train_start_timeout_env, train_startup_errors
 
 
@@ -74,56 +73,12 @@ class CapacityLost(JobFailed):
     """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources)."""
 
 
-class WorkerProgress:
-    """`update(n, **metrics)` on every worker; rank 0 posts to the board at most once a second."""
-
-    def __init__(self, config: dict, rank: int, total: int, name: str, start: int):
-        self.board = config.get("board") if rank == 0 else None
-        self.total, self.name, self.start, self.done = total, name, start, start
-        self.metrics, self.posted, self.t0 = {}, 0.0, time.time()
-        if self.board is not None:
-            self.board.started.remote(start)
-
-    def update(self, n: int = 1, **metrics) -> None:
-        self.done += n
-        self.metrics = metrics
-        if self.board is not None and (time.time() - self.posted >= 1.0 or self.done >= self.total):
-            self.posted = time.time()
-            self.board.post.remote((self.done, self.start, self.total, self.name, metrics, self.t0))
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.post.remote((self.done, self.start, self.total, self.name, self.metrics, self.t0))
-
-
-def _follow(board, stop: threading.Event) -> None:
-    """The driver's progress line: what rank 0 last posted, every 2 seconds until the run ends."""
-    import ray
-
-    from ..store.progress import Progress
-
-    bar, restarts = None, 0
-    while True:
-        stopped = stop.wait(2.0)
-        try:
-            last, starts = ray.get(board.read.remote(), timeout=10)
-        except Exception:  # the board is gone or slow: skip this tick
-            last, starts = None, []
-        for done in starts[1 + restarts:]:  # every start after the first is Ray Train's restart after a loss
-            restarts += 1
-            print(f"{last[3] if last else 'train'}: lost a worker or a bank shard; Ray Train restarted the run "
-                  f"from its last checkpoint ({done:,} of {last[2] if last else '?'} done; restart {restarts})",
-                  file=sys.stderr, flush=True)
-        if last:
-            done, start, total, name, metrics, t0 = last
-            if bar is None:  # the rate counts from the worker's start, not from the first look
-                bar = Progress(total, name, start=start, t0=t0)
-            if done > bar.done:
-                bar.update(done - bar.done, **metrics)
-        if stopped:
-            break
-    if bar is not None:
-        bar.close()
+def WorkerProgress(config: dict, rank: int, total: int, name: str, start: int) -> Reporter:
+    """`update(n, **metrics)` on every worker; rank 0 posts to the run's board (a `ProgressBoard` actor)."""
+    board = config.get("board") if rank == 0 else None
+    if board is None:
+        return Reporter(total, name, start)
+    return Reporter(total, name, start, post=board.post.remote, started=board.started.remote)
 
 
 def fit(loop, cfg, config: dict):
@@ -156,7 +111,8 @@ def fit(loop, cfg, config: dict):
     before = os.environ.get(start_timeout_env)
     os.environ[start_timeout_env] = str(cfg.ray.startup_timeout_s)
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(board, stop), daemon=True)
+    follower = threading.Thread(target=follow, args=(lambda: ray.get(board.read.remote(), timeout=10), stop),
+                                daemon=True)
     follower.start()
     try:
         return trainer.fit()

@@ -186,7 +186,7 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
 
 def share_the_cluster(cfg: SearchConfig, concurrent: int) -> tuple[SearchConfig, int]:
     """Each of `concurrent` trials gets its share of the attack actors the cluster holds (unless attack.ray.actors
-    names them): before, every trial sized its pool to the whole cluster and concurrent trials starved each other."""
+    names them), so that concurrent trials, each sizing its pool to the whole cluster, do not starve each other."""
     if cfg.attack.ray.actors is not None:
         return cfg, cfg.attack.ray.actors
     fit, _, gpus, _ = plan_actors(cfg.attack, batches=1 << 30)

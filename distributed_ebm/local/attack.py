@@ -25,7 +25,7 @@ from ..method.defense import Purifier
 from ..method.cuda import PRECISIONS, job_device, set_arithmetic
 from ..method.memory import auto_chunk_size
 from ..store.weights import load_classifier, load_ebm
-from ..store.progress import Progress
+from ..progress import Progress
 from ..store.provenance import attack_settings
 
 

@@ -32,7 +32,7 @@ from ..store import storage
 from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, energy_stats, load_checkpoint,
                                  reburn, save_checkpoint, settings_fingerprint)
 from ..store.data import ImageSet, load
-from ..store.progress import Progress
+from ..progress import Progress
 from ..store.weights import save_classifier
 
 GRID = 64  # bank chains in each session's sample grid

@@ -1,1 +1,1 @@
-"""Input and output: data, URLs and atomic writes, checkpoints, provenance, MLflow tracking, progress lines."""
+"""Input and output: data, URLs and atomic writes, checkpoints, provenance, MLflow tracking."""

@@ -119,8 +119,8 @@ def log_torch_model(model, name: str, image_shape: tuple[int, int, int]) -> None
     """`model` (images of `image_shape`, C x H x W, in) as an MLflow model of the active run, its signature from a
     batch of 2 zeros (so torch.export keeps the batch dimension dynamic; 1 would pin it). MLflow saves it as a traced
     graph (pt2, loaded without this project's classes and without unpickling), so its requirements are the pytorch
-    flavor's own list (torch, cloudpickle; MLflow adds itself): left to infer them, MLflow loads the model in a fresh
-    Python to see what it imports, 12.8 s per model on 2 CPUs (4.9 s in all now, 2.6 s of it torch.export)."""
+    flavor's own list (torch, cloudpickle; MLflow adds itself): left to infer them, MLflow would load the model again
+    in a fresh Python to see what it imports, which costs more than the logging itself."""
     import mlflow.pytorch
     import numpy as np
 

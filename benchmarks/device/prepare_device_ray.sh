@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Fill .device-ray/ (ignored by git; nothing there is committed) with a stripped copy of Ray 2.60 for a machine
 # with one GPU, Python 3.12 and no network, and the few packages Ray needs that such a machine may lack; run
-# jobs/ray_gpu_smoke.py there with `.device` and `.device-ray` beside the checkout (docs/gpu.md).
+# benchmarks/device/ray_gpu_smoke.py there with `.device` and `.device-ray` beside the checkout (docs/gpu.md).
 #
-#     bash jobs/prepare_device_ray.sh [PYTHON_TAG]      (default cp312; cp311 builds the copy this machine can test)
+#     bash benchmarks/device/prepare_device_ray.sh [PYTHON_TAG]
+#
+# PYTHON_TAG: default cp312; cp311 builds the copy this machine can test.
 #
 # Ray's wheel is 79 MB; what the project never imports goes: the Java workers' jar (31 MB), the dashboard's web
 # client, RLlib, Serve and the LLM library, Tune's and RLlib's examples. The stripped wheel keeps the rest as it is
 # (its RECORD rewritten to match), so `pip install --no-index --target` installs it like any wheel.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 tag=${1:-cp312}
 version=${tag#cp}; version="${version:0:1}.${version:1}"
 out=.device-ray/$tag

@@ -4,7 +4,7 @@
 # (15 and 150), for the CPU LeakyReLU EBM, the GPU EBM and the noise-only control, at L-inf 8/255 and 2/255.
 # Everything else as RESULTS.md: K = 100 (s = 1, sigma = 0.01), 10 PGD steps of eps/4, seed 0. Each run resumes.
 #
-#     bash jobs/counting_table.sh IMAGES RUNNER...
+#     bash benchmarks/experiments/counting_table.sh IMAGES RUNNER...
 #
 #   IMAGES   how many of the seeded random test images (data.random; RESULTS.md: 40, the frontier table's)
 #   RUNNER   the command that runs an attack config with overrides, e.g.

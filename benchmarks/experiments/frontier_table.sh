@@ -3,7 +3,7 @@
 # images, with the same chains per gradient (4), steps (10) and confirmation (8 chains) for every
 # attack, purifying with K = 100 (RESULTS.md's setting). Each run resumes where it stopped.
 #
-#     bash jobs/frontier_table.sh IMAGES RUNNER...
+#     bash benchmarks/experiments/frontier_table.sh IMAGES RUNNER...
 #
 #   IMAGES   how many of the seeded random test images (RESULTS.md uses 40 and 200)
 #   RUNNER   the command that runs an attack config with overrides, e.g.

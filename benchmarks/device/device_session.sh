@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One session on a machine with one GPU, no network and no Ray (docs/gpu.md; benchmarks/README.md, "The GPU check"):
 # the GPU check, then EBM training for the rest of the call, resumed from the committed checkpoint.
-# Prepare first, on a machine with the network: `bash jobs/prepare_device.sh`; `.device` travels with the checkout.
+# Prepare first, on a machine with the network: `bash benchmarks/device/prepare_device.sh`; `.device` travels with
+# the checkout. From the repository root:
 #
-#     bash jobs/device_session.sh CHECK_BUDGET_S TRAIN_MINUTES     (0 skips that part)
+#     bash benchmarks/device/device_session.sh CHECK_BUDGET_S TRAIN_MINUTES     (0 skips that part)
 #
 # Writes under $OUT (at most 8 files come back): gpu_check.json, gpu_check.log, train.log and
 # train/{ckpt.pt, curves.png, README.md, samples-sNN.png}. Each part runs even if the one before failed.

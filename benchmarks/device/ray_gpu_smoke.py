@@ -1,6 +1,6 @@
-"""Job: the Ray GPU path in one short run, on a machine with one GPU and no network (docs/gpu.md), or on the CPU.
+"""The Ray GPU path in one short run, on a machine with one GPU and no network (docs/gpu.md), or on the CPU.
 
-    python3 jobs/ray_gpu_smoke.py --out DIR [--device cuda|cpu]
+    python3 benchmarks/device/ray_gpu_smoke.py --out DIR [--device cuda|cpu]
 
 (a) the Ray Data engine with one actor (one GPU) on a few exact test images, its records against the same attack
     in one process (jobs/attack_local.py's engine) on the same device;
@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")

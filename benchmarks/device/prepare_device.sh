@@ -4,7 +4,7 @@
 # not travel), and the wheels of pydantic and OmegaConf (the config loader) for its Python 3.12 (it has
 # no network). Copy `.device` there beside the checkout (docs/gpu.md). Run from anywhere; idempotent.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 shared="${DEBM_SHARED:-../shared}"
 mkdir -p .device/shared/datasets/cifar10 .device/shared/weights .device/whl
 cp "$shared/datasets/cifar10/train.parquet" "$shared/datasets/cifar10/test-exact-1000.parquet" .device/shared/datasets/cifar10/
