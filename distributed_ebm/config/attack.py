@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, ValidationError, model_validator
 
 from ..method.attacks import MODES, NORMS, UPDATERS
-from ..method.cuda import PRECISIONS
+from ..method.precision import PRECISIONS
 from ..method.defense import LOSSES
 from .common import URL, Budget, ClassifierConfig, DataConfig, EBMNetConfig, LangevinConfig, MLflowConfig, RayConfig, Section
 from .load import describe
@@ -140,7 +140,7 @@ class AttackConfig(Section):
                                       "null = 1024, except for a defended attack on CUDA without exact_eot: as many "
                                       "as fit 40% of the free memory (from a measured per-chain footprint)")
     precision: Literal[tuple(PRECISIONS)] = Field(
-        "float32", description="the arithmetic (method/cuda.py PRECISIONS): float32 (on CUDA: TF32 convolutions and "
+        "float32", description="the arithmetic (method/precision.py PRECISIONS): float32 (on CUDA: TF32 convolutions and "
         "matmuls); float32_strict (on CUDA: TF32 off, deterministic cuDNN and algorithms: repeatable bit for bit, "
         "slower); float64 for exact cross-checks (results then independent of batching to the last bit); bf16: the "
         "EBM's forward and backward under bf16 autocast, chains and classifier in float32")

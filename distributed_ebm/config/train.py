@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..method.cuda import PRECISIONS
+from ..method.precision import PRECISIONS
 from .common import RunName, URL, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared
 
 
@@ -24,7 +24,7 @@ class TrainEBMConfig(Section):
     bank_init: Literal["noise", "data"] = Field("noise", description="where a fresh chain starts: uniform noise in [-1, 1] (the paper), or a training image")
     rejuvenation: float = Field(0.0, ge=0.0, le=1.0, description="chance a drawn chain restarts from bank_init")
     precision: Literal[tuple(p for p in PRECISIONS if p != "float64")] = Field(
-        "float32", description="the arithmetic of training (method/cuda.py PRECISIONS): float32 (on CUDA: TF32); "
+        "float32", description="the arithmetic of training (method/precision.py PRECISIONS): float32 (on CUDA: TF32); "
         "float32_strict (on CUDA: TF32 off, deterministic cuDNN and algorithms: a resume repeats bit for bit); bf16: "
         "the EBM under bf16 autocast inside the Langevin chains only (chains, loss and update in float32). It changes "
         "results: part of a checkpoint's fingerprint")

@@ -33,7 +33,7 @@ from ..store import storage
 from ..config import AttackConfig
 from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
 from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
-from ..method.cuda import job_device
+from ..method.devices import job_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
 from ..results.report import log_attack

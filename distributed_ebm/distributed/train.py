@@ -24,7 +24,7 @@ import torch
 
 from ..config import TrainEBMConfig, to_yaml
 from ..local import checks
-from ..method.cuda import set_arithmetic
+from ..method.precision import set_arithmetic
 from ..method.pixels import unit_range
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split
 from ..results.report import image_grid_png

@@ -22,7 +22,8 @@ from ..results.gallery import GalleryRow, write_gallery
 from ..results.report import describe
 from ..store.data import Catalog, ImageSet, load, read_rows, unit_range
 from ..method.defense import Purifier
-from ..method.cuda import PRECISIONS, job_device, set_arithmetic
+from ..method.devices import job_device
+from ..method.precision import PRECISIONS, set_arithmetic
 from ..method.memory import auto_chunk_size
 from ..store.weights import load_classifier, load_ebm
 from ..store.progress import Progress

@@ -13,7 +13,7 @@ import argparse
 from ..errors import exit_status
 
 from ..config import AttackConfig, load_config
-from ..method.cuda import job_device
+from ..method.devices import job_device
 from .attack import run_attack
 from ..results.report import attack_done
 

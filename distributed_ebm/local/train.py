@@ -27,7 +27,8 @@ import torch
 from ..config import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig, load_config, to_yaml
 from ..errors import InputError, exit_status
 from ..method.bank import ImageBank
-from ..method.cuda import job_device, set_arithmetic
+from ..method.devices import job_device
+from ..method.precision import set_arithmetic
 from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
                                new_classifier, new_ebm, run_classifier, run_ebm, time_split)
 from ..results.card import write_card
