@@ -32,7 +32,7 @@ from distributed_ebm.local.attack import build_attack  # noqa: E402
 from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
 from distributed_ebm.method.precision import set_arithmetic  # noqa: E402
 from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E402
-from distributed_ebm.store.weights import load_ebm  # noqa: E402
+from distributed_ebm.store.checkpoints import load_ebm  # noqa: E402
 from distributed_ebm.method.noise import ChainKeys  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
 

@@ -10,7 +10,7 @@ from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.results.report import format_convergence
 from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

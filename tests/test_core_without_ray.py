@@ -26,7 +26,7 @@ from distributed_ebm.store.data import ImageSet, load
 from distributed_ebm.method.defense import Purifier
 from distributed_ebm.method.exact_chain import differentiable_langevin
 from distributed_ebm.method.nets import EBM, build_classifier
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 from distributed_ebm.method.noise import ChainKeys
 from distributed_ebm.local.train import LocalTraining
 

@@ -10,7 +10,7 @@ from distributed_ebm.cli import main
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

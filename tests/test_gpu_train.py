@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from distributed_ebm.store import storage
 from distributed_ebm.method.bank import ImageBank
 from distributed_ebm.results.card import card_text
-from distributed_ebm.store.checkpoints import energy_stats, load_checkpoint, reburn, save_checkpoint
+from distributed_ebm.method.bank import energy_stats, reburn
+from distributed_ebm.store.checkpoints import load_checkpoint, load_ebm, save_checkpoint
 from distributed_ebm.errors import InputError
 from distributed_ebm.config import StandaloneTrainConfig, build
 from distributed_ebm.store.data import ImageSet, select
 from distributed_ebm.local.train import CKPT, LocalTraining, main
-from distributed_ebm.store.weights import load_ebm
 from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
 
 from .conftest import REPO, TEST_EXACT

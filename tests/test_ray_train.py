@@ -17,7 +17,7 @@ from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
 from distributed_ebm.store.data import select
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
-from distributed_ebm.store.weights import load_ebm
+from distributed_ebm.store.checkpoints import load_ebm
 from distributed_ebm.local.train import train_ebm
 from distributed_ebm.method.training import TrainingDiverged, new_ebm
 
@@ -239,7 +239,7 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     import mlflow
     from distributed_ebm.config import TrainClassifierConfig
     from distributed_ebm.distributed.train_classifier import train_classifier_on_ray
-    from distributed_ebm.store.weights import load_classifier
+    from distributed_ebm.store.checkpoints import CLASSIFIER_CKPT, load_classifier
 
     def cfg(epochs):
         return build(TrainClassifierConfig, {
@@ -252,7 +252,7 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     assert first["epoch"] == 1
     second = train_classifier_on_ray(cfg(2))
     assert second["epoch"] == 2 and 0 <= second["test_accuracy"] <= 1
-    state = storage.load_torch(f"{second['checkpoint']}/state.pt")
+    state = storage.load_torch(f"{second['checkpoint']}/{CLASSIFIER_CKPT}")
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
     clf = load_classifier("wrn", second["classifier"])

@@ -13,7 +13,7 @@ from distributed_ebm.config import AttackConfig, TunePurificationConfig, build, 
 from distributed_ebm.store.data import load
 from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
 from distributed_ebm.distributed.ray_train import run_dir
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

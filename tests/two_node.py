@@ -22,7 +22,7 @@ from distributed_ebm.errors import InputError
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.results import records as results
 from distributed_ebm.store.data import read_parquet, select
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 from tests.conftest import QUICK_NODE_DEATH, RESNET20, TEST_EXACT, tiny_ebm
 
 IMAGES = 12

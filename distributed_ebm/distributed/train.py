@@ -29,10 +29,10 @@ from ..method.pixels import unit_range
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split
 from ..results.report import image_grid_png
 from ..store import storage
-from ..store.checkpoints import CKPT, check_fingerprint, data_fingerprint, load_checkpoint, save_checkpoint, settings_fingerprint
+from ..store.checkpoints import (CKPT, check_fingerprint, data_fingerprint, load_checkpoint, load_ebm, save_checkpoint,
+                                 save_ebm, settings_fingerprint)
 from ..store.data import ImageSet, load
 from ..store.tracking import log_torch_model
-from ..store.weights import load_ebm, save_ebm
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger

@@ -6,7 +6,6 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 
 import numpy as np
@@ -18,8 +17,7 @@ from ..store import storage
 from ..config import TrainClassifierConfig
 from ..store.data import ImageSet, load, to_unit_range
 from ..store.tracking import log_torch_model
-from ..store.weights import load_classifier, save_classifier
-from ..local.train import classifier_state
+from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
@@ -40,11 +38,7 @@ def classifier_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        clf.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, history = state["epoch"], state["history"]
+            epoch, history = load_classifier_training(d, clf, opt, sched, missing_ok=False)
     model = ray.train.torch.prepare_model(clf) if world > 1 else clf
     logger = worker_logger(config, rank)
     test = None
@@ -59,7 +53,7 @@ def classifier_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                torch.save(classifier_state(cfg, epoch, clf, opt, sched, history), os.path.join(d, "state.pt"))
+                save_classifier_training(d, cfg, epoch, clf, opt, sched, history)
                 save_classifier(clf, storage.join(run_dir(cfg), "classifier.pt"), epoch=epoch)
                 if logger:
                     logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)

@@ -27,7 +27,7 @@ from ..store import storage
 from ..errors import InputError
 from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..store.data import choose, load
-from ..store.weights import load_classifier
+from ..store.checkpoints import load_classifier
 from ..store.tracking import check_tracking
 from .cluster import available, check_one_storage, connect
 from .attack import evaluate, plan_actors, preflight

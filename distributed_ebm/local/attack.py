@@ -25,7 +25,7 @@ from ..method.defense import Purifier
 from ..method.devices import job_device
 from ..method.precision import PRECISIONS, set_arithmetic
 from ..method.memory import auto_chunk_size
-from ..store.weights import load_classifier, load_ebm
+from ..store.checkpoints import load_classifier, load_ebm
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
 

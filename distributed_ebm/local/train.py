@@ -26,7 +26,7 @@ import torch
 
 from ..config import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig, load_config, to_yaml
 from ..errors import InputError, exit_status
-from ..method.bank import ImageBank
+from ..method.bank import ImageBank, energy_stats, reburn
 from ..method.devices import job_device
 from ..method.precision import set_arithmetic
 from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverged, check_sizes, classifier_optimizer,
@@ -34,11 +34,11 @@ from ..method.training import (METRICS, EBMIteration, LocalBank, TrainingDiverge
 from ..results.card import write_card
 from ..results.report import image_grid_png
 from ..store import storage
-from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, energy_stats, load_checkpoint,
-                                 reburn, save_checkpoint, settings_fingerprint)
+from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, load_bank, load_checkpoint,
+                                 load_classifier_training, save_bank, save_checkpoint, save_classifier,
+                                 save_classifier_training, settings_fingerprint)
 from ..store.data import ImageSet, load
 from ..store.progress import Progress
-from ..store.weights import save_classifier
 
 GRID = 64  # bank chains in each session's sample grid
 
@@ -99,7 +99,7 @@ class LocalTraining:
         self.record.update(session=len(self.sessions) + 1, start_iteration=it, end_iteration=it)
         part = bank_part(bank_folder, 0) if bank_folder is not None else None
         if part is not None and storage.exists(part):
-            self.bank.load_state_dict(storage.load_torch(part))
+            load_bank(self.bank, part)
             self.log(f"resuming at iteration {it} with the bank saved beside the checkpoint ({part})")
             return
         if not hasattr(cfg, "reburn_steps"):
@@ -172,7 +172,7 @@ class LocalTraining:
             storage.write_bytes(storage.join(self.out, grid), image_grid_png(self.bank.states[rows].numpy()))
             self.record["grid"] = grid
         if self.keep_bank:  # before ckpt.pt: a checkpoint never names a bank that is not there yet
-            storage.save_torch(self.bank.state_dict(), bank_part(self.out, 0))
+            save_bank(self.bank, bank_part(self.out, 0))
         state = save_checkpoint(self.out, self.ebm, it, self.loop.phase, self.loop.optimizer, self.fingerprint,
                                 to_yaml(self.cfg), self.history, [*self.sessions, dict(self.record)])
         if self.card:
@@ -199,31 +199,18 @@ def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool
     test = load(cfg.test_data) if cfg.test_data is not None else None
     clf = new_classifier(cfg).to(device)
     opt, sched = classifier_optimizer(cfg, clf)
-    epoch, history = 0, []
-    ckpt = storage.join(cfg.output, "checkpoint.pt")
-    if storage.exists(ckpt):
-        state = storage.load_torch(ckpt)
-        clf.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, history = state["epoch"], state["history"]
+    epoch, history = load_classifier_training(cfg.output, clf, opt, sched)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     bar = Progress(cfg.epochs * steps_per_epoch, "train-classifier", start=epoch * steps_per_epoch, enabled=show)
 
     def on_epoch(epoch, history):
-        storage.save_torch(classifier_state(cfg, epoch, clf, opt, sched, history), ckpt)
+        save_classifier_training(cfg.output, cfg, epoch, clf, opt, sched, history)
         save_classifier(clf, storage.join(cfg.output, "classifier.pt"), epoch=epoch)
 
     run_classifier(cfg, clf, opt, sched, epoch, history, lambda r: (data.floats(r), data.labels[r]), len(data),
                    device=device, test=test, on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch)
     bar.close()
     return {"classifier": clf.eval(), "history": history}
-
-
-def classifier_state(cfg, epoch: int, clf, opt, sched, history: list) -> dict:
-    """The classifier's training checkpoint (every entry's)."""
-    return {"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "history": history, "config": to_yaml(cfg)}
 
 
 # --- the one-GPU job ---------------------------------------------------------------------------

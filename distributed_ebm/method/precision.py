@@ -1,4 +1,4 @@
-"""The arithmetic each `precision` setting (attack, training) stands for: one table, read by the configs and the code."""
+"""The arithmetic of each `precision` (attack, training): one table, read by the configs and the code."""
 from __future__ import annotations
 
 import os
