@@ -153,7 +153,7 @@ def attack_config(a, mode="bpda_eot", images=2, steps=1, purify=5, eot=(2, 3), p
 def run_records(cfg, dev, images, strict=False):
     attack = build_attack(cfg, dev)  # sets the cfg's arithmetic (float32: TF32); strict overrides it
     with strict_fp32(strict):
-        return attack(images.images.to(dev), images.labels.to(dev), images.ids)
+        return attack(images.floats().to(dev), images.labels.to(dev), images.ids)
 
 
 def check_attack(dev, S, a, data):
@@ -331,7 +331,7 @@ def bench_engine(dev, S, a, data, remaining):
 
     attack.on_point = on_point
     try:
-        attack(imgs.images.to(dev), imgs.labels.to(dev), imgs.ids)
+        attack(imgs.floats().to(dev), imgs.labels.to(dev), imgs.ids)
         finished = True
     except _TimeUp:
         finished = False

@@ -90,7 +90,7 @@ def _summary(record) -> tuple:
 def test_records_are_the_pinned_ones(ebm, name):
     cfg = _config(ebm, CASES[name])
     data = load(cfg.data)
-    got = [_summary(r) for r in build_attack(cfg, "cpu")(data.images.double(), data.labels, data.ids)]
+    got = [_summary(r) for r in build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)]
     for g, e in zip(got, EXPECTED[name], strict=True):
         assert g[:8] == tuple(e[:8]), (name, g[:8], e[:8])
         assert g[8:] == pytest.approx(e[8:], rel=1e-9, abs=1e-9), name  # float64 rounding: CPUs differ

@@ -116,7 +116,7 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     assert [r.index for r in rows] == sorted(data.ids.tolist())[:3]
     from distributed_ebm.local.attack import build_attack
     defense = build_attack(cfg).defense
-    first = data.images[:1]
+    first = data.floats()[:1]
     keys = ChainKeys.replicated(cfg.seed, data.ids[:1], cfg.attack.eot_attack, 0)[0:1]  # the check's replicate 0
     assert (rows[0].purified_clean == defense.purifier(first, keys)[0].numpy()).all()
     assert all(r.natural[1] is not None and 0 < r.natural[1] <= 1 for r in rows)  # the vote shares are recorded

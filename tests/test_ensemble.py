@@ -112,7 +112,7 @@ def _records(cfg):
     from distributed_ebm.store.data import load
     from distributed_ebm.local.attack import build_attack
     data = load(cfg.data)
-    return build_attack(cfg, "cpu")(data.images.double(), data.labels, data.ids)
+    return build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)
 
 
 def test_independent_members_and_restarts_each_draw_a_key_stream_of_their_own(runs, tmp_path):

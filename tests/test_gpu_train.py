@@ -40,7 +40,7 @@ def Session(cfg, data, out, device, state=None, **kw):
 @pytest.fixture(scope="module")
 def tiny(exact_test):
     d = select(exact_test, count=64)
-    return ImageSet(F.avg_pool2d(d.images, 4), d.labels, d.ids)
+    return ImageSet(F.avg_pool2d(d.floats(), 4), d.labels, d.ids)
 
 
 @pytest.fixture(scope="module")

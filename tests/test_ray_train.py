@@ -51,7 +51,7 @@ def _close_to_single_process(tmp_path, tree, ebm_url, small):
     """Two DDP workers on halves of each batch = one process on the whole batch (up to float rounding)."""
     single = train_ebm(build(TrainEBMConfig, {**tree, "output": str(tmp_path / "single")}), data=small, show=False)
     ebm = load_ebm(ebm_url)
-    x = small.images[:16]
+    x = small.floats()[:16]
     with torch.no_grad():
         assert torch.allclose(ebm(x), single.ebm(x), atol=1e-5)
     for (name, p), q in zip(ebm.named_parameters(), single.ebm.parameters()):

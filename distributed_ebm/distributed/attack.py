@@ -31,7 +31,8 @@ import torch
 from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
-from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
+from ..method.pixels import unit_range
+from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes
 from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
 from ..method.devices import job_device
 from ..store.progress import Progress

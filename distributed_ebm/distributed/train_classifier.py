@@ -15,7 +15,8 @@ import torch
 from ..local import checks
 from ..store import storage
 from ..config import TrainClassifierConfig
-from ..store.data import ImageSet, load, to_unit_range
+from ..method.pixels import unit_range_hwc
+from ..store.data import ImageSet, load
 from ..store.tracking import log_torch_model
 from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
@@ -44,7 +45,7 @@ def classifier_loop(config: dict) -> None:
     test = None
     if rank == 0 and config.get("test"):
         tp, tl = ray.get(config["test"][0])
-        test = ImageSet(to_unit_range(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
+        test = ImageSet(unit_range_hwc(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
     steps = -(-len(labels) // cfg.batch_size)
     bar = WorkerProgress(config, rank, cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps)
 
@@ -61,7 +62,7 @@ def classifier_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     run_classifier(cfg, model, opt, sched, epoch, history,
-                   lambda r: (to_unit_range(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])), len(labels),
+                   lambda r: (unit_range_hwc(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])), len(labels),
                    rank=rank, world=world, device=device, test=test, classifier=clf,
                    on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch,
                    reduce=lambda values: mean_over_workers(values, world, device))

@@ -20,7 +20,8 @@ from ..config import AttackConfig
 from ..method.noise import ChainKeys, stream_seed
 from ..results.gallery import GalleryRow, write_gallery
 from ..results.report import describe
-from ..store.data import Catalog, ImageSet, load, read_rows, unit_range
+from ..method.pixels import unit_range
+from ..store.data import Catalog, ImageSet, load, read_rows
 from ..method.defense import Purifier
 from ..method.devices import job_device
 from ..method.precision import PRECISIONS, set_arithmetic

@@ -23,25 +23,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import InputError
-from ..method.pixels import unit_range
+from ..method.pixels import uint8_hwc, unit_range
 from . import storage
 
 
 class DataError(InputError):
     """Data that cannot be used as asked; the message names the file and the problem."""
-
-
-def to_unit_range(pixels_u8: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C pixels p -> float32 N x C x H x W images x = 2 p / 255 - 1."""
-    return unit_range(torch.from_numpy(np.ascontiguousarray(pixels_u8)).permute(0, 3, 1, 2))
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Inverse of `to_unit_range`, clamped (for pictures)."""
-    if images.dtype == torch.uint8:
-        return images.permute(0, 2, 3, 1).numpy()
-    p = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return p.permute(0, 2, 3, 1).numpy()
 
 
 @dataclass
@@ -53,22 +40,14 @@ class ImageSet:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    @property
-    def images(self) -> torch.Tensor:
-        """All images as float32 in [-1, 1] (made on each call: batches use `floats`)."""
-        return unit_range(self.data)
-
-    @images.setter
-    def images(self, value: torch.Tensor) -> None:
-        self.data = value
-
-    def floats(self, rows, device: str | torch.device | None = None) -> torch.Tensor:
-        """These rows as float32 in [-1, 1], made on `device` from the pixels."""
-        return unit_range(self.data[torch.as_tensor(rows, dtype=torch.int64)], device)
+    def floats(self, rows=None, device: str | torch.device | None = None) -> torch.Tensor:
+        """These rows (all for None) as float32 in [-1, 1], made on `device` from the pixels, on each call."""
+        data = self.data if rows is None else self.data[torch.as_tensor(rows, dtype=torch.int64)]
+        return unit_range(data, device)
 
     def pixels(self) -> np.ndarray:
         """uint8 N x H x W x C (the stored pixels, no copy, when they are uint8)."""
-        return np.ascontiguousarray(to_uint8(self.data))
+        return uint8_hwc(self.data)
 
     def take(self, rows) -> "ImageSet":
         rows = torch.as_tensor(rows, dtype=torch.int64)
