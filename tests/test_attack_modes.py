@@ -12,7 +12,7 @@ import pytest
 
 from distributed_ebm.method.attacks.modes import MODES
 from distributed_ebm.config import AttackConfig, AttackSettings, build
-from distributed_ebm.store.data import load
+from distributed_ebm.store.data import read_images
 from distributed_ebm.local.attack import build_attack
 from distributed_ebm.store.checkpoints import save_ebm
 
@@ -89,7 +89,7 @@ def _summary(record) -> tuple:
 @pytest.mark.parametrize("name", CASES)
 def test_records_are_the_pinned_ones(ebm, name):
     cfg = _config(ebm, CASES[name])
-    data = load(cfg.data)
+    data = read_images(cfg.data)
     got = [_summary(r) for r in build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)]
     for g, e in zip(got, EXPECTED[name], strict=True):
         assert g[:8] == tuple(e[:8]), (name, g[:8], e[:8])

@@ -7,7 +7,7 @@ import torch
 from distributed_ebm.method.attacks import Attack, project, random_start
 from distributed_ebm.method.attacks.pgd import ascent_step
 from distributed_ebm.config import AttackSettings
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.results.records import accuracy_curve, summarize_records, wilson_interval
 
@@ -25,7 +25,7 @@ def _run(attack, data, batch):
 
 @pytest.mark.parametrize("norm, eps, step, ceiling", [("linf", 8 / 255, 2 / 255, 0.02), ("l2", 0.5, 0.1, 0.05)])
 def test_pgd_drives_the_undefended_resnet20_to_zero(exact_test, resnet20, norm, eps, step, ceiling):
-    data = select(exact_test, count=100)
+    data = subset(exact_test, count=100)
     attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=step, steps=50), seed=0)
     records = _run(attack, data, 50)
     s = summarize_records(records, attack.points)
@@ -35,7 +35,7 @@ def test_pgd_drives_the_undefended_resnet20_to_zero(exact_test, resnet20, norm, 
 
 
 def test_adversarial_images_stay_in_budget_and_pixels(exact_test, resnet20):
-    data = select(exact_test, count=10)
+    data = subset(exact_test, count=10)
     for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
         attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=eps / 4, steps=5), seed=0)
         for r, x in zip(attack(data.floats(), data.labels, data.ids), data.floats()):
@@ -56,7 +56,7 @@ def _double(module):
 @pytest.fixture(scope="module")
 def defended(exact_test, resnet20):
     """Double precision, so batch composition cannot flip the sign of a tiny gradient component."""
-    data = select(exact_test, count=6)
+    data = subset(exact_test, count=6)
     data.data = data.floats().double()
     return data, _double(resnet20), Purifier(_double(tiny_ebm(scale=20)), steps=2, step_size=1.0, noise=0.05)
 
@@ -122,7 +122,7 @@ def test_broken_images_leave_the_batch(exact_test, resnet20):
     rows = []
     counting = torch.nn.Sequential(resnet20)
     counting.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    data = select(exact_test, count=20)
+    data = subset(exact_test, count=20)
     attack = Attack(counting, None, AttackSettings(mode="pgd", steps=20), seed=0)
     records = attack(data.floats(), data.labels, data.ids)
     assert sum(r.robust for r in records) == 0
@@ -204,7 +204,7 @@ def test_the_defenses_own_natural_figure_and_the_protocols_two_chances():
 
 def test_an_unbroken_images_record_keeps_its_most_adversarial_iterate(exact_test, resnet20):
     """Not the last iterate: the checked iterate of highest loss, which re-evaluation then judges."""
-    data = select(exact_test, count=12)
+    data = subset(exact_test, count=12)
     s = AttackSettings(mode="pgd", eps=1 / 255, step_size=1 / 255, steps=6)
     records = Attack(resnet20, None, s, seed=4)(data.floats(), data.labels, data.ids)
     x_nat, y = data.floats(), data.labels

@@ -103,7 +103,7 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     from distributed_ebm.cli import main
     from distributed_ebm.local.attack import gallery_rows
     from distributed_ebm.method.noise import ChainKeys
-    from distributed_ebm.store.data import load
+    from distributed_ebm.store.data import read_images
 
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
@@ -112,7 +112,7 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     png = Image.open(tmp_path / "out" / "gallery.png")
     assert png.size[0] > 600 and png.size[1] > 400
     rows = gallery_rows(cfg)
-    data = load(cfg.data)
+    data = read_images(cfg.data)
     assert [r.index for r in rows] == sorted(data.ids.tolist())[:3]
     from distributed_ebm.local.attack import build_attack
     defense = build_attack(cfg).defense

@@ -22,7 +22,7 @@ from distributed_ebm.store import provenance
 from distributed_ebm.results import records as results
 from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackConfig, AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.store.data import ImageSet, load
+from distributed_ebm.store.data import ImageSet, read_images
 from distributed_ebm.method.defense import Purifier
 from distributed_ebm.method.exact_chain import differentiable_langevin
 from distributed_ebm.method.nets import EBM, build_classifier
@@ -34,7 +34,7 @@ torch.manual_seed(0)
 ebm, clf = EBM(width=4), build_classifier("resnet20")
 save_ebm(ebm, f"{sys.argv[1]}/ebm.pt")
 cfg = load_config(AttackConfig, None, [f"ebm={sys.argv[1]}/ebm.pt", "data.count=3", f"output={sys.argv[1]}/attack"])
-data = load(cfg.data)
+data = read_images(cfg.data)
 settings = AttackSettings(mode="bpda_eot", steps=1, eot_attack=2, eot_defense=2)
 records = Attack(clf, Purifier(ebm, steps=2), settings)(data.floats(), data.labels, data.ids)
 results.write_part(cfg.output, records, provenance.attack_settings(cfg))

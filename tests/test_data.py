@@ -14,7 +14,7 @@ from distributed_ebm.store import storage
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, DataConfig, build, load_config
 from distributed_ebm.method.pixels import uint8_hwc
-from distributed_ebm.store.data import DataError, load, read_parquet, read_torchvision, select
+from distributed_ebm.store.data import DataError, read_images, read_parquet, read_torchvision, subset
 
 from .conftest import TEST_EXACT
 
@@ -64,16 +64,16 @@ def test_pixels_round_trip_exactly_through_method_pixels():
 
 
 def test_subsets(exact_test):
-    assert select(exact_test, count=5).ids.tolist() == [0, 1, 2, 3, 4]
-    sub = select(exact_test, indices=[7, 3, 999])
+    assert subset(exact_test, count=5).ids.tolist() == [0, 1, 2, 3, 4]
+    sub = subset(exact_test, indices=[7, 3, 999])
     assert sub.ids.tolist() == [7, 3, 999] and torch.equal(sub.floats()[1], exact_test.floats()[3])
-    r1, r2 = select(exact_test, random=20, seed=1), select(exact_test, random=20, seed=1)
+    r1, r2 = subset(exact_test, random=20, seed=1), subset(exact_test, random=20, seed=1)
     assert torch.equal(r1.ids, r2.ids) and len(set(r1.ids.tolist())) == 20
-    assert not torch.equal(r1.ids, select(exact_test, random=20, seed=2).ids)
+    assert not torch.equal(r1.ids, subset(exact_test, random=20, seed=2).ids)
     with pytest.raises(DataError, match=r"ids \[5000\] are not in the data"):
-        select(exact_test, indices=[1, 5000])
+        subset(exact_test, indices=[1, 5000])
     with pytest.raises(DataError, match="data.count = 2000 but the data hold only 1000 images"):
-        select(exact_test, count=2000)
+        subset(exact_test, count=2000)
 
 
 def test_ids_fall_back_to_row_numbers(tmp_path):
@@ -117,7 +117,7 @@ def test_parquet_from_s3(s3_bucket, exact_test):
     with open(TEST_EXACT, "rb") as f:
         storage.write_bytes(url, f.read())
     cfg = build(DataConfig, {"path": url, "indices": [3, 4, 5]})
-    sub = load(cfg)
+    sub = read_images(cfg)
     assert torch.equal(sub.floats(), exact_test.floats()[3:6]) and sub.labels.tolist() == exact_test.labels[3:6].tolist()
 
 

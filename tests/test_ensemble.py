@@ -109,9 +109,9 @@ def test_debm_attack_runs_an_ensemble_on_ray_resumes_and_reports_each_attack(ray
 
 
 def _records(cfg):
-    from distributed_ebm.store.data import load
+    from distributed_ebm.store.data import read_images
     from distributed_ebm.local.attack import build_attack
-    data = load(cfg.data)
+    data = read_images(cfg.data)
     return build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)
 
 

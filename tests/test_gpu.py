@@ -8,7 +8,7 @@ import torch
 
 from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.store.data import ImageSet, select
+from distributed_ebm.store.data import ImageSet, subset
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.local.train import LocalTraining
 
@@ -25,7 +25,7 @@ def _fields(records):
 @pytest.mark.parametrize("mode", ["bpda_eot", "exact_eot", "transfer", "defense", "pgd"])
 def test_attack_modes_on_cuda_equal_the_cpu(exact_test, resnet20, mode):
     """Float64, so no decision sits within rounding of its threshold: the records must be equal."""
-    data = select(exact_test, count=6)
+    data = subset(exact_test, count=6)
     clf, ebm = copy.deepcopy(resnet20).double(), tiny_ebm(scale=20).double()
     settings = AttackSettings(mode=mode, steps=3, eot_attack=3, eot_defense=4,
                               reevaluations=0 if mode == "pgd" else 2)
@@ -55,7 +55,7 @@ def test_defense_reduction_is_deterministic_on_cuda(exact_test, resnet20):
 
 
 def test_training_step_on_cuda_equals_the_cpu(exact_test):
-    data = select(exact_test, count=16)
+    data = subset(exact_test, count=16)
     data = ImageSet(data.floats(), data.labels, data.ids)
     cfg = load_config(TrainEBMConfig, None, ["ebm.width=8", "langevin.steps=5", "batch_size=8", "bank_init=data"])
     runs = {device: LocalTraining(cfg, data, device=device) for device in ("cpu", "cuda")}

@@ -15,7 +15,7 @@ from distributed_ebm.method.bank import energy_stats, reburn
 from distributed_ebm.store.checkpoints import load_checkpoint, load_ebm, save_checkpoint
 from distributed_ebm.errors import InputError
 from distributed_ebm.config import StandaloneTrainConfig, build
-from distributed_ebm.store.data import ImageSet, select
+from distributed_ebm.store.data import ImageSet, subset
 from distributed_ebm.local.train import CKPT, LocalTraining, main
 from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
 
@@ -39,7 +39,7 @@ def Session(cfg, data, out, device, state=None, **kw):
 
 @pytest.fixture(scope="module")
 def tiny(exact_test):
-    d = select(exact_test, count=64)
+    d = subset(exact_test, count=64)
     return ImageSet(F.avg_pool2d(d.floats(), 4), d.labels, d.ids)
 
 

@@ -15,7 +15,7 @@ import yaml
 from distributed_ebm.cli import main
 from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
 from distributed_ebm.store.checkpoints import load_ebm
 from distributed_ebm.local.train import train_ebm
@@ -26,7 +26,7 @@ from .conftest import TEST_EXACT, own_processes
 
 @pytest.fixture(scope="module")
 def small(exact_test):
-    return select(exact_test, count=64)
+    return subset(exact_test, count=64)
 
 
 def _tree(tmp_path, name, **kw):

@@ -6,7 +6,7 @@ from distributed_ebm.method.attacks import Attack
 from distributed_ebm.method.attacks.apgd import APGD
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, AttackSettings, load_config
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.method.defense import dlr
 from distributed_ebm.results.records import summarize_records
 
@@ -21,7 +21,7 @@ def _robust(attack, data):
 @pytest.mark.parametrize("eps, steps", [(8 / 255, 50), (0.5 / 255, 20)])
 def test_apgd_reaches_at_most_pgds_robust_accuracy_on_resnet20(exact_test, resnet20, eps, steps):
     """Same 100 exact test images, same budget; the small budget keeps PGD away from 0%."""
-    data = select(exact_test, count=100)
+    data = subset(exact_test, count=100)
     pgd = _robust(Attack(resnet20, None, AttackSettings(mode="pgd", eps=eps, step_size=eps / 4, steps=steps)), data)
     for loss in ("ce", "dlr"):
         s = AttackSettings(mode="pgd", optimizer="apgd", loss=loss, eps=eps, steps=steps)

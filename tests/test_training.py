@@ -4,7 +4,7 @@ import torch
 from distributed_ebm.store import storage
 from distributed_ebm.config import TrainClassifierConfig, TrainEBMConfig, build
 from distributed_ebm.store.checkpoints import load_checkpoint, load_classifier, load_ebm
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.local.train import LocalTraining, train_classifier, train_ebm
 from distributed_ebm.method.training import TrainingDiverged, augment
 
@@ -19,7 +19,7 @@ def _cfg(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def small(exact_test):
-    return select(exact_test, count=64)
+    return subset(exact_test, count=64)
 
 
 def test_ebm_trains_bank_moves_and_optimizer_switches(tmp_path, small):

@@ -32,7 +32,7 @@ from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
 from ..method.pixels import unit_range
-from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes
+from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, catalog, decode, image_bytes
 from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
 from ..method.devices import job_device
 from ..store.progress import Progress
@@ -109,7 +109,7 @@ def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Cata
     """Everything that can be checked before Ray starts (`preflight.attack`)."""
     from ..local import checks as checks
 
-    return checks.attack(cfg, data if data is not None else choose(cfg.data))
+    return checks.attack(cfg, data if data is not None else catalog(cfg.data))
 
 
 def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float, Plan]:

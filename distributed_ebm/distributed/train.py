@@ -31,7 +31,7 @@ from ..results.report import image_grid_png
 from ..store import storage
 from ..store.checkpoints import (CKPT, check_fingerprint, data_fingerprint, load_checkpoint, load_ebm, save_checkpoint,
                                  save_ebm, settings_fingerprint)
-from ..store.data import ImageSet, load
+from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect
@@ -166,7 +166,7 @@ def check_resume(cfg: TrainEBMConfig, fingerprint: dict) -> None:
 def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bool = True) -> dict:
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     checks.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
     fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
     check_resume(cfg, fingerprint)

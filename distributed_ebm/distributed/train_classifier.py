@@ -16,7 +16,7 @@ from ..local import checks
 from ..store import storage
 from ..config import TrainClassifierConfig
 from ..method.pixels import unit_range_hwc
-from ..store.data import ImageSet, load
+from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
 from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
@@ -71,8 +71,8 @@ def classifier_loop(config: dict) -> None:
 
 def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
-    data = load(cfg.data)
-    test = load(cfg.test_data) if cfg.test_data is not None else None
+    data = read_images(cfg.data)
+    test = read_images(cfg.test_data) if cfg.test_data is not None else None
     checks.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)

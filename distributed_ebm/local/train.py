@@ -37,7 +37,7 @@ from ..store import storage
 from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, load_bank, load_checkpoint,
                                  load_classifier_training, save_bank, save_checkpoint, save_classifier,
                                  save_classifier_training, settings_fingerprint)
-from ..store.data import ImageSet, load
+from ..store.data import ImageSet, read_images
 from ..store.progress import Progress
 
 GRID = 64  # bank chains in each session's sample grid
@@ -185,7 +185,7 @@ class LocalTraining:
 def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> LocalTraining:
     """Train to cfg.iterations in this process, checkpointing (with the bank) to cfg.output; a rerun with the
     same output continues from the checkpoint found there, exactly."""
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     ckpt = storage.join(cfg.output, CKPT)
     state = load_checkpoint(ckpt) if storage.exists(ckpt) else None
     run = LocalTraining(cfg, data, cfg.output, device, state, cfg.output, keep_bank=True, log=lambda _: None)
@@ -195,8 +195,8 @@ def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = 
 
 def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool = True) -> dict:
     """Natural training (paper: SGD momentum 0.9, wd 2e-4, batch 100, lr 0.1 -> 0.01 -> 0.001), resumable per epoch."""
-    data = load(cfg.data)
-    test = load(cfg.test_data) if cfg.test_data is not None else None
+    data = read_images(cfg.data)
+    test = read_images(cfg.test_data) if cfg.test_data is not None else None
     clf = new_classifier(cfg).to(device)
     opt, sched = classifier_optimizer(cfg, clf)
     epoch, history = load_classifier_training(cfg.output, clf, opt, sched)
@@ -256,7 +256,7 @@ def _main(args: argparse.Namespace, started: float) -> int:
     if args.resume:
         state = load_checkpoint(args.resume)
         check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
-    data = load(cfg.data)
+    data = read_images(cfg.data)
     print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
           f"{args.minutes} min", flush=True)
     session = LocalTraining(cfg, data, args.out, device, state, _parent(args.resume) if args.resume else None, args.keep_bank,
