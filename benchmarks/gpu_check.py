@@ -30,9 +30,9 @@ from distributed_ebm.config import AttackConfig, TrainEBMConfig  # noqa: E402
 from distributed_ebm.store.data import read_parquet  # noqa: E402
 from distributed_ebm.local.attack import build_attack  # noqa: E402
 from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
-from distributed_ebm.method.cuda import set_arithmetic  # noqa: E402
+from distributed_ebm.method.precision import set_arithmetic  # noqa: E402
 from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E402
-from distributed_ebm.store.weights import load_ebm  # noqa: E402
+from distributed_ebm.store.checkpoints import load_ebm  # noqa: E402
 from distributed_ebm.method.noise import ChainKeys  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
 
@@ -55,7 +55,7 @@ TOL = {"noise_normal_abs": 1e-5, "chain_fp32_abs": 1e-4, "chain_fp32_vs_cpu": 2.
 
 @contextlib.contextmanager
 def strict_fp32(on: bool = True):
-    """The project's `float32_strict` arithmetic inside the block (method/cuda.py: TF32 off, deterministic cuDNN
+    """The project's `float32_strict` arithmetic inside the block (method/precision.py: TF32 off, deterministic cuDNN
     and torch algorithms), else its `float32` (TF32); the previous settings restored after."""
     b = torch.backends
     old = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()
@@ -122,7 +122,7 @@ def check_chain(dev, S, a, ebm_cpu):
 
 def check_last_device(dev, S, a, ebm_cpu):
     """The fused noise and a graphed chain on the last CUDA index while cuda:0 is current: the guard
-    (method/cuda.py) must launch them on the chains' own card (with one GPU the index is 0)."""
+    (method/devices.py) must launch them on the chains' own card (with one GPU the index is 0)."""
     last = torch.device("cuda", torch.cuda.device_count() - 1)
     torch.cuda.set_device(0)
     n, steps = S["chain"]
@@ -153,7 +153,7 @@ def attack_config(a, mode="bpda_eot", images=2, steps=1, purify=5, eot=(2, 3), p
 def run_records(cfg, dev, images, strict=False):
     attack = build_attack(cfg, dev)  # sets the cfg's arithmetic (float32: TF32); strict overrides it
     with strict_fp32(strict):
-        return attack(images.images.to(dev), images.labels.to(dev), images.ids)
+        return attack(images.floats().to(dev), images.labels.to(dev), images.ids)
 
 
 def check_attack(dev, S, a, data):
@@ -331,7 +331,7 @@ def bench_engine(dev, S, a, data, remaining):
 
     attack.on_point = on_point
     try:
-        attack(imgs.images.to(dev), imgs.labels.to(dev), imgs.ids)
+        attack(imgs.floats().to(dev), imgs.labels.to(dev), imgs.ids)
         finished = True
     except _TimeUp:
         finished = False

@@ -24,7 +24,7 @@ from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
 from distributed_ebm.distributed.attack import evaluate  # noqa: E402
 from distributed_ebm.local.attack import run_attack  # noqa: E402
 from distributed_ebm.method.nets import EBM  # noqa: E402
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from distributed_ebm.config import TrainEBMConfig, load_config  # noqa: E402
-from distributed_ebm.store.data import load  # noqa: E402
+from distributed_ebm.store.data import read_images  # noqa: E402
 from distributed_ebm.distributed.train import train_ebm_on_ray  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
 from distributed_ebm.method.training import time_split  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> None:
               f"ebm.width={a.width}", "bank_size=10000", f"log_every={a.iterations // 2}",
               f"checkpoint_every={a.iterations}", f"output={tmp}", "mlflow.enabled=false"]
     cfg = load_config(TrainEBMConfig, "jobs/configs/train_ebm_cpu.yaml", common + ["name=single"])
-    data = load(cfg.data)
+    data = read_images(cfg.data)
 
     run = LocalTraining(cfg, data)
     run.step()  # warm-up

@@ -145,7 +145,7 @@ def attack_local(args: argparse.Namespace) -> None:
     `local.attack.run_attack`, which the Ray actors also run batch by batch), resumable the same way, under
     `output`; nothing is logged to MLflow."""
     from .local.attack import run_attack
-    from .method.cuda import job_device
+    from .method.devices import job_device
     from .results.report import attack_done
 
     cfg = load_config(AttackConfig, args.config, args.overrides)
@@ -164,12 +164,12 @@ def train_ebm_gpu(args: argparse.Namespace, started: float) -> None:
 
     from .config import StandaloneTrainConfig
     from .local.train import LocalTraining, device_name
-    from .method.cuda import job_device
+    from .method.devices import job_device
     from .method.training import TrainingDiverged
     from .results.card import write_card
     from .store import storage
     from .store.checkpoints import CKPT, check_fingerprint, load_checkpoint, settings_fingerprint
-    from .store.data import load
+    from .store.data import read_images
 
     if args.card:
         write_card(args.card, load_checkpoint(storage.join(args.card, CKPT)))
@@ -189,7 +189,7 @@ def train_ebm_gpu(args: argparse.Namespace, started: float) -> None:
     if args.resume:
         state = load_checkpoint(args.resume)
         check_fingerprint(state["training"]["fingerprint"], settings_fingerprint(cfg), args.resume)
-    data = load(cfg.data)
+    data = read_images(cfg.data)
     print(f"train-ebm-gpu: {len(data)} images, {device_name(device)}, torch {torch.__version__}, "
           f"{args.minutes} min", flush=True)
     session = LocalTraining(cfg, data, args.out, device, state, _parent(args.resume) if args.resume else None,

@@ -54,7 +54,7 @@ def exact_test():
 
 @pytest.fixture(scope="session")
 def resnet20():
-    from distributed_ebm.store.weights import load_classifier
+    from distributed_ebm.store.checkpoints import load_classifier
     return load_classifier("resnet20", RESNET20)
 
 

@@ -9,7 +9,7 @@ from distributed_ebm.store.data import ImageSet
 from distributed_ebm.method.defense import Purifier
 from distributed_ebm.local.attack import build_attack
 from distributed_ebm.method.nets import EBM
-from distributed_ebm.store.weights import load_ebm, save_ebm
+from distributed_ebm.store.checkpoints import load_ebm, save_ebm
 from distributed_ebm.method.nets.ebm import SoftLeakyReLU
 from distributed_ebm.method.noise import ChainKeys
 from distributed_ebm.local.train import LocalTraining
@@ -46,7 +46,7 @@ def test_each_activation_trains_purifies_and_round_trips(tmp_path, activation):
     save_ebm(run.ebm, url)
     loaded = load_ebm(url, image_size=8, activation=activation, soft_eps=0.05)
     assert loaded.activation_spec() == run.ebm.activation_spec() == storage.load_torch(url)["activation"]
-    x = data.images[:3]
+    x = data.floats()[:3]
     keys = ChainKeys.replicated(0, torch.arange(3), 1)
     a, b = Purifier(run.ebm, 3)(x, keys), Purifier(loaded, 3)(x, keys)
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, x, atol=1e-3)

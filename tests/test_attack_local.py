@@ -9,7 +9,7 @@ from distributed_ebm.results import records as results
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
 

@@ -11,9 +11,9 @@ import pytest
 
 from distributed_ebm.method.attacks.modes import MODES
 from distributed_ebm.config import AttackConfig, AttackSettings, build
-from distributed_ebm.store.data import load
+from distributed_ebm.store.data import read_images
 from distributed_ebm.local.attack import build_attack
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 
@@ -87,8 +87,8 @@ def _summary(record) -> tuple:
 @pytest.mark.parametrize("name", CASES)
 def test_records_are_the_pinned_ones(ebm, name):
     cfg = _config(ebm, CASES[name])
-    data = load(cfg.data)
-    got = [_summary(r) for r in build_attack(cfg, "cpu")(data.images.double(), data.labels, data.ids)]
+    data = read_images(cfg.data)
+    got = [_summary(r) for r in build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)]
     for g, e in zip(got, EXPECTED[name], strict=True):
         assert g[:8] == tuple(e[:8]), (name, g[:8], e[:8])
         assert g[8:] == pytest.approx(e[8:], rel=1e-9, abs=1e-9), name  # float64 rounding: CPUs differ

@@ -7,7 +7,7 @@ import torch
 from distributed_ebm.method.attacks import Attack, project, random_start
 from distributed_ebm.method.attacks.pgd import ascent_step
 from distributed_ebm.config import AttackSettings
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.results.records import accuracy_curve, summarize_records, wilson_interval
 
@@ -19,13 +19,13 @@ EPS = 8 / 255
 def _run(attack, data, batch):
     out = []
     for i in range(0, len(data), batch):
-        out += attack(data.images[i:i + batch], data.labels[i:i + batch], data.ids[i:i + batch])
+        out += attack(data.floats()[i:i + batch], data.labels[i:i + batch], data.ids[i:i + batch])
     return out
 
 
 @pytest.mark.parametrize("norm, eps, step, ceiling", [("linf", 8 / 255, 2 / 255, 0.02), ("l2", 0.5, 0.1, 0.05)])
 def test_pgd_drives_the_undefended_resnet20_to_zero(exact_test, resnet20, norm, eps, step, ceiling):
-    data = select(exact_test, count=100)
+    data = subset(exact_test, count=100)
     attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=step, steps=50), seed=0)
     records = _run(attack, data, 50)
     s = summarize_records(records, attack.points)
@@ -35,10 +35,10 @@ def test_pgd_drives_the_undefended_resnet20_to_zero(exact_test, resnet20, norm, 
 
 
 def test_adversarial_images_stay_in_budget_and_pixels(exact_test, resnet20):
-    data = select(exact_test, count=10)
+    data = subset(exact_test, count=10)
     for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
         attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=eps / 4, steps=5), seed=0)
-        for r, x in zip(attack(data.images, data.labels, data.ids), data.images):
+        for r, x in zip(attack(data.floats(), data.labels, data.ids), data.floats()):
             delta = torch.from_numpy(r.adv_image) - x
             size = delta.abs().max() if norm == "linf" else delta.norm()
             assert size <= 2 * eps + 1e-5 and r.adv_image.min() >= -1 and r.adv_image.max() <= 1
@@ -56,8 +56,8 @@ def _double(module):
 @pytest.fixture(scope="module")
 def defended(exact_test, resnet20):
     """Double precision, so batch composition cannot flip the sign of a tiny gradient component."""
-    data = select(exact_test, count=6)
-    data.images = data.images.double()
+    data = subset(exact_test, count=6)
+    data.data = data.floats().double()
     return data, _double(resnet20), Purifier(_double(tiny_ebm(scale=20)), steps=2, step_size=1.0, noise=0.05)
 
 
@@ -67,7 +67,7 @@ def _reference(clf, purifier, s: AttackSettings, data, seed):
     eps, alpha = 2 * s.eps, 2 * s.step_size
     out = []
     for k in range(len(data)):
-        x_nat, y, i = data.images[k:k + 1], data.labels[k:k + 1], data.ids[k:k + 1]
+        x_nat, y, i = data.floats()[k:k + 1], data.labels[k:k + 1], data.ids[k:k + 1]
 
         def judge(x, point, logits=None):
             if logits is None:
@@ -122,9 +122,9 @@ def test_broken_images_leave_the_batch(exact_test, resnet20):
     rows = []
     counting = torch.nn.Sequential(resnet20)
     counting.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    data = select(exact_test, count=20)
+    data = subset(exact_test, count=20)
     attack = Attack(counting, None, AttackSettings(mode="pgd", steps=20), seed=0)
-    records = attack(data.images, data.labels, data.ids)
+    records = attack(data.floats(), data.labels, data.ids)
     assert sum(r.robust for r in records) == 0
     assert sum(rows) < 0.4 * 20 * attack.points  # without dropping: 20 images at every point
     curve = accuracy_curve([r.broken_at for r in records], attack.points)
@@ -134,10 +134,10 @@ def test_broken_images_leave_the_batch(exact_test, resnet20):
 def test_transfer_and_defense_modes(defended):
     data, clf, purifier = defended
     s = AttackSettings(mode="transfer", eps=EPS, steps=3, eot_attack=2, eot_defense=3)
-    records = Attack(clf, purifier, s, seed=5)(data.images, data.labels, data.ids)
+    records = Attack(clf, purifier, s, seed=5)(data.floats(), data.labels, data.ids)
     assert {r.broken_at for r in records} <= {-1, 0, s.steps + 2 - 1}
     # the transfer iterate is plain PGD on the classifier, judged by the defense at the end
-    x_nat = data.images
+    x_nat = data.floats()
     x = random_start(x_nat, data.ids, 5, "linf", 2 * EPS)
     for _ in range(s.steps):
         x = x.detach().requires_grad_(True)
@@ -148,7 +148,7 @@ def test_transfer_and_defense_modes(defended):
             assert np.allclose(r.adv_image, x[k].numpy(), atol=1e-9)
     nat = Attack(clf, purifier, AttackSettings(mode="defense", eot_attack=2, eot_defense=3), seed=5)
     assert nat.points == 1
-    assert [r.natural_protocol_pred for r in nat(data.images, data.labels, data.ids)] == [r.natural_protocol_pred for r in records]
+    assert [r.natural_protocol_pred for r in nat(data.floats(), data.labels, data.ids)] == [r.natural_protocol_pred for r in records]
 
 
 def test_wilson_interval():
@@ -162,7 +162,7 @@ def test_per_image_tensors_share_the_images_device(exact_test, resnet20):
     `meta` tensors stand for 'another device' on a CPU-only machine: nothing may run on them."""
     from distributed_ebm.method.defense import same_device
 
-    x, y, ids = exact_test.images[:2], exact_test.labels[:2], exact_test.ids[:2]
+    x, y, ids = exact_test.floats()[:2], exact_test.labels[:2], exact_test.ids[:2]
     same_device(x=x, labels=y, ids=ids)
     with pytest.raises(ValueError, match="ids is on meta but x on cpu: per-image tensors must share the images' device"):
         same_device(x=x, labels=y, ids=ids.to("meta"))
@@ -204,10 +204,10 @@ def test_the_defenses_own_natural_figure_and_the_protocols_two_chances():
 
 def test_an_unbroken_images_record_keeps_its_most_adversarial_iterate(exact_test, resnet20):
     """Not the last iterate: the checked iterate of highest loss, which re-evaluation then judges."""
-    data = select(exact_test, count=12)
+    data = subset(exact_test, count=12)
     s = AttackSettings(mode="pgd", eps=1 / 255, step_size=1 / 255, steps=6)
-    records = Attack(resnet20, None, s, seed=4)(data.images, data.labels, data.ids)
-    x_nat, y = data.images, data.labels
+    records = Attack(resnet20, None, s, seed=4)(data.floats(), data.labels, data.ids)
+    x_nat, y = data.floats(), data.labels
     x = random_start(x_nat, data.ids, 4, "linf", 2 / 255)
     iterates, losses = [], []
     for t in range(s.steps + 1):

@@ -20,7 +20,7 @@ from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, TunePurificationConfig, load_config
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import TEST_EXACT, tiny_ebm
 

@@ -10,7 +10,7 @@ from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.results.report import format_convergence
 from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 
@@ -103,7 +103,7 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     from distributed_ebm.cli import main
     from distributed_ebm.local.attack import gallery_rows
     from distributed_ebm.method.noise import ChainKeys
-    from distributed_ebm.store.data import load
+    from distributed_ebm.store.data import read_images
 
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
@@ -112,11 +112,11 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     png = Image.open(tmp_path / "out" / "gallery.png")
     assert png.size[0] > 600 and png.size[1] > 400
     rows = gallery_rows(cfg)
-    data = load(cfg.data)
+    data = read_images(cfg.data)
     assert [r.index for r in rows] == sorted(data.ids.tolist())[:3]
     from distributed_ebm.local.attack import build_attack
     defense = build_attack(cfg).defense
-    first = data.images[:1]
+    first = data.floats()[:1]
     keys = ChainKeys.replicated(cfg.seed, data.ids[:1], cfg.attack.eot_attack, 0)[0:1]  # the check's replicate 0
     assert (rows[0].purified_clean == defense.purifier(first, keys)[0].numpy()).all()
     assert all(r.natural[1] is not None and 0 < r.natural[1] <= 1 for r in rows)  # the vote shares are recorded

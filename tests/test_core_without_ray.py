@@ -22,11 +22,11 @@ from distributed_ebm.store import provenance
 from distributed_ebm.results import records as results
 from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackConfig, AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.store.data import ImageSet, load
+from distributed_ebm.store.data import ImageSet, read_images
 from distributed_ebm.method.defense import Purifier
 from distributed_ebm.method.exact_chain import differentiable_langevin
 from distributed_ebm.method.nets import EBM, build_classifier
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 from distributed_ebm.method.noise import ChainKeys
 from distributed_ebm.local.train import LocalTraining
 
@@ -34,14 +34,14 @@ torch.manual_seed(0)
 ebm, clf = EBM(width=4), build_classifier("resnet20")
 save_ebm(ebm, f"{sys.argv[1]}/ebm.pt")
 cfg = load_config(AttackConfig, None, [f"ebm={sys.argv[1]}/ebm.pt", "data.count=3", f"output={sys.argv[1]}/attack"])
-data = load(cfg.data)
+data = read_images(cfg.data)
 settings = AttackSettings(mode="bpda_eot", steps=1, eot_attack=2, eot_defense=2)
-records = Attack(clf, Purifier(ebm, steps=2), settings)(data.images, data.labels, data.ids)
+records = Attack(clf, Purifier(ebm, steps=2), settings)(data.floats(), data.labels, data.ids)
 results.write_part(cfg.output, records, provenance.attack_settings(cfg))
 keys = ChainKeys.replicated(0, data.ids, 1)
-differentiable_langevin(ebm, data.images.requires_grad_(True), keys, 2, segment=1).sum().backward()
+differentiable_langevin(ebm, data.floats().requires_grad_(True), keys, 2, segment=1).sum().backward()
 train = load_config(TrainEBMConfig, None, ["ebm.width=4", "langevin.steps=2", "batch_size=2", "bank_size=3"])
-run = LocalTraining(train, ImageSet(data.images.detach(), data.labels, data.ids))
+run = LocalTraining(train, ImageSet(data.floats().detach(), data.labels, data.ids))
 m = run.step()
 assert run.iteration == 1 and all(v == v for v in m.values()), m
 print("core ok", len(records), sorted(k for k in BLOCKED if k in sys.modules))

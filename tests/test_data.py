@@ -13,7 +13,8 @@ from PIL import Image
 from distributed_ebm.store import storage
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, DataConfig, build, load_config
-from distributed_ebm.store.data import DataError, load, read_parquet, read_torchvision, select, to_uint8
+from distributed_ebm.method.pixels import uint8_hwc
+from distributed_ebm.store.data import DataError, read_images, read_parquet, read_torchvision, subset
 
 from .conftest import TEST_EXACT
 
@@ -31,26 +32,48 @@ def _write(path, rows, **extra_cols):
 
 
 def test_exact_test_images_are_the_real_pixels(exact_test):
-    assert exact_test.images.shape == (1000, 3, 32, 32) and exact_test.images.dtype == torch.float32
-    assert exact_test.images.min() == -1 and exact_test.images.max() == 1
+    assert exact_test.floats().shape == (1000, 3, 32, 32) and exact_test.floats().dtype == torch.float32
+    assert exact_test.floats().min() == -1 and exact_test.floats().max() == 1
     # ../shared/datasets/README.md: sha256 of the decoded uint8 HWC pixels, file order
-    assert hashlib.sha256(to_uint8(exact_test.images).tobytes()).hexdigest() == \
+    assert hashlib.sha256(uint8_hwc(exact_test.floats()).tobytes()).hexdigest() == \
         "da362006b99671213d1a5d856cab2bedf64d40bad4501630ee60f4ceb2d3ec7f"
     assert exact_test.ids.tolist() == list(range(1000))
     assert np.bincount(exact_test.labels.numpy()).tolist() == [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
 
 
+def test_pixels_round_trip_exactly_through_method_pixels():
+    """Every uint8 value -> float in [-1, 1] -> uint8 is itself, in both layouts and through ImageSet; the floats
+    are 2 p / 255 - 1 computed independently in float64, and out-of-range floats clamp to the ends."""
+    from distributed_ebm.method.pixels import uint8_pixels, unit_range, unit_range_hwc
+    from distributed_ebm.store.data import ImageSet
+
+    p = torch.arange(256, dtype=torch.uint8).reshape(4, 4, 4, 4)  # N x H x W x C, every value once
+    x = unit_range(p)
+    assert x.dtype == torch.float32
+    assert torch.allclose(x.double(), p.double() * 2 / 255 - 1, rtol=0, atol=1e-6)
+    assert torch.equal(uint8_pixels(x), p)
+    assert uint8_pixels(p) is p  # pixels stay pixels
+    assert torch.equal(uint8_pixels(torch.tensor([-3.0, 2.0])), torch.tensor([0, 255], dtype=torch.uint8))
+    chw = unit_range_hwc(p.numpy())
+    assert chw.shape == (4, 4, 4, 4) and torch.equal(chw, x.permute(0, 3, 1, 2))
+    assert np.array_equal(uint8_hwc(chw), p.numpy()) and np.array_equal(uint8_hwc(chw.double()), p.numpy())
+    pixels = ImageSet(p.permute(0, 3, 1, 2), torch.zeros(4, dtype=torch.int64), torch.arange(4))
+    floats = ImageSet(pixels.floats(), pixels.labels, pixels.ids)
+    assert torch.equal(pixels.floats([2, 0]), chw[[2, 0]]) and np.array_equal(floats.pixels(), p.numpy())
+    assert np.shares_memory(pixels.pixels(), p.numpy())  # the stored pixels, not a copy
+
+
 def test_subsets(exact_test):
-    assert select(exact_test, count=5).ids.tolist() == [0, 1, 2, 3, 4]
-    sub = select(exact_test, indices=[7, 3, 999])
-    assert sub.ids.tolist() == [7, 3, 999] and torch.equal(sub.images[1], exact_test.images[3])
-    r1, r2 = select(exact_test, random=20, seed=1), select(exact_test, random=20, seed=1)
+    assert subset(exact_test, count=5).ids.tolist() == [0, 1, 2, 3, 4]
+    sub = subset(exact_test, indices=[7, 3, 999])
+    assert sub.ids.tolist() == [7, 3, 999] and torch.equal(sub.floats()[1], exact_test.floats()[3])
+    r1, r2 = subset(exact_test, random=20, seed=1), subset(exact_test, random=20, seed=1)
     assert torch.equal(r1.ids, r2.ids) and len(set(r1.ids.tolist())) == 20
-    assert not torch.equal(r1.ids, select(exact_test, random=20, seed=2).ids)
+    assert not torch.equal(r1.ids, subset(exact_test, random=20, seed=2).ids)
     with pytest.raises(DataError, match=r"ids \[5000\] are not in the data"):
-        select(exact_test, indices=[1, 5000])
+        subset(exact_test, indices=[1, 5000])
     with pytest.raises(DataError, match="data.count = 2000 but the data hold only 1000 images"):
-        select(exact_test, count=2000)
+        subset(exact_test, count=2000)
 
 
 def test_ids_fall_back_to_row_numbers(tmp_path):
@@ -62,7 +85,7 @@ def test_ids_fall_back_to_row_numbers(tmp_path):
 
 def test_pixels_map_to_minus_one_one(tmp_path):
     _write(tmp_path / "a.parquet", [_png(32, 0), _png(32, 255), _png(32, 51)])
-    x = read_parquet(str(tmp_path / "a.parquet")).images
+    x = read_parquet(str(tmp_path / "a.parquet")).floats()
     assert x[0].eq(-1).all() and x[1].eq(1).all() and torch.allclose(x[2], torch.tensor(2 * 51 / 255 - 1))
 
 
@@ -94,8 +117,8 @@ def test_parquet_from_s3(s3_bucket, exact_test):
     with open(TEST_EXACT, "rb") as f:
         storage.write_bytes(url, f.read())
     cfg = build(DataConfig, {"path": url, "indices": [3, 4, 5]})
-    sub = load(cfg)
-    assert torch.equal(sub.images, exact_test.images[3:6]) and sub.labels.tolist() == exact_test.labels[3:6].tolist()
+    sub = read_images(cfg)
+    assert torch.equal(sub.floats(), exact_test.floats()[3:6]) and sub.labels.tolist() == exact_test.labels[3:6].tolist()
 
 
 def test_atomic_writes_leave_no_temporary_and_the_mode_a_plain_write_gives(tmp_path):

@@ -11,7 +11,7 @@ from .conftest import tiny_ebm
 @pytest.fixture(scope="module")
 def setup(exact_test, resnet20):
     purifier = Purifier(tiny_ebm(scale=20), steps=3, step_size=1.0, noise=0.05)
-    return resnet20, purifier, exact_test.images[:3], exact_test.labels[:3], exact_test.ids[:3]
+    return resnet20, purifier, exact_test.floats()[:3], exact_test.labels[:3], exact_test.ids[:3]
 
 
 def test_bpda_gradient_is_the_classifier_gradient_at_the_purified_point(setup):
@@ -77,7 +77,7 @@ def _sequential_index_add(out: torch.Tensor, replicates: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("average", ["logits", "softmax"])
 def test_replicate_sums_are_fixed_order_whatever_the_chunking(exact_test, average):
-    x, ids, y = exact_test.images[:3], exact_test.ids[:3], exact_test.labels[:3]
+    x, ids, y = exact_test.floats()[:3], exact_test.ids[:3], exact_test.labels[:3]
     purifier, r = Purifier(None, steps=2, step_size=0.0, noise=0.3), 7
     chains = purifier(x.repeat_interleave(r, 0), ChainKeys.replicated(5, ids, r, call=1))
     out = _Pixels()(chains)
@@ -120,7 +120,7 @@ def test_memory_is_bounded_by_chunk_size_not_replicates(exact_test):
 
     torch.manual_seed(0)
     clf = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 32 * 32, 10))
-    x, ids, y = exact_test.images[:2], exact_test.ids[:2], exact_test.labels[:2]
+    x, ids, y = exact_test.floats()[:2], exact_test.ids[:2], exact_test.labels[:2]
     d = EOTDefense(clf, Purifier(tiny_ebm(width=4), steps=2, step_size=1.0, noise=0.05), chunk_size=4)
     image = x[0].numel() * x.element_size()
 

@@ -8,7 +8,7 @@ import torch
 
 from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.store.data import ImageSet, select
+from distributed_ebm.store.data import ImageSet, subset
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.local.train import LocalTraining
 
@@ -25,7 +25,7 @@ def _fields(records):
 @pytest.mark.parametrize("mode", ["bpda_eot", "exact_eot", "transfer", "defense", "pgd"])
 def test_attack_modes_on_cuda_equal_the_cpu(exact_test, resnet20, mode):
     """Float64, so no decision sits within rounding of its threshold: the records must be equal."""
-    data = select(exact_test, count=6)
+    data = subset(exact_test, count=6)
     clf, ebm = copy.deepcopy(resnet20).double(), tiny_ebm(scale=20).double()
     settings = AttackSettings(mode=mode, steps=3, eot_attack=3, eot_defense=4,
                               reevaluations=0 if mode == "pgd" else 2)
@@ -34,7 +34,7 @@ def test_attack_modes_on_cuda_equal_the_cpu(exact_test, resnet20, mode):
         purifier = Purifier(copy.deepcopy(ebm).to(device), steps=2, step_size=1.0, noise=0.05)
         attack = Attack(clf.to(device), purifier, settings, seed=3, chunk_size=5)
         # labels and ids as the CPU hands them over: the engine moves them (the crash this guards against)
-        out[str(device)] = attack(data.images.double().to(device), data.labels, data.ids)
+        out[str(device)] = attack(data.floats().double().to(device), data.labels, data.ids)
     cpu, cuda = out["cpu"], out[str(CUDA)]
     assert _fields(cuda) == _fields(cpu)
     for a, b in zip(cuda, cpu):
@@ -43,7 +43,7 @@ def test_attack_modes_on_cuda_equal_the_cpu(exact_test, resnet20, mode):
 
 def test_defense_reduction_is_deterministic_on_cuda(exact_test, resnet20):
     """Same sums bit for bit across runs and chunkings (the former index_add_ used atomics)."""
-    x, y, ids = exact_test.images[:8].to(CUDA), exact_test.labels[:8].to(CUDA), exact_test.ids[:8].to(CUDA)
+    x, y, ids = exact_test.floats()[:8].to(CUDA), exact_test.labels[:8].to(CUDA), exact_test.ids[:8].to(CUDA)
     purifier = Purifier(tiny_ebm(scale=20).to(CUDA), steps=2, step_size=1.0, noise=0.05)
     runs = []
     for chunk in (64, 64, 37):
@@ -55,8 +55,8 @@ def test_defense_reduction_is_deterministic_on_cuda(exact_test, resnet20):
 
 
 def test_training_step_on_cuda_equals_the_cpu(exact_test):
-    data = select(exact_test, count=16)
-    data = ImageSet(data.images, data.labels, data.ids)
+    data = subset(exact_test, count=16)
+    data = ImageSet(data.floats(), data.labels, data.ids)
     cfg = load_config(TrainEBMConfig, None, ["ebm.width=8", "langevin.steps=5", "batch_size=8", "bank_init=data"])
     runs = {device: LocalTraining(cfg, data, device=device) for device in ("cpu", "cuda")}
     metrics = {device: run.step() for device, run in runs.items()}

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from distributed_ebm.store import storage
 from distributed_ebm.method.bank import ImageBank
 from distributed_ebm.results.card import card_text
-from distributed_ebm.store.checkpoints import energy_stats, load_checkpoint, reburn, save_checkpoint
+from distributed_ebm.method.bank import energy_stats, reburn
+from distributed_ebm.store.checkpoints import load_checkpoint, load_ebm, save_checkpoint
 from distributed_ebm.errors import InputError
 from distributed_ebm.config import StandaloneTrainConfig, build
-from distributed_ebm.store.data import ImageSet, select
+from distributed_ebm.store.data import ImageSet, subset
 from distributed_ebm.cli import main as debm
 from distributed_ebm.local.train import CKPT, LocalTraining
-from distributed_ebm.store.weights import load_ebm
+from distributed_ebm.store.checkpoints import load_ebm
 from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
 
 from .conftest import REPO, TEST_EXACT
@@ -45,8 +46,8 @@ def Session(cfg, data, out, device, state=None, **kw):
 
 @pytest.fixture(scope="module")
 def tiny(exact_test):
-    d = select(exact_test, count=64)
-    return ImageSet(F.avg_pool2d(d.images, 4), d.labels, d.ids)
+    d = subset(exact_test, count=64)
+    return ImageSet(F.avg_pool2d(d.floats(), 4), d.labels, d.ids)
 
 
 @pytest.fixture(scope="module")

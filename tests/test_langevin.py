@@ -146,7 +146,7 @@ def test_cuda_work_is_guarded_by_the_tensors_device():
     import contextlib
 
     from distributed_ebm.errors import InputError
-    from distributed_ebm.method.cuda import job_device, on_device
+    from distributed_ebm.method.devices import job_device, on_device
 
     assert isinstance(on_device("cpu"), contextlib.nullcontext)
     guard = on_device(torch.device("cuda", 1))

@@ -3,7 +3,7 @@ import torch
 
 from distributed_ebm.errors import InputError
 from distributed_ebm.method.nets import EBM, build_classifier
-from distributed_ebm.store.weights import load_classifier, load_ebm, save_classifier, save_ebm
+from distributed_ebm.store.checkpoints import load_classifier, load_ebm, save_classifier, save_ebm
 from distributed_ebm.method.training import accuracy
 
 from .conftest import WEIGHTS_DIR, tiny_ebm

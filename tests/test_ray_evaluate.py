@@ -14,7 +14,7 @@ from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.distributed.attack import evaluate
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.method.nets import EBM
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, own_processes, tiny_ebm
 

@@ -15,9 +15,9 @@ import yaml
 from distributed_ebm.cli import main
 from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
-from distributed_ebm.store.weights import load_ebm
+from distributed_ebm.store.checkpoints import load_ebm
 from distributed_ebm.local.train import train_ebm
 from distributed_ebm.method.training import TrainingDiverged, new_ebm
 
@@ -26,7 +26,7 @@ from .conftest import TEST_EXACT, own_processes
 
 @pytest.fixture(scope="module")
 def small(exact_test):
-    return select(exact_test, count=64)
+    return subset(exact_test, count=64)
 
 
 def _tree(tmp_path, name, **kw):
@@ -51,7 +51,7 @@ def _close_to_single_process(tmp_path, tree, ebm_url, small):
     """Two DDP workers on halves of each batch = one process on the whole batch (up to float rounding)."""
     single = train_ebm(build(TrainEBMConfig, {**tree, "output": str(tmp_path / "single")}), data=small, show=False)
     ebm = load_ebm(ebm_url)
-    x = small.images[:16]
+    x = small.floats()[:16]
     with torch.no_grad():
         assert torch.allclose(ebm(x), single.ebm(x), atol=1e-5)
     for (name, p), q in zip(ebm.named_parameters(), single.ebm.parameters()):
@@ -239,7 +239,7 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     import mlflow
     from distributed_ebm.config import TrainClassifierConfig
     from distributed_ebm.distributed.train_classifier import train_classifier_on_ray
-    from distributed_ebm.store.weights import load_classifier
+    from distributed_ebm.store.checkpoints import CLASSIFIER_CKPT, load_classifier
 
     def cfg(epochs):
         return build(TrainClassifierConfig, {
@@ -252,7 +252,7 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     assert first["epoch"] == 1
     second = train_classifier_on_ray(cfg(2))
     assert second["epoch"] == 2 and 0 <= second["test_accuracy"] <= 1
-    state = storage.load_torch(f"{second['checkpoint']}/state.pt")
+    state = storage.load_torch(f"{second['checkpoint']}/{CLASSIFIER_CKPT}")
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert state["scheduler"]["last_epoch"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
     clf = load_classifier("wrn", second["classifier"])

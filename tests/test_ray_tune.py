@@ -10,10 +10,10 @@ from distributed_ebm.results import records as results
 from distributed_ebm.store import storage
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, TunePurificationConfig, build, load_config
-from distributed_ebm.store.data import load
+from distributed_ebm.store.data import read_images
 from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
 from distributed_ebm.distributed.ray_train import run_dir
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 
@@ -77,13 +77,13 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
     assert best["metrics"]["objective"] == max(t["objective"] for t in best["trials"] if t["rungs"] == 2)
 
     # the trials saw only validation images: exact test images of ids 500-999, none of the evaluation's
-    validation = set(load(cfg.validation).ids.tolist())
+    validation = set(read_images(cfg.validation).ids.tolist())
     seen = set()
     for trial in best["trials"]:
         seen |= set(results.read_records(storage.join(run_dir(cfg), "trials", trial["trial"]),
                                          ["index"]).column("index").to_pylist())
     assert seen <= validation and min(validation) >= 500 and len(validation) == 4
-    assert not seen & set(load(cfg.attack.data).ids.tolist())
+    assert not seen & set(read_images(cfg.attack.data).ids.tolist())
     assert best["metrics"]["natural_defense_accuracy"] is not None and best["metrics"]["natural_protocol_accuracy"] is not None
 
     # MLflow: the search's parent run and one child run per trial
@@ -123,8 +123,8 @@ def test_training_sampler_search_holds_out_validation_and_writes_a_training_conf
         "mlflow": {"enabled": False}})
     best = tune_training(cfg)
     assert len(best["trials"]) == 1 and best["trials"][0]["natural_defense_accuracy"] is not None
-    validation_ids = set(load(cfg.validation).ids.tolist())
-    trained_on = set(load(trial_training(cfg, best["params"], "x", sorted(validation_ids)).data).ids.tolist())
+    validation_ids = set(read_images(cfg.validation).ids.tolist())
+    trained_on = set(read_images(trial_training(cfg, best["params"], "x", sorted(validation_ids)).data).ids.tolist())
     assert trained_on and not trained_on & validation_ids
     tuned = build(TrainEBMConfig, yaml.safe_load(storage.read_bytes(best["file"])))  # what jobs/train_ebm.py reads
     assert tuned.langevin.steps == best["params"]["steps"] and tuned.iterations == cfg.train.iterations

@@ -8,7 +8,7 @@ import pytest
 from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.method.nets import EBM
-from distributed_ebm.store.weights import load_ebm
+from distributed_ebm.store.checkpoints import load_ebm
 
 # RESULTS.md's counting table, row "CPU LeakyReLU EBM, 8/255, reduced counting"
 # (benchmarks/experiments/counting_table.sh)

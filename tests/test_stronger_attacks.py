@@ -6,7 +6,7 @@ from distributed_ebm.method.attacks import Attack
 from distributed_ebm.method.attacks.apgd import APGD
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, AttackSettings, load_config
-from distributed_ebm.store.data import select
+from distributed_ebm.store.data import subset
 from distributed_ebm.method.defense import dlr
 from distributed_ebm.results.records import summarize_records
 
@@ -21,7 +21,7 @@ def _robust(attack, data):
 @pytest.mark.parametrize("eps, steps", [(8 / 255, 50), (0.5 / 255, 20)])
 def test_apgd_reaches_at_most_pgds_robust_accuracy_on_resnet20(exact_test, resnet20, eps, steps):
     """Same 100 exact test images, same budget; the small budget keeps PGD away from 0%."""
-    data = select(exact_test, count=100)
+    data = subset(exact_test, count=100)
     pgd = _robust(Attack(resnet20, None, AttackSettings(mode="pgd", eps=eps, step_size=eps / 4, steps=steps)), data)
     for loss in ("ce", "dlr"):
         s = AttackSettings(mode="pgd", optimizer="apgd", loss=loss, eps=eps, steps=steps)
@@ -58,9 +58,9 @@ def test_exact_eot_on_the_papers_ebm_equals_bpda_eot(defended):  # noqa: F811
     """The paper's EBM is piecewise linear: the exact gradient through its chain is BPDA's."""
     data, clf, purifier = defended
     common = dict(eps=1 / 255, step_size=0.5 / 255, steps=3, eot_attack=3, eot_defense=5)
-    bpda = Attack(clf, purifier, AttackSettings(mode="bpda_eot", **common), seed=11)(data.images, data.labels, data.ids)
+    bpda = Attack(clf, purifier, AttackSettings(mode="bpda_eot", **common), seed=11)(data.floats(), data.labels, data.ids)
     exact = Attack(clf, purifier, AttackSettings(mode="exact_eot", segment=1, **common), seed=11)(
-        data.images, data.labels, data.ids)
+        data.floats(), data.labels, data.ids)
     assert [r.broken_at for r in exact] == [r.broken_at for r in bpda]
     assert all((a.adv_image == b.adv_image).all() for a, b in zip(exact, bpda))
     assert sum(r.image_steps for r in exact) > sum(r.image_steps for r in bpda)
@@ -80,7 +80,7 @@ def test_reevaluations_report_mean_and_worst_case_whatever_the_batching(defended
     assert len({tuple(f) for f in flags}) > 1 or len(set(flags[0])) > 1, "fresh chains should disagree somewhere"
     # mode defense: the clean image re-judged R times
     nat = Attack(clf, purifier, AttackSettings(mode="defense", eot_attack=2, eot_defense=1, reevaluations=2), seed=3)
-    assert all(len(r.reeval_correct) == 2 for r in nat(data.images, data.labels, data.ids))
+    assert all(len(r.reeval_correct) == 2 for r in nat(data.floats(), data.labels, data.ids))
 
 
 @pytest.mark.parametrize("override, message", [

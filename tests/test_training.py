@@ -3,9 +3,8 @@ import torch
 
 from distributed_ebm.store import storage
 from distributed_ebm.config import TrainClassifierConfig, TrainEBMConfig, build
-from distributed_ebm.store.checkpoints import load_checkpoint
-from distributed_ebm.store.data import select
-from distributed_ebm.store.weights import load_classifier, load_ebm
+from distributed_ebm.store.checkpoints import load_checkpoint, load_classifier, load_ebm
+from distributed_ebm.store.data import subset
 from distributed_ebm.local.train import LocalTraining, train_classifier, train_ebm
 from distributed_ebm.method.training import TrainingDiverged, augment
 
@@ -20,7 +19,7 @@ def _cfg(tmp_path, **kw):
 
 @pytest.fixture(scope="module")
 def small(exact_test):
-    return select(exact_test, count=64)
+    return subset(exact_test, count=64)
 
 
 def test_ebm_trains_bank_moves_and_optimizer_switches(tmp_path, small):
@@ -110,6 +109,48 @@ def test_classifier_trains_and_resumes(tmp_path):
     clf = load_classifier("wrn", str(tmp_path / "a" / "classifier.pt"))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(clf(x), straight["classifier"](x))
+
+
+def test_the_classifier_training_checkpoint_round_trips_through_store_checkpoints(tmp_path):
+    """Save and resume through the one module, by its named keys; a folder written under the Ray entry's old
+    file name resumes too, and an empty folder is a fresh start (or one clear line where a checkpoint is due)."""
+    from distributed_ebm.errors import InputError
+    from distributed_ebm.method.training import classifier_optimizer
+    from distributed_ebm.store import checkpoints as ck
+
+    cfg = build(TrainClassifierConfig, {"data": {"path": TEST_EXACT}, "lr_milestones": [1],
+                                        "output": str(tmp_path / "out")})
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        return (net, *classifier_optimizer(cfg, net))
+
+    net, opt, sched = fresh(0)
+    for _ in range(2):  # momentum buffers and a scheduler past its milestone
+        opt.zero_grad()
+        net(torch.randn(5, 3, 2, 2)).square().mean().backward()
+        opt.step()
+        sched.step()
+    history = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+    ck.save_classifier_training(str(tmp_path / "a"), cfg, 2, net, opt, sched, history)
+    saved = storage.load_torch(str(tmp_path / "a" / ck.CLASSIFIER_CKPT))
+    assert saved[ck.KIND_KEY] == ck.CLASSIFIER_TRAINING and saved[ck.EPOCH_KEY] == 2
+    assert TrainClassifierConfig.model_validate(__import__("yaml").safe_load(saved[ck.CONFIG_KEY])) == cfg
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "state.pt").write_bytes((tmp_path / "a" / ck.CLASSIFIER_CKPT).read_bytes())
+    for folder in ("a", "old"):
+        net2, opt2, sched2 = fresh(1)
+        assert ck.load_classifier_training(str(tmp_path / folder), net2, opt2, sched2) == (2, history)
+        for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+            assert torch.equal(a, b)
+        assert sched2.state_dict() == sched.state_dict() and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for a, b in zip(opt.state.values(), opt2.state.values()):
+            assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert ck.load_classifier_training(str(tmp_path / "none"), *fresh(2)) == (0, [])
+    with pytest.raises(InputError, match="no classifier training checkpoint"):
+        ck.load_classifier_training(str(tmp_path / "none"), *fresh(2), missing_ok=False)
 
 
 def test_a_rejuvenated_start_and_its_chains_first_noise_are_independent_draws():

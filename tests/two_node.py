@@ -21,8 +21,8 @@ from distributed_ebm.distributed.train import train_ebm_on_ray
 from distributed_ebm.errors import InputError
 from distributed_ebm.local.attack import run_attack
 from distributed_ebm.results import records as results
-from distributed_ebm.store.data import read_parquet, select
-from distributed_ebm.store.weights import save_ebm
+from distributed_ebm.store.data import read_parquet, subset
+from distributed_ebm.store.checkpoints import save_ebm
 from tests.conftest import QUICK_NODE_DEATH, RESNET20, TEST_EXACT, tiny_ebm
 
 IMAGES = 12
@@ -89,7 +89,7 @@ def lose_a_node_in_training(cluster: Cluster, node, out: str) -> dict:
         "ebm": {"width": 4}, "langevin": {"steps": 5}, "iterations": 100_000, "batch_size": 8, "bank_size": 32,
         "checkpoint_every": 5, "log_every": 5, "output": out, "name": "twonode", "mlflow": {"enabled": False},
         "ray": {"workers": 2, "max_failures": 3, "startup_timeout_s": 5, "shared_filesystem": True}})
-    data = select(read_parquet(TEST_EXACT), count=64)
+    data = subset(read_parquet(TEST_EXACT), count=64)
     thread, box = in_thread(lambda: train_ebm_on_ray(cfg, data=data, show=False))
     wait_for(lambda: glob.glob(os.path.join(out, "twonode", "checkpoint_0*", "ckpt.pt")), 240)
     killed = time.time()

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from ..method.cuda import PRECISIONS
+from ..method.precision import PRECISIONS
 from ..method.nets import ACTIVATIONS, ARCHITECTURES
 
 def _fraction(value: Any) -> Any:
@@ -59,7 +59,7 @@ Seed = Annotated[int, Field(ge=0, lt=2**32, description="the run seed: every ran
 Output = Annotated[URL, Field(description="the folder (a local path or URL) the run writes into: records, "
                               "checkpoints, weights, summaries (under output/name where the job has a name); a rerun "
                               "into the same folder resumes")]
-_PRECISION = ("the arithmetic (method/cuda.py PRECISIONS): float32 (on CUDA: TF32 convolutions and matmuls); "
+_PRECISION = ("the arithmetic (method/precision.py PRECISIONS): float32 (on CUDA: TF32 convolutions and matmuls); "
               "float32_strict (on CUDA: TF32 off, deterministic cuDNN and algorithms: repeatable bit for bit, a resume "
               "included; slower); float64 (attacks only) for exact cross-checks (results then independent of batching "
               "to the last bit); bf16: the EBM's forward and backward under bf16 autocast (in training: inside the "

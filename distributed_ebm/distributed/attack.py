@@ -31,9 +31,10 @@ import torch
 from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
-from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
+from ..method.pixels import unit_range
+from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, catalog, decode, image_bytes
 from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
-from ..method.cuda import job_device
+from ..method.devices import job_device
 from ..progress import Progress
 from ..store.provenance import attack_settings
 from ..results.report import log_attack
@@ -108,7 +109,7 @@ def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Cata
     """Everything that can be checked before Ray starts (`preflight.attack`)."""
     from ..local import checks as checks
 
-    return checks.attack(cfg, data if data is not None else choose(cfg.data))
+    return checks.attack(cfg, data if data is not None else catalog(cfg.data))
 
 
 def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float, Plan]:

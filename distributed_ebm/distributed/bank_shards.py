@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from ..store import storage
+from ..store.checkpoints import bank_part, load_bank, save_bank
 from ..method.bank import ImageBank
 
 
@@ -79,14 +79,14 @@ class BankShard:
     def save(self, url: str) -> None:
         """Write this shard's part of the bank (at a checkpoint, straight to storage)."""
         self._alive()
-        storage.save_torch(self.bank.state_dict(), url)
+        save_bank(self.bank, url)
 
     def load(self, url: str | None) -> None:
         """Come back from a checkpoint's part (or the initial bank for None); all leases are dropped."""
         if url is None:
             self.bank.reset()
         else:
-            self.bank.load_state_dict(storage.load_torch(url))
+            load_bank(self.bank, url)
         self.holder[:] = -1
         self.lost = False
 
@@ -126,7 +126,7 @@ class ShardedBank:
 
     @staticmethod
     def part(folder: str, k: int) -> str:
-        return storage.join(folder, f"bank-{k}.pt")
+        return bank_part(folder, k)
 
     def save(self, folder: str) -> None:
         """Every shard writes its part into `folder`, in parallel."""

@@ -24,15 +24,15 @@ import torch
 
 from ..config import TrainEBMConfig, to_yaml
 from ..local import checks
-from ..method.cuda import set_arithmetic
+from ..method.precision import set_arithmetic
 from ..method.pixels import unit_range
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split
 from ..results.report import image_grid_png
 from ..store import storage
-from ..store.checkpoints import CKPT, check_fingerprint, data_fingerprint, load_checkpoint, save_checkpoint, settings_fingerprint
-from ..store.data import ImageSet, load
+from ..store.checkpoints import (CKPT, check_fingerprint, data_fingerprint, load_checkpoint, load_ebm, save_checkpoint,
+                                 save_ebm, settings_fingerprint)
+from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
-from ..store.weights import load_ebm, save_ebm
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
@@ -166,7 +166,7 @@ def check_resume(cfg: TrainEBMConfig, fingerprint: dict) -> None:
 def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bool = True) -> dict:
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     checks.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
     fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
     check_resume(cfg, fingerprint)

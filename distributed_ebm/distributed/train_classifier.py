@@ -6,7 +6,6 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 
 import numpy as np
@@ -16,10 +15,10 @@ import torch
 from ..local import checks
 from ..store import storage
 from ..config import TrainClassifierConfig
-from ..store.data import ImageSet, load, to_unit_range
+from ..method.pixels import unit_range_hwc
+from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
-from ..store.weights import load_classifier, save_classifier
-from ..local.train import classifier_state
+from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
@@ -40,17 +39,13 @@ def classifier_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        clf.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, history = state["epoch"], state["history"]
+            epoch, history = load_classifier_training(d, clf, opt, sched, missing_ok=False)
     model = ray.train.torch.prepare_model(clf) if world > 1 else clf
     logger = worker_logger(config, rank)
     test = None
     if rank == 0 and config.get("test"):
         tp, tl = ray.get(config["test"][0])
-        test = ImageSet(to_unit_range(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
+        test = ImageSet(unit_range_hwc(np.array(tp)), torch.from_numpy(np.array(tl)), torch.arange(len(tp)))
     steps = -(-len(labels) // cfg.batch_size)
     bar = WorkerProgress(config, rank, cfg.epochs * steps, f"train-classifier:{cfg.name}", start=epoch * steps)
 
@@ -59,7 +54,7 @@ def classifier_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                torch.save(classifier_state(cfg, epoch, clf, opt, sched, history), os.path.join(d, "state.pt"))
+                save_classifier_training(d, cfg, epoch, clf, opt, sched, history)
                 save_classifier(clf, storage.join(run_dir(cfg), "classifier.pt"), epoch=epoch)
                 if logger:
                     logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
@@ -67,7 +62,7 @@ def classifier_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     run_classifier(cfg, model, opt, sched, epoch, history,
-                   lambda r: (to_unit_range(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])), len(labels),
+                   lambda r: (unit_range_hwc(pixels[r.numpy()]), torch.from_numpy(labels[r.numpy()])), len(labels),
                    rank=rank, world=world, device=device, test=test, classifier=clf,
                    on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch,
                    reduce=lambda values: mean_over_workers(values, world, device))
@@ -76,8 +71,8 @@ def classifier_loop(config: dict) -> None:
 
 def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
-    data = load(cfg.data)
-    test = load(cfg.test_data) if cfg.test_data is not None else None
+    data = read_images(cfg.data)
+    test = read_images(cfg.test_data) if cfg.test_data is not None else None
     checks.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)

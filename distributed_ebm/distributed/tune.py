@@ -26,8 +26,8 @@ from ..local import checks as checks
 from ..store import storage
 from ..errors import InputError
 from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
-from ..store.data import choose, load
-from ..store.weights import load_classifier
+from ..store.data import catalog, read_images
+from ..store.checkpoints import load_classifier
 from ..store.tracking import check_tracking
 from .cluster import available, check_one_storage, connect
 from .attack import evaluate, plan_actors, preflight
@@ -226,11 +226,11 @@ def _write(cfg: SearchConfig, name: str, what: str, body) -> str:
 
 def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
     """The search's image ids (ids alone: the trials' engines read the pixels); none may be an evaluation image."""
-    ids = choose(cfg.validation).ids.tolist()
+    ids = catalog(cfg.validation).ids.tolist()
     if len(ids) < needed:
         raise InputError(f"the search needs {needed} validation images but validation holds {len(ids)}")
     if cfg.validation.path == cfg.attack.data.path:
-        shared_ids = sorted(set(ids) & set(choose(cfg.attack.data).ids.tolist()))
+        shared_ids = sorted(set(ids) & set(catalog(cfg.attack.data).ids.tolist()))
         if shared_ids:
             raise InputError(f"validation shares {len(shared_ids)} image ids with attack.data (e.g. {shared_ids[:5]}): "
                              "a search must not see the images its tuned settings are evaluated on (validation.id_range "
@@ -258,7 +258,7 @@ def tune_purification(cfg: TunePurificationConfig) -> dict:
 def tune_training(cfg: TuneTrainingConfig) -> dict:
     """Search the training sampler; the best settings become a complete training config (jobs/train_ebm.py)."""
     ids = _validation_ids(cfg, 1)
-    data = load(trial_training(cfg, {}, "x", ids).data)
+    data = read_images(trial_training(cfg, {}, "x", ids).data)
     _search_preflight(cfg)
     checks.train_ebm(cfg.train, data)
     c = cfg.attack.classifier

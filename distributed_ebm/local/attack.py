@@ -20,11 +20,13 @@ from ..config import AttackConfig
 from ..method.noise import ChainKeys, stream_seed
 from ..results.gallery import GalleryRow, write_gallery
 from ..results.report import describe
-from ..store.data import Catalog, ImageSet, load, read_rows, unit_range
+from ..method.pixels import unit_range
+from ..store.data import Catalog, ImageSet, read_images, read_rows
 from ..method.defense import Purifier
-from ..method.cuda import PRECISIONS, job_device, set_arithmetic
+from ..method.devices import job_device
+from ..method.precision import PRECISIONS, set_arithmetic
 from ..method.memory import auto_chunk_size
-from ..store.weights import load_classifier, load_ebm
+from ..store.checkpoints import load_classifier, load_ebm
 from ..progress import Progress
 from ..store.provenance import attack_settings
 
@@ -78,7 +80,7 @@ def pending(data: ImageSet, output: str, settings: dict) -> ImageSet:
 def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = None, show: bool = True) -> dict:
     """Attack every selected image without a record yet; returns the summary of all records."""
     device = job_device(device)
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     attack = build_attack(cfg, device, sample_ids(data, cfg.report.gradient_check))
     settings = attack_settings(cfg)
     todo = pending(data, cfg.output, settings)
@@ -116,7 +118,7 @@ def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
     clean image, at the record's adv_point for the adversarial one; the seed of the run that judged it, for an
     ensemble or restarts): no new randomness."""
     n = cfg.report.gallery
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     ids = sample_ids(data, n)
     table = results.read_records(cfg.output)
     table = table.filter(pc.is_in(table.column("index"), pa.array(ids, type=pa.int64())))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..store import storage
 from ..errors import InputError
 from ..config import AttackConfig, TrainClassifierConfig, TrainEBMConfig
-from ..store.data import Catalog, ImageSet, check_labels, load, read_rows
+from ..store.data import Catalog, ImageSet, check_labels, read_images, read_rows
 from ..store.tracking import check_tracking
 
 
@@ -15,7 +15,7 @@ def attack(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog
     pixels stay unread but for its first image's (its size)."""
     from .attack import build_attack
 
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     if len(data) == 0:
         raise InputError("the selected subset holds no image")
     width = (read_rows(data.take([0]), cfg.data.image_size) if isinstance(data, Catalog) else data).data.shape[-1]

@@ -22,18 +22,18 @@ import torch
 
 from ..config import TrainClassifierConfig, TrainEBMConfig, to_yaml
 from ..errors import InputError
-from ..method.bank import ImageBank
-from ..method.cuda import set_arithmetic
+from ..method.bank import ImageBank, energy_stats, reburn
+from ..method.precision import set_arithmetic
 from ..method.training import (METRICS, EBMIteration, LocalBank, check_sizes, classifier_optimizer,
                                new_classifier, new_ebm, run_classifier, run_ebm, time_split)
 from ..results.card import write_card
 from ..results.report import image_grid_png
 from ..store import storage
-from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, energy_stats, load_checkpoint,
-                                 reburn, save_checkpoint, settings_fingerprint)
-from ..store.data import ImageSet, load
+from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, load_bank, load_checkpoint,
+                                 load_classifier_training, save_bank, save_checkpoint, save_classifier,
+                                 save_classifier_training, settings_fingerprint)
+from ..store.data import ImageSet, read_images
 from ..progress import Progress
-from ..store.weights import save_classifier
 
 GRID = 64  # bank chains in each session's sample grid
 
@@ -94,7 +94,7 @@ class LocalTraining:
         self.record.update(session=len(self.sessions) + 1, start_iteration=it, end_iteration=it)
         part = bank_part(bank_folder, 0) if bank_folder is not None else None
         if part is not None and storage.exists(part):
-            self.bank.load_state_dict(storage.load_torch(part))
+            load_bank(self.bank, part)
             self.log(f"resuming at iteration {it} with the bank saved beside the checkpoint ({part})")
             return
         if not hasattr(cfg, "reburn_steps"):
@@ -167,7 +167,7 @@ class LocalTraining:
             storage.write_bytes(storage.join(self.out, grid), image_grid_png(self.bank.states[rows].numpy()))
             self.record["grid"] = grid
         if self.keep_bank:  # before ckpt.pt: a checkpoint never names a bank that is not there yet
-            storage.save_torch(self.bank.state_dict(), bank_part(self.out, 0))
+            save_bank(self.bank, bank_part(self.out, 0))
         state = save_checkpoint(self.out, self.ebm, it, self.loop.phase, self.loop.optimizer, self.fingerprint,
                                 to_yaml(self.cfg), self.history, [*self.sessions, dict(self.record)])
         if self.card:
@@ -180,7 +180,7 @@ class LocalTraining:
 def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> LocalTraining:
     """Train to cfg.iterations in this process, checkpointing (with the bank) to cfg.output; a rerun with the
     same output continues from the checkpoint found there, exactly."""
-    data = data if data is not None else load(cfg.data)
+    data = data if data is not None else read_images(cfg.data)
     ckpt = storage.join(cfg.output, CKPT)
     state = load_checkpoint(ckpt) if storage.exists(ckpt) else None
     run = LocalTraining(cfg, data, cfg.output, device, state, cfg.output, keep_bank=True, log=lambda _: None)
@@ -190,33 +190,19 @@ def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = 
 
 def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool = True) -> dict:
     """Natural training (paper: SGD momentum 0.9, wd 2e-4, batch 100, lr 0.1 -> 0.01 -> 0.001), resumable per epoch."""
-    data = load(cfg.data)
-    test = load(cfg.test_data) if cfg.test_data is not None else None
+    data = read_images(cfg.data)
+    test = read_images(cfg.test_data) if cfg.test_data is not None else None
     clf = new_classifier(cfg).to(device)
     opt, sched = classifier_optimizer(cfg, clf)
-    epoch, history = 0, []
-    ckpt = storage.join(cfg.output, "checkpoint.pt")
-    if storage.exists(ckpt):
-        state = storage.load_torch(ckpt)
-        clf.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        epoch, history = state["epoch"], state["history"]
+    epoch, history = load_classifier_training(cfg.output, clf, opt, sched)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     bar = Progress(cfg.epochs * steps_per_epoch, "train-classifier", start=epoch * steps_per_epoch, enabled=show)
 
     def on_epoch(epoch, history):
-        storage.save_torch(classifier_state(cfg, epoch, clf, opt, sched, history), ckpt)
+        save_classifier_training(cfg.output, cfg, epoch, clf, opt, sched, history)
         save_classifier(clf, storage.join(cfg.output, "classifier.pt"), epoch=epoch)
 
     run_classifier(cfg, clf, opt, sched, epoch, history, lambda r: (data.floats(r), data.labels[r]), len(data),
                    device=device, test=test, on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch)
     bar.close()
     return {"classifier": clf.eval(), "history": history}
-
-
-def classifier_state(cfg, epoch: int, clf, opt, sched, history: list) -> dict:
-    """The classifier's training checkpoint (every entry's)."""
-    return {"kind": "classifier_training", "epoch": epoch, "classifier": clf.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "history": history, "config": to_yaml(cfg)}
-

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .cuda import on_device
+from .devices import on_device
 from .noise import ChainKeys
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cuda import on_device
+from .devices import on_device
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError, JobFailed
 from .bank import ImageBank
-from .cuda import PRECISIONS
+from .precision import PRECISIONS
 from .langevin import langevin, prepare_energy
 from .nets import EBM, build_classifier
 from .noise import ChainKeys

@@ -5,9 +5,9 @@ Sources: parquet files in the Hugging Face layout (`img: struct<bytes, path>`, `
 optional `index` that names the row's position in the original split), from a local path or any
 fsspec URL; or torchvision's CIFAR-10, CIFAR-100 and SVHN folders. An image is known by its id:
 the `index` column where the file carries it (ids >= 0, each once; -1 in every row means unknown), otherwise
-its row number. `catalog` reads a
-parquet file's ids and labels alone (the subset is chosen from them); `decode` turns the image
-bytes of the chosen rows into pixels, on the driver (`load`) or in Ray Data tasks (the attack engine).
+its row number. `catalog` names a config's subset by ids and labels alone (`read_catalog` reads them
+from a parquet file, `subset` chooses); `decode` turns the image bytes of the chosen rows into pixels,
+on the driver (`read_images`) or in Ray Data tasks (the attack engine).
 """
 from __future__ import annotations
 
@@ -23,25 +23,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import InputError
-from ..method.pixels import unit_range
+from ..method.pixels import uint8_hwc, unit_range
 from . import storage
 
 
 class DataError(InputError):
     """Data that cannot be used as asked; the message names the file and the problem."""
-
-
-def to_unit_range(pixels_u8: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C pixels p -> float32 N x C x H x W images x = 2 p / 255 - 1."""
-    return unit_range(torch.from_numpy(np.ascontiguousarray(pixels_u8)).permute(0, 3, 1, 2))
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Inverse of `to_unit_range`, clamped (for pictures)."""
-    if images.dtype == torch.uint8:
-        return images.permute(0, 2, 3, 1).numpy()
-    p = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return p.permute(0, 2, 3, 1).numpy()
 
 
 @dataclass
@@ -53,22 +40,14 @@ class ImageSet:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    @property
-    def images(self) -> torch.Tensor:
-        """All images as float32 in [-1, 1] (made on each call: batches use `floats`)."""
-        return unit_range(self.data)
-
-    @images.setter
-    def images(self, value: torch.Tensor) -> None:
-        self.data = value
-
-    def floats(self, rows, device: str | torch.device | None = None) -> torch.Tensor:
-        """These rows as float32 in [-1, 1], made on `device` from the pixels."""
-        return unit_range(self.data[torch.as_tensor(rows, dtype=torch.int64)], device)
+    def floats(self, rows=None, device: str | torch.device | None = None) -> torch.Tensor:
+        """These rows (all for None) as float32 in [-1, 1], made on `device` from the pixels, on each call."""
+        data = self.data if rows is None else self.data[torch.as_tensor(rows, dtype=torch.int64)]
+        return unit_range(data, device)
 
     def pixels(self) -> np.ndarray:
         """uint8 N x H x W x C (the stored pixels, no copy, when they are uint8)."""
-        return np.ascontiguousarray(to_uint8(self.data))
+        return uint8_hwc(self.data)
 
     def take(self, rows) -> "ImageSet":
         rows = torch.as_tensor(rows, dtype=torch.int64)
@@ -97,7 +76,7 @@ def _open(url: str) -> pq.ParquetFile:
     """The parquet file at `url`, read by ranges: only the columns asked for travel."""
     try:
         f = storage.open_file(url)
-        with storage.reaching(url):
+        with storage.explain_unreachable(url):
             return pq.ParquetFile(f)
     except InputError:
         raise
@@ -116,7 +95,7 @@ def arrow_filesystem(url: str):
     return (None, os.path.abspath(path)) if "file" in fs.protocol else (PyFileSystem(FSSpecHandler(fs)), path)
 
 
-def catalog(url: str) -> Catalog:
+def read_catalog(url: str) -> Catalog:
     """Ids and labels of a Hugging Face-layout image parquet file (local path or fsspec URL), checked."""
     pf = _open(url)
     schema = pf.schema_arrow
@@ -188,7 +167,7 @@ def read_rows(cat: Catalog, image_size: int = 32) -> ImageSet:
 
 def read_parquet(url: str, image_size: int = 32) -> ImageSet:
     """Decode a whole Hugging Face-layout image parquet file (local path or fsspec URL)."""
-    return read_rows(catalog(url), image_size)
+    return read_rows(read_catalog(url), image_size)
 
 
 def read_torchvision(name: str, root: str, split: str, download: bool = False) -> ImageSet:
@@ -214,7 +193,7 @@ def read_torchvision(name: str, root: str, split: str, download: bool = False) -
                     torch.arange(len(labels), dtype=torch.int64))
 
 
-def select(data, count: int | None = None, indices: list[int] | None = None,
+def subset(data, count: int | None = None, indices: list[int] | None = None,
            random: int | None = None, seed: int = 0):
     """The first `count` images, the images with these ids, or a seeded random subset (of an
     `ImageSet` or a `Catalog`)."""
@@ -247,11 +226,11 @@ def check_labels(data: ImageSet, classes: int, where: str) -> None:
                         f"({len(bad)} images)")
 
 
-def choose(cfg: DataConfig) -> Catalog | ImageSet:
-    """The subset a `DataConfig` names: a parquet file's `Catalog` (ids and labels, no pixels read), or
-    the images of a torchvision folder."""
+def catalog(cfg: DataConfig) -> Catalog | ImageSet:
+    """The subset a `DataConfig` names, its pixels unread where the source allows: a parquet file's `Catalog`
+    (ids and labels), or the images of a torchvision folder."""
     if cfg.format == "parquet":
-        data = catalog(cfg.path)
+        data = read_catalog(cfg.path)
     else:
         data = read_torchvision(cfg.name, cfg.path, cfg.split, cfg.download)
         if data.data.shape[-1] != cfg.image_size:
@@ -266,10 +245,10 @@ def choose(cfg: DataConfig) -> Catalog | ImageSet:
     if cfg.exclude:
         held_out = set(cfg.exclude)
         data = data.take([k for k, i in enumerate(data.ids.tolist()) if i not in held_out])
-    return select(data, cfg.count, cfg.indices, cfg.random, cfg.subset_seed)
+    return subset(data, cfg.count, cfg.indices, cfg.random, cfg.subset_seed)
 
 
-def load(cfg: DataConfig) -> ImageSet:
-    """The images a `DataConfig` names, subset applied (only the chosen rows are decoded)."""
-    data = choose(cfg)
+def read_images(cfg: DataConfig) -> ImageSet:
+    """The images a `DataConfig` names, subset applied, in memory (only the chosen rows are decoded)."""
+    data = catalog(cfg)
     return read_rows(data, cfg.image_size) if isinstance(data, Catalog) else data

@@ -21,7 +21,7 @@ from ..errors import InputError
 
 
 @contextlib.contextmanager
-def reaching(url: str):
+def explain_unreachable(url: str):
     """Turn an object store's failure (no credentials, no endpoint, access denied) into one line."""
     try:
         yield
@@ -54,14 +54,14 @@ def join(url: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    with reaching(url):
+    with explain_unreachable(url):
         return fs.exists(path)
 
 
 def open_file(url: str):
     """The file at `url`, open for reading by ranges (only the bytes read travel)."""
     fs, path = filesystem(url)
-    with reaching(url):
+    with explain_unreachable(url):
         if not fs.exists(path):
             raise FileNotFoundError(f"{url} does not exist")
         if fs.isdir(path):
@@ -70,7 +70,7 @@ def open_file(url: str):
 
 
 def read_bytes(url: str) -> bytes:
-    with open_file(url) as f, reaching(url):
+    with open_file(url) as f, explain_unreachable(url):
         return f.read()
 
 
@@ -82,7 +82,7 @@ def check_destination(url: str, what: str, folder: bool = False) -> None:
     if not isinstance(fs, LocalFileSystem):
         bucket = path.split("/")[0]
         try:
-            with reaching(url):
+            with explain_unreachable(url):
                 fs.ls(bucket, detail=False)  # exists() hides a missing credential; listing does not
         except FileNotFoundError:
             raise InputError(f"{what} {url}: bucket {bucket} does not exist") from None
@@ -121,7 +121,7 @@ def write_bytes(url: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     else:
-        with reaching(url):
+        with explain_unreachable(url):
             fs.pipe_file(path, data)
 
 
