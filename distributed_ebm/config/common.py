@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..method.nets import ACTIVATIONS, ARCHITECTURES
+from ..method.nets.formats import format_names
 
 def _fraction(value: Any) -> Any:
     """Accept budgets written as in papers: "8/255"."""
@@ -127,7 +128,11 @@ class LangevinConfig(Section):
 
 
 class ClassifierConfig(Section):
-    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20", description="the network (method/nets/classifiers.py ARCHITECTURES): CIFAR ResNet-20/32/44/56, the paper's WRN-28-10, or wrn of wrn_depth and wrn_widen")
+    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20", description="the network (method/nets/classifiers.py ARCHITECTURES): CIFAR ResNet-20/32/44/56, WRN-28-10 (wrn28_10: this project's bias-free variant; wrn28_10_ss: the Stochastic Security authors' network, whose released weights load into it), or wrn / wrn_ss of wrn_depth and wrn_widen")
+    format: Literal[("auto", *format_names("classifier"))] = Field(
+        "auto", description="how weights is read (method/nets/formats.py FORMATS): auto (a .pt2 program: export; "
+        "else debm), debm (this project's checkpoint or a bare state dict of arch), stochastic_security (the "
+        "authors' WRN state dict, its shape from its keys; arch wrn28_10_ss or wrn_ss), export (torch.export)")
     weights: Optional[URL] = Field(default_factory=lambda: shared("weights/resnet20-12fca82f.th"),
                                    description="checkpoint URL; null = random init")
     num_classes: int = Field(10, ge=2, le=100_000)
