@@ -42,12 +42,7 @@ def read_source(url: str) -> tuple[object, str]:
             return torch.export.load(io.BytesIO(raw)).module(), sha
         except Exception as err:
             raise InputError(f"{url} cannot be read by torch.export.load ({type(err).__name__})") from None
-    try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True), sha
-    except Exception as err:
-        why = "it is empty" if not raw else type(err).__name__
-        raise InputError(f"checkpoint {url} cannot be read with weights_only=True ({why}): it is not a file of "
-                         "tensors (truncated, corrupt, or holding objects, which are never unpickled)") from None
+    return storage.torch_from_bytes(raw, url), sha
 
 
 def _choice(value: str, role: str, field: str) -> str:
