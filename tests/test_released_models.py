@@ -419,3 +419,11 @@ def test_debm_attack_runs_the_stochastic_security_protocol_on_ray(ray_local, tmp
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
     assert summary["images"] == 2 and summary["config"]["classifier"]["arch"] == "wrn28_10_ss"
     assert summary["config"]["ebm_format"] == "stochastic_security"
+
+
+def test_an_activation_named_for_another_network_is_refused(tmp_path):
+    url = str(tmp_path / "jem.pt")
+    torch.save(jem_file(), url)
+    with pytest.raises(InputError) as err:
+        load_ebm_as(url, activation="soft_lrelu")
+    assert "ebm_net.activation=soft_lrelu" in _one_line(err) and "jem" in str(err.value)

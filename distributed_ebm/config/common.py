@@ -112,7 +112,8 @@ class EBMNetConfig(Section):
 
     activation: Optional[Activation] = Field(None, description="the activation the attack expects of the checkpoint "
                                              "(which records its own): null = whatever it holds; set = must match, "
-                                             "else one line naming both")
+                                             "else one line naming both. ebm_format=mefa: required (MEFA's files "
+                                             "do not record it)")
     soft_alpha: float = Field(0.49, gt=0.0, lt=0.5, description="soft_lrelu's a, checked against the checkpoint's "
                               "when activation is soft_lrelu")
     soft_eps: float = Field(0.01, gt=0.0, le=10.0, description="soft_lrelu's e, checked likewise")

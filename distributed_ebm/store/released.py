@@ -57,6 +57,11 @@ def ebm_from_source(obj, url: str, fmt: str = "auto", image_size: int | None = N
     """The EBM `obj` (read from `url`) holds, read as format `fmt`; `activation`: the one the user names
     (ebm_net.activation / --activation): checked for the formats that record or imply one, required for mefa."""
     fmt = detect_ebm_format(obj, url) if _choice(fmt, "ebm", "ebm_format") == "auto" else fmt
+    convnet = fmt in ("stochastic_security", "mefa") or (fmt == "debm" and not (isinstance(obj, dict)
+                                                                                and "network" in obj))
+    if activation is not None and not convnet:
+        raise InputError(f"ebm_net.activation={activation} names the convnet EBM's activation; {url} is read as "
+                         f"{fmt}, another network: leave ebm_net.activation unset")
     if fmt == "export":
         if not isinstance(obj, nn.Module):
             raise InputError(f"{url} is not a torch.export program (.pt2), as ebm_format=export says")
