@@ -5,6 +5,7 @@ The networks are checked against implementations written here independently: pla
 the state dicts (torch.nn.functional only), as the authors' code computes them."""
 import hashlib
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -87,7 +88,10 @@ def jem_file(depth=10, widen=1, seed=0):
 
 
 def save_legacy(obj, path):
-    """As torch 1.4 wrote: the pre-zip serialization."""
+    """As torch 1.4 wrote `model.state_dict()`: an OrderedDict with its `_metadata`, pre-zip serialization."""
+    if all(torch.is_tensor(v) for v in obj.values()):
+        obj = OrderedDict(obj)
+        obj._metadata = OrderedDict((k.rpartition(".")[0], {"version": 1}) for k in obj)
     torch.save(obj, str(path), _use_new_zipfile_serialization=False)
     assert not storage.read_bytes(str(path)).startswith(b"PK")
     return str(path)

@@ -162,7 +162,7 @@ def card_text(ckpt: dict, role: str) -> str:
     if role == "ebm":
         what = (f"JEM WRN-{ckpt['depth']}-{ckpt['widen']} energy" if ckpt.get("network") == "jem_wrn" else
                 f"convnet EBM, width {ckpt['width']}, {ckpt['image_size']}x{ckpt['image_size']}, "
-                f"activation {ckpt['activation']}")
+                f"activation {' '.join(f'{k}={v}' for k, v in ckpt['activation'].items())}")
         use = "`ebm: <this file>` (ebm_format: debm or auto)"
     else:
         what = f"classifier arch `{ckpt['arch']}`"
