@@ -7,6 +7,7 @@
     debm tune-training    --config jobs/configs/tune_training.yaml
     debm quickstart       (the README's end-to-end run)
     debm report           runs/attack-pgd runs/attack-bpda_eot   (the accuracy table of results folders)
+    debm import           ebm.pth --format stochastic_security --out models/ss/ebm.pt   (a released model)
 
 Without Ray, MLflow or s3fs, in one process on one device (docs/gpu.md):
 
@@ -81,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="URL", help="also write their accuracy curves, in one PNG, here")
     r.add_argument("--gallery", type=int, metavar="N", help="also draw each run's gallery.png of its first N images "
                                                            "by id (from its records and its config)")
+    add_import_parser(sub)
     return p
 
 
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown option left over is one line and exit 2."""
     p = parser()
     args, rest = p.parse_known_args(argv)
-    if args.command == "report":
+    if args.command in ("report", "import"):
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         return args
@@ -100,6 +102,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                   f"(see debm {args.command} --help); overrides are key=value\n")
     args.overrides = rest
     return args
+def add_import_parser(sub) -> None:
+    from .method.nets.formats import FORMATS
+    names = sorted({f.name for f in FORMATS} - {"debm", "export"})
+    i = sub.add_parser("import", help="write a released EBM or classifier as this project's checkpoint "
+                                      "(docs/models.md lists the formats)")
+    i.add_argument("url", metavar="URL", help="the released file (local or s3://)")
+    i.add_argument("--format", required=True, choices=names, help="the source's format")
+    i.add_argument("--out", required=True, metavar="URL", help="where the checkpoint goes (a model card beside it)")
+    i.add_argument("--activation", choices=["soft_lrelu", "silu"], help="MEFA's activation (required for mefa)")
+
+
+def import_command(args) -> int:
+    from .store.released import import_model
+    try:
+        done = import_model(args.url, args.format, args.out, args.activation)
+    except (InputError, FileNotFoundError) as err:
+        print(f"debm import: {err}", file=sys.stderr)
+        return 2
+    print(f"{done['role']} from {args.url} ({args.format}, sha256 {done['source']['sha256'][:16]}): "
+          f"{done['out']} (card: {done['card']})")
+    return 0
 
 
 def parse(command: str, config: str | None, overrides: list[str]):
@@ -212,6 +235,8 @@ def _parent(url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()  # the one-GPU session's --minutes count from here
     args = parse_args(argv)
+    if args.command == "import":
+        return import_command(args)
     if args.command == "report":
         from .store import storage
         from .results.report import format_paired, format_table, plot_curves

@@ -1,15 +1,28 @@
 """The attack job's config: the defense, the attack and how it is counted (the paper's section 'The attack')."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from ..method.attacks import MODES, NORMS, UPDATERS
 from ..method.defense import LOSSES
+from ..method.nets.formats import format_names
 from .common import (URL, Budget, ClassifierConfig, DataConfig, EBMNetConfig, LangevinConfig, MLflowConfig, Output,
                      Precision, RayConfig, Section, Seed)
 from .load import describe
+
+
+class PurifyConfig(LangevinConfig):
+    """The purifier's chain: LangevinConfig's steps, plus an initial kick x <- x + init_noise * xi."""
+
+    init_noise: float = Field(0.0, ge=0.0, le=10.0, description="sd of one Gaussian kick added to the input before "
+                              "the first step (0 = none: the paper's; MEFA 0.015, JEM 0.03); keyed like the steps")
+
+
+def _purify(value: Any) -> Any:
+    """A plain LangevinConfig (as Python callers build one) is taken as a PurifyConfig without a kick."""
+    return value.model_dump() if isinstance(value, LangevinConfig) and not isinstance(value, PurifyConfig) else value
 
 class AttackSettings(Section):
     """How the defense is attacked and counted."""
@@ -132,8 +145,13 @@ class AttackConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig())
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
     ebm: Optional[URL] = Field(None, description="EBM checkpoint URL (needed by every mode but pgd)")
+    ebm_format: Literal[("auto", *format_names("ebm"))] = Field(
+        "auto", description="how ebm is read (method/nets/formats.py FORMATS): auto (as its content says: a project "
+        "checkpoint, a JEM checkpoint or a .pt2 program; refuses the bare f.* state dicts, which are "
+        "stochastic_security or mefa alike), debm, stochastic_security, mefa (with ebm_net.activation soft_lrelu or "
+        "silu), jem, export")
     ebm_net: EBMNetConfig = Field(default_factory=lambda: EBMNetConfig())
-    purify: LangevinConfig = Field(default_factory=lambda: LangevinConfig(steps=1500))
+    purify: Annotated[PurifyConfig, BeforeValidator(_purify)] = Field(default_factory=lambda: PurifyConfig(steps=1500))
     attack: AttackSettings = Field(default_factory=lambda: AttackSettings())
     batch_size: int = Field(10, ge=1, le=1_000_000, description="images per attack batch (one record part each)")
     chunk_size: Optional[int] = Field(None, ge=1, le=10_000_000, description="most chains per forward pass; "
@@ -151,6 +169,12 @@ class AttackConfig(Section):
         if self.attack.defended and self.ebm is None and self.purify.step_size > 0:
             raise ValueError(f"attack.mode={self.attack.mode} purifies with an EBM: set ebm to a checkpoint URL "
                              "(or purify.step_size=0 for noise-only chains)")
+        if self.ebm_format == "mefa" and self.ebm_net.activation not in ("soft_lrelu", "silu"):
+            raise ValueError("ebm_format=mefa: set ebm_net.activation to soft_lrelu or silu (MEFA's files have the "
+                             "keys of the paper's LeakyReLU network: the activation is never guessed)")
+        if self.classifier.format == "stochastic_security" and self.classifier.arch not in ("wrn28_10_ss", "wrn_ss"):
+            raise ValueError(f"classifier.format=stochastic_security holds the authors' WRN: set classifier.arch to "
+                             f"wrn28_10_ss or wrn_ss (got {self.classifier.arch})")
         if self.attack.loss == "dlr" and self.classifier.num_classes < 3:
             raise ValueError(f"attack.loss=dlr needs at least 3 classes (classifier.num_classes="
                              f"{self.classifier.num_classes})")

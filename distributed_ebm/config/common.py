@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ..method.precision import PRECISIONS
 from ..method.nets import ACTIVATIONS, ARCHITECTURES
+from ..method.nets.formats import format_names
 
 def _fraction(value: Any) -> Any:
     """Accept budgets written as in papers: "8/255"."""
@@ -129,7 +130,8 @@ class EBMNetConfig(Section):
 
     activation: Optional[Activation] = Field(None, description="the activation the attack expects of the checkpoint "
                                              "(which records its own): null = whatever it holds; set = must match, "
-                                             "else one line naming both")
+                                             "else one line naming both. ebm_format=mefa: required (MEFA's files "
+                                             "do not record it)")
     soft_alpha: float = Field(0.49, gt=0.0, lt=0.5, description="soft_lrelu's a, checked against the checkpoint's "
                               "when activation is soft_lrelu")
     soft_eps: float = Field(0.01, gt=0.0, le=10.0, description="soft_lrelu's e, checked likewise")
@@ -145,7 +147,11 @@ class LangevinConfig(Section):
 
 
 class ClassifierConfig(Section):
-    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20", description="the network (method/nets/classifiers.py ARCHITECTURES): CIFAR ResNet-20/32/44/56, the paper's WRN-28-10, or wrn of wrn_depth and wrn_widen")
+    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20", description="the network (method/nets/classifiers.py ARCHITECTURES): CIFAR ResNet-20/32/44/56, WRN-28-10 (wrn28_10: this project's bias-free variant; wrn28_10_ss: the Stochastic Security authors' network, whose released weights load into it), or wrn / wrn_ss of wrn_depth and wrn_widen")
+    format: Literal[("auto", *format_names("classifier"))] = Field(
+        "auto", description="how weights is read (method/nets/formats.py FORMATS): auto (a .pt2 program: export; "
+        "else debm), debm (this project's checkpoint or a bare state dict of arch), stochastic_security (the "
+        "authors' WRN state dict, its shape from its keys; arch wrn28_10_ss or wrn_ss), export (torch.export)")
     weights: Optional[URL] = Field(default_factory=lambda: shared("weights/resnet20-12fca82f.th"),
                                    description="checkpoint URL; null = random init")
     num_classes: int = Field(10, ge=2, le=100_000)

@@ -27,7 +27,7 @@ from ..store import storage
 from ..errors import InputError
 from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..store.data import catalog, read_images
-from ..store.checkpoints import load_classifier
+from ..store.released import load_classifier_as
 from ..store.tracking import check_tracking
 from .cluster import available, check_one_storage, connect
 from .attack import evaluate, plan_actors, preflight
@@ -262,7 +262,7 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     _search_preflight(cfg)
     checks.train_ebm(cfg.train, data)
     c = cfg.attack.classifier
-    load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)  # before any trial
+    load_classifier_as(c)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker
     return run_search(cfg, training_trial, {"ids": ids}, per_trial, "tune-training",
                       lambda params: _write(cfg, BEST_TRAINING, "training sampler; run: python jobs/train_ebm.py --config THIS",

@@ -15,7 +15,6 @@ import torch
 from ..results import records as results
 from ..method.attacks.modes import MODES
 from ..method.attacks import Attack, EnsembleAttack
-from ..errors import InputError
 from ..config import AttackConfig
 from ..method.noise import ChainKeys, stream_seed
 from ..results.gallery import GalleryRow, write_gallery
@@ -26,7 +25,7 @@ from ..method.defense import Purifier
 from ..method.devices import job_device
 from ..method.precision import PRECISIONS, set_arithmetic
 from ..method.memory import auto_chunk_size
-from ..store.checkpoints import load_classifier, load_ebm
+from ..store.released import load_classifier_as, load_ebm_as
 from ..progress import Progress
 from ..store.provenance import attack_settings
 
@@ -44,17 +43,17 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu", gradient
     """
     c, dtype = cfg.classifier, dtype_of(cfg)
     set_arithmetic(device, cfg.precision)
-    if c.weights is None:
-        raise InputError("classifier.weights is not set: an attack needs a trained classifier")
-    clf = load_classifier(c.arch, c.weights, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
+    clf = load_classifier_as(c)  # as classifier.format says
     clf = clf.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # the chains' layout
     purifier = None
     if cfg.attack.defended:
         n = cfg.ebm_net  # every data source here is RGB, as the classifiers are
-        ebm = (load_ebm(cfg.ebm, cfg.data.image_size, channels=3, activation=n.activation, soft_alpha=n.soft_alpha,
-                        soft_eps=n.soft_eps).to(device=device, dtype=dtype) if cfg.ebm else None)
+        ebm = (load_ebm_as(cfg.ebm, cfg.ebm_format, cfg.data.image_size, channels=3, activation=n.activation,
+                           soft_alpha=n.soft_alpha, soft_eps=n.soft_eps).to(device=device, dtype=dtype)
+               if cfg.ebm else None)
         p = cfg.purify
-        purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=PRECISIONS[cfg.precision].amp)
+        purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=PRECISIONS[cfg.precision].amp,
+                            init_noise=p.init_noise)
     chunk = cfg.chunk_size
     if chunk is None:  # an exact gradient's footprint grows with the chain length: the fixed default there
         chunk = 1024 if any(MODES[m.mode].exact for m in cfg.attack.members()) else auto_chunk_size(

@@ -22,6 +22,7 @@ from .exact_chain import differentiable_langevin
 from .langevin import langevin, prepare_energy
 from .noise import ChainKeys
 
+KICK_STEP = 0xFFFFFFFF  # the step number of the initial kick's noise (chains run far fewer steps)
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (aggregated logits N x C, labels N) -> per-image N
 
 
@@ -51,16 +52,27 @@ class Purifier:
     """
 
     def __init__(self, ebm: nn.Module | None, steps: int = 1500, step_size: float = 1.0, noise: float = 0.01,
-                 amp: torch.dtype | None = None):
+                 amp: torch.dtype | None = None, init_noise: float = 0.0):
         self.ebm = prepare_energy(ebm.eval()) if ebm is not None else None
         self.steps, self.step_size, self.noise, self.amp = steps, step_size, noise, amp
+        self.init_noise = init_noise
+
+    def kick(self, x: torch.Tensor, keys: ChainKeys) -> torch.Tensor:
+        """x + init_noise * xi before the first step (MEFA's and JEM's chains start so; the paper's does not),
+        xi keyed by the chain at step KICK_STEP; x itself when init_noise is 0."""
+        if not self.init_noise:
+            return x
+        n, c, h, w = x.shape
+        xi = keys.normal(KICK_STEP, (h, w, c), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+        return x + self.init_noise * xi
 
     def __call__(self, x: torch.Tensor, keys: ChainKeys) -> torch.Tensor:
-        return langevin(self.ebm, x, keys, self.steps, self.step_size, self.noise, amp=self.amp)
+        return langevin(self.ebm, self.kick(x, keys), keys, self.steps, self.step_size, self.noise, amp=self.amp)
 
     @property
     def is_identity(self) -> bool:
-        return self.steps == 0 or (self.noise == 0 and (self.ebm is None or self.step_size == 0))
+        still = self.steps == 0 or (self.noise == 0 and (self.ebm is None or self.step_size == 0))
+        return still and not self.init_noise
 
 
 class EOTDefense:
@@ -143,7 +155,9 @@ class EOTDefense:
             m = mean.detach().requires_grad_(True)
             (g_mean,) = torch.autograd.grad(loss(self._aggregate(m), labels).sum(), m)
         grad = torch.zeros_like(x)
-        smooth = p.ebm.smooth_surrogate(surrogate_temperature) if through_chain and surrogate_temperature else None
+        surrogate_of = getattr(p.ebm, "smooth_surrogate", None)  # the convnet EBM's; other networks have none
+        smooth = (surrogate_of(surrogate_temperature) if through_chain and surrogate_temperature and surrogate_of
+                  else None)
         if through_chain:  # run each chunk's chains again, now differentiably
             keys = ChainKeys.replicated(seed, ids, replicates, call)
             chunks = ((a, _rows(x, a, b, replicates), keys[a:b]) for a, b in self._chunks(x.shape[0], replicates))
@@ -152,7 +166,8 @@ class EOTDefense:
         with torch.enable_grad():
             for a, x0, chunk_keys in chunks:
                 x0 = x0.detach().requires_grad_(True)
-                xp = (differentiable_langevin(p.ebm, x0, chunk_keys, p.steps, p.step_size, p.noise, segment, smooth, p.amp)
+                xp = (differentiable_langevin(p.ebm, p.kick(x0, chunk_keys), chunk_keys, p.steps, p.step_size, p.noise,
+                                              segment, smooth, p.amp)
                       if through_chain else x0)
                 v = _rows(g_mean, a, a + x0.shape[0], replicates)
                 surrogate = (self._per_replicate(self.classifier(xp)) * v).sum() / replicates

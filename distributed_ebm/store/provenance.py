@@ -16,7 +16,8 @@ from ..errors import InputError
 
 ATTACK_FREE = ("ray.", "mlflow.", "output", "batch_size", "chunk_size", "data.count", "data.indices", "data.random",
                "data.subset_seed", "data.exclude", "data.download", "report.gallery")
-ADDED = {"report.gradient_check": 0}  # settings added since records were first written: their value before
+ADDED = {"report.gradient_check": 0,  # settings added since records were first written: their value before
+         "purify.init_noise": 0.0, "ebm_format": "auto", "classifier.format": "auto"}
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

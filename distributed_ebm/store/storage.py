@@ -134,7 +134,11 @@ def save_torch(obj: Any, url: str) -> None:
 def load_torch(url: str, map_location: str | torch.device = "cpu") -> Any:
     """Load tensors and plain containers only (weights_only=True: never unpickle code). A file that
     is not such a checkpoint fails with one line of our own: torch's message suggests the unsafe way."""
-    raw = read_bytes(url)
+    return torch_from_bytes(read_bytes(url), url, map_location)
+
+
+def torch_from_bytes(raw: bytes, url: str, map_location: str | torch.device = "cpu") -> Any:
+    """`load_torch` of bytes already read from `url` (which messages name)."""
     try:
         return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as err:

@@ -2,7 +2,9 @@
 
 - CIFAR ResNet-20/32/44/56 (He et al. 2016, sec. 4.2; 'option A' shortcuts) with the key
   names of the widely shared pretrained CIFAR-10 ResNet checkpoints, which load as they are.
-- WideResNet-28-10 (Zagoruyko & Komodakis 2016), the paper's classifier.
+- WideResNet-28-10 (Zagoruyko & Komodakis 2016): `wrn28_10` / `wrn` are this project's bias-free variant;
+  `wrn28_10_ss` / `wrn_ss` the Stochastic Security authors' network (a bias on every convolution, their
+  key names), which their released classifier and MEFA's load into (formats.py reads those files).
 `Classifier` maps [-1, 1] images to the network's own input normalization.
 """
 from __future__ import annotations
@@ -123,6 +125,60 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class _PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with a bias on every convolution, the stride on the second
+    convolution and a 1x1 convolution of the block's raw input as shortcut where the shape changes
+    (the layout of the wide-resnet.pytorch code the released WRNs come from). `norm=False`: no BN
+    (JEM's trunk); `slope`: the LeakyReLU slope (0 = ReLU)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: bool, slope: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes) if norm else nn.Identity()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(planes) if norm else nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1)
+        self.shortcut = (nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride))
+                         if stride != 1 or in_planes != planes else nn.Identity())
+        self.slope = slope
+
+    def forward(self, x):
+        y = self.conv1(F.leaky_relu(self.bn1(x), self.slope))
+        y = self.conv2(F.leaky_relu(self.bn2(y), self.slope))
+        return y + self.shortcut(x)
+
+
+class ReleasedWideResNet(nn.Module):
+    """The WideResNet of the Stochastic Security and MEFA classifiers (arch `wrn28_10_ss`, `wrn_ss`) and of JEM's
+    trunk (`norm=False`, LeakyReLU(0.2)). Unlike this project's `WideResNet` (bias-free convolutions,
+    stride on the first convolution, shortcut from the activated input) its state dict has 183 tensors
+    at 28-10, keys `conv1`, `layer1..3.{i}.{bn1,conv1,bn2,conv2,shortcut.0}`, `bn1`, `linear`."""
+
+    def __init__(self, depth: int = 28, widen: int = 10, num_classes: int = 10, norm: bool = True,
+                 slope: float = 0.0, channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4 (got {depth})")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(channels, widths[0], 3, 1, 1)
+        stages, in_planes = [], widths[0]
+        for planes, stride in zip(widths[1:], (1, 2, 2)):
+            stages.append(nn.Sequential(*[_PreActBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1,
+                                                       norm, slope) for i in range(n)]))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn1 = nn.BatchNorm2d(in_planes) if norm else nn.Identity()
+        self.linear = nn.Linear(in_planes, num_classes)
+        self.slope, self.depth, self.widen = slope, depth, widen
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return F.leaky_relu(self.bn1(out), self.slope).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
 class Classifier(nn.Module):
     """Wraps a network: [-1, 1] images -> p = (x + 1) / 2 -> (p - mean) / std -> logits."""
 
@@ -146,6 +202,8 @@ ARCHITECTURES = {
     "resnet56": lambda n, depth, widen: (CifarResNet(56, n), IMAGENET),
     "wrn28_10": lambda n, depth, widen: (WideResNet(28, 10, n), (HALF, HALF)),
     "wrn": lambda n, depth, widen: (WideResNet(depth, widen, n), (HALF, HALF)),
+    "wrn28_10_ss": lambda n, depth, widen: (ReleasedWideResNet(28, 10, n), (HALF, HALF)),
+    "wrn_ss": lambda n, depth, widen: (ReleasedWideResNet(depth, widen, n), (HALF, HALF)),
 }
 
 
@@ -183,7 +241,7 @@ def classifier_from_checkpoint(ckpt, url: str, arch: str, num_classes: int = 10,
     saved_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if saved_arch is not None and saved_arch != arch:
         raise InputError(f"checkpoint {url} holds a {saved_arch!r} classifier, not {arch!r}")
-    if isinstance(ckpt, dict) and ckpt.get("wrn_depth") and arch == "wrn":
+    if isinstance(ckpt, dict) and ckpt.get("wrn_depth") and arch in ("wrn", "wrn_ss"):
         wrn_depth, wrn_widen = ckpt["wrn_depth"], ckpt["wrn_widen"]
     state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     if isinstance(ckpt, dict) and mean is None and "mean" in ckpt:
@@ -198,5 +256,7 @@ def classifier_checkpoint(clf: Classifier, **extra) -> dict:
     meta = {}
     if isinstance(clf.net, WideResNet) and clf.arch == "wrn":
         meta = {"wrn_depth": len(clf.net.block1) * 6 + 4, "wrn_widen": clf.net.fc.in_features // 64}
+    elif clf.arch == "wrn_ss":
+        meta = {"wrn_depth": clf.net.depth, "wrn_widen": clf.net.widen}
     return {"arch": clf.arch, "state_dict": clf.net.state_dict(), "mean": clf.mean.flatten().tolist(),
             "std": clf.std.flatten().tolist(), **meta, **extra}
