@@ -73,12 +73,13 @@ class CapacityLost(JobFailed):
     """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources)."""
 
 
-def WorkerProgress(config: dict, rank: int, total: int, name: str, start: int) -> Reporter:
+class WorkerProgress(Reporter):
     """`update(n, **metrics)` on every worker; rank 0 posts to the run's board (a `ProgressBoard` actor)."""
-    board = config.get("board") if rank == 0 else None
-    if board is None:
-        return Reporter(total, name, start)
-    return Reporter(total, name, start, post=board.post.remote, started=board.started.remote)
+
+    def __init__(self, config: dict, rank: int, total: int, name: str, start: int):
+        board = config.get("board") if rank == 0 else None
+        super().__init__(total, name, start, post=board.post.remote if board is not None else None,
+                         started=board.started.remote if board is not None else None)
 
 
 def fit(loop, cfg, config: dict):
