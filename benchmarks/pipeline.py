@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
 from distributed_ebm.distributed.attack import evaluate  # noqa: E402
-from distributed_ebm.local.attack import run_attack  # noqa: E402
+from distributed_ebm.recipes.attack import run_attack  # noqa: E402
 from distributed_ebm.method.nets import EBM  # noqa: E402
 from distributed_ebm.store.weights import save_ebm
 

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 plot_curves(summaries, args.plot)
             for url, summary in zip(args.urls, summaries) if args.gallery else ():
                 from .config import AttackConfig, build
-                from .local.attack import draw_gallery
+                from .recipes.attack import draw_gallery
 
                 cfg = build(AttackConfig, {**summary["config"], "output": url,
                                            "report": {**summary["config"].get("report", {}), "gallery": args.gallery}})

@@ -35,7 +35,7 @@ def main() -> int:
     from distributed_ebm.config import AttackConfig, TrainEBMConfig, build, shared
     from distributed_ebm.distributed.attack import evaluate
     from distributed_ebm.distributed.train import train_ebm_on_ray
-    from distributed_ebm.local.attack import run_attack
+    from distributed_ebm.recipes.attack import run_attack
     from distributed_ebm.results.records import read_records
 
     gpu = a.device == "cuda"

@@ -8,7 +8,7 @@ import numpy as np
 from distributed_ebm.results import records as results
 from distributed_ebm.local.attack_local import main
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.store.weights import save_ebm
 
 from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
@@ -61,7 +61,7 @@ def test_bad_device_is_one_line(tmp_path, capsys):
 def test_a_one_process_run_builds_its_attack_once_and_draws_its_gallery_with_it(tmp_path, monkeypatch):
     """The gallery reuses the run's attack (before: weights loaded and the chunk size probed a second time),
     and draws the same pictures as an attack built anew."""
-    import distributed_ebm.local.attack as local
+    import distributed_ebm.recipes.attack as local
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
     tree = {"data": {"path": TEST_EXACT, "random": 2, "subset_seed": 0}, "classifier": {"weights": RESNET20}, "ebm": ebm,

@@ -1,6 +1,6 @@
 """What a researcher reads: the progress line counts every image of the run, not one batch's."""
 from distributed_ebm.config import AttackConfig, load_config
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 
 
 def test_attack_progress_counts_broken_images_across_batches(tmp_path, capsys):

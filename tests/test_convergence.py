@@ -7,7 +7,7 @@ import time
 import pytest
 
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.results.report import format_convergence
 from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
 from distributed_ebm.store.weights import save_ebm
@@ -101,7 +101,7 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     from PIL import Image
 
     from distributed_ebm.cli import main
-    from distributed_ebm.local.attack import gallery_rows
+    from distributed_ebm.recipes.attack import gallery_rows
     from distributed_ebm.method.noise import ChainKeys
     from distributed_ebm.store.data import load
 
@@ -114,7 +114,7 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     rows = gallery_rows(cfg)
     data = load(cfg.data)
     assert [r.index for r in rows] == sorted(data.ids.tolist())[:3]
-    from distributed_ebm.local.attack import build_attack
+    from distributed_ebm.recipes.attack import build_attack
     defense = build_attack(cfg).defense
     first = data.images[:1]
     keys = ChainKeys.replicated(cfg.seed, data.ids[:1], cfg.attack.eot_attack, 0)[0:1]  # the check's replicate 0

@@ -9,7 +9,7 @@ from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.store.weights import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
@@ -110,7 +110,7 @@ def test_debm_attack_runs_an_ensemble_on_ray_resumes_and_reports_each_attack(ray
 
 def _records(cfg):
     from distributed_ebm.store.data import load
-    from distributed_ebm.local.attack import build_attack
+    from distributed_ebm.recipes.attack import build_attack
     data = load(cfg.data)
     return build_attack(cfg, "cpu")(data.images.double(), data.labels, data.ids)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distributed_ebm"
 # from the ground up; a layer may import itself and the ones before it
-LAYERS = ["errors", "method", "config", "store", "results", "local", "distributed", "cli", "quickstart"]
-TOP = {"cli": 7, "quickstart": 7}  # the entry points share the top floor
+LAYERS = ["errors", "method", "config", "store", "results", "recipes", "local", "distributed", "cli", "quickstart"]
+TOP = {"cli": 8, "quickstart": 8}  # the entry points share the top floor
 METHOD_MAY_IMPORT = {"torch", "numpy", "triton"}
 
 

@@ -12,7 +12,7 @@ from distributed_ebm.store import storage
 from distributed_ebm.errors import InputError
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.distributed.attack import evaluate
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.weights import save_ebm
 

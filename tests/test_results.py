@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from distributed_ebm.config import AttackConfig, load_config
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.weights import load_ebm
 

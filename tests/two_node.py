@@ -19,7 +19,7 @@ from distributed_ebm.config import AttackConfig, TrainEBMConfig, build
 from distributed_ebm.distributed.attack import evaluate
 from distributed_ebm.distributed.train import train_ebm_on_ray
 from distributed_ebm.errors import InputError
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.results import records as results
 from distributed_ebm.store.data import read_parquet, select
 from distributed_ebm.store.weights import save_ebm

@@ -32,7 +32,7 @@ from ..results import records as results
 from ..store import storage
 from ..config import AttackConfig
 from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, choose, decode, image_bytes, unit_range
-from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
+from ..recipes.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
 from ..method.cuda import job_device
 from ..store.progress import Progress
 from ..store.provenance import attack_settings
@@ -106,7 +106,7 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
 
 def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog | ImageSet:
     """Everything that can be checked before Ray starts (`preflight.attack`)."""
-    from ..local import checks as checks
+    from ..recipes import training as checks
 
     return checks.attack(cfg, data if data is not None else choose(cfg.data))
 

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from ..config import TrainEBMConfig, to_yaml
-from ..local import checks
+from ..recipes import training as checks
 from ..method.cuda import set_arithmetic
 from ..method.pixels import unit_range
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split

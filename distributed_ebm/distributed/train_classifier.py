@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from ..local import checks
+from ..recipes import training as checks
 from ..store import storage
 from ..config import TrainClassifierConfig
 from ..store.data import ImageSet, load, to_unit_range

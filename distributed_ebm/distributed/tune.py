@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from ..local import checks as checks
+from ..recipes import training as checks
 from ..store import storage
 from ..errors import InputError
 from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml

@@ -14,7 +14,7 @@ from ..errors import exit_status
 
 from ..config import AttackConfig, load_config
 from ..method.cuda import job_device
-from .attack import run_attack
+from ..recipes.attack import run_attack
 from ..results.report import attack_done
 
 
