@@ -71,9 +71,10 @@ def run(command: str, cfg) -> None:
         out = train_classifier_on_ray(cfg)
         print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
     elif command == "attack":
-        from .distributed.attack import evaluate
+        from .distributed.attack import RayActors
+        from .recipes.attack import run_attack
         from .results.report import attack_done
-        print(attack_done(evaluate(cfg), cfg.output))
+        print(attack_done(run_attack(cfg, RayActors()), cfg.output))
     elif command in ("tune", "tune-training"):
         from .distributed.tune import tune_purification, tune_training
         best = (tune_purification if command == "tune" else tune_training)(cfg)

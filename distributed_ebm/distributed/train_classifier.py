@@ -13,13 +13,12 @@ import numpy as np
 import ray
 import torch
 
-from ..recipes import training as checks
 from ..store import storage
 from ..config import TrainClassifierConfig
 from ..store.data import ImageSet, load, to_unit_range
 from ..store.tracking import log_torch_model
 from ..store.weights import load_classifier, save_classifier
-from ..local.train import classifier_state
+from ..recipes.training import classifier_state, preflight_classifier
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
@@ -78,7 +77,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
     data = load(cfg.data)
     test = load(cfg.test_data) if cfg.test_data is not None else None
-    checks.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
+    preflight_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
     config = {"cfg": cfg.model_dump(mode="json"),

@@ -1,7 +1,7 @@
 """Run an attack config in one process on one device, without Ray, MLflow or s3fs.
 
 For any machine with one GPU and no Ray: the same records, summary and plot
-as `debm attack` (one engine, `local.attack.run_attack`, which the Ray actors also run batch by batch),
+as `debm attack` (one recipe, `recipes.attack.run_attack`, here on the one-process executor `OneProcess`),
 resumable the same way, under `output`. Nothing is logged to MLflow.
 
     python3 jobs/attack_local.py --config jobs/configs/results/defended_bpda_eot.yaml [--device cuda] [key=value ...]
@@ -15,6 +15,7 @@ from ..errors import exit_status
 from ..config import AttackConfig, load_config
 from ..method.cuda import job_device
 from ..recipes.attack import run_attack
+from .attack import OneProcess
 from ..results.report import attack_done
 
 
@@ -30,7 +31,7 @@ def _main(args: argparse.Namespace) -> int:
     cfg = load_config(AttackConfig, args.config, args.overrides)
     device = job_device(args.device)
     print(f"attack-local: {cfg.attack.name} on {device}, output {cfg.output}", flush=True)
-    summary = run_attack(cfg, device=str(device))
+    summary = run_attack(cfg, OneProcess(device))
     print(attack_done(summary, cfg.output))
     return 0
 

@@ -1,32 +1,114 @@
-"""Single-process evaluation: load what an `AttackConfig` names, attack batch by batch, write results.
+"""The attack job, written once for every executor: preflight, the images without a record, progress, the
+batches handed to an executor, the summary, the gallery and the MLflow run.
 
-The reference the Ray engine (`distributed.evaluate`) is measured against: same `Attack`, same
-per-batch record files, same summary. Resumes like it: images with records are skipped.
-Images, labels and ids of a batch go to the attack's device together (the engine's device rule).
+An executor attacks the images it is handed and writes each batch's records (`results.write_part`); the one-process
+one (`local/attack.py`) runs the batches on one device, the Ray one (`distributed/attack.py`) on an actor pool.
+Each image's randomness is keyed by (seed, image id), so its record does not depend on the executor, its batch or
+its run. A rerun skips images with records (and refuses records written with other settings, before any work).
 """
 from __future__ import annotations
 
+import sys
 import time
+from typing import Callable, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..results import records as results
-from ..method.attacks.modes import MODES
-from ..method.attacks import Attack, EnsembleAttack
 from ..errors import InputError
-from ..config import AttackConfig
-from ..method.noise import ChainKeys, stream_seed
-from ..results.gallery import GalleryRow, write_gallery
-from ..results.report import describe
-from ..store.data import Catalog, ImageSet, load, read_rows, unit_range
+from ..method.attacks import Attack, EnsembleAttack
+from ..method.attacks.modes import MODES
+from ..method.cuda import PRECISIONS, set_arithmetic
 from ..method.defense import Purifier
-from ..method.cuda import PRECISIONS, job_device, set_arithmetic
 from ..method.memory import auto_chunk_size
+from ..method.noise import ChainKeys, stream_seed
+from ..config import AttackConfig
+from ..store import storage
+from ..store.data import Catalog, ImageSet, check_labels, load, read_rows
 from ..store.weights import load_classifier, load_ebm
-from ..store.progress import Progress
+from ..store.tracking import check_tracking
 from ..store.provenance import attack_settings
+from ..store.progress import Progress
+from ..results import records as results
+from ..results.gallery import GalleryRow, write_gallery
+from ..results.report import describe, log_attack
+
+
+class Rerun(Exception):
+    """Raised by an executor that lost work it can run again (a lost Ray actor or node): the records written
+    stay, and the recipe hands it the images still without one. Its message says what was lost."""
+
+
+class Executor(Protocol):
+    """Where the batches of an attack run.
+
+    `device`: where the driver builds the job's attack (preflight, gallery). `tracking`: whether the job logs to
+    MLflow as `cfg.mlflow` says. `images(cfg)`: the selected images as this executor reads them."""
+
+    device: str | torch.device
+    tracking: bool
+
+    def images(self, cfg: AttackConfig) -> Catalog | ImageSet: ...
+
+    def run(self, cfg: AttackConfig, todo: Catalog | ImageSet, settings: dict, attack: Attack | EnsembleAttack,
+            gradient_ids: list[int], on_batch: Callable[[int, int], None], reruns: int) -> None:
+        """Attack every image of `todo`, writing each batch's records; `on_batch(images, broken)` per finished
+        batch. `attack`: the driver's, built on `device` (an executor may build its own from `cfg` and
+        `gradient_ids`); `reruns`: how many runs before this one lost work (`Rerun`)."""
+
+
+def run_attack(cfg: AttackConfig, executor: Executor, data: Catalog | ImageSet | None = None,
+               show: bool = True) -> dict:
+    """Attack every selected image without a record yet on `executor`; returns the summary of all records.
+    `data`: the images (default: the subset `cfg.data` names, as the executor reads it)."""
+    data = data if data is not None else executor.images(cfg)
+    gradient_ids = sample_ids(data, cfg.report.gradient_check)
+    attack = preflight(cfg, data, executor.device, gradient_ids, executor.tracking)
+    settings = attack_settings(cfg)
+    todo = first = images_without_records(data, cfg.output, settings)
+    bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
+    t0, count = time.time(), {"broken": 0}  # broken: this run's images, counted across batches
+
+    def on_batch(images: int, broken: int) -> None:
+        count["broken"] += broken
+        bar.update(images, broken=count["broken"])
+
+    reruns = 0
+    while len(todo):
+        try:
+            executor.run(cfg, todo, settings, attack, gradient_ids, on_batch, reruns)
+            break
+        except Rerun as lost:
+            reruns += 1
+            print(f"attack: {lost}", file=sys.stderr, flush=True)
+        todo = images_without_records(data, cfg.output, settings)
+    bar.close()
+    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
+    gallery = draw_gallery(cfg, data, executor.device, attack)  # on the driver: a few images, from their records
+    if executor.tracking:
+        log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)]
+                   + ([gallery] if gallery else []))
+    return summary
+
+
+def preflight(cfg: AttackConfig, data: Catalog | ImageSet, device: str | torch.device = "cpu", gradient_ids=(),
+              tracking: bool = True) -> Attack | EnsembleAttack:
+    """Every input the job will touch, checked before any expensive work, so a bad one fails in seconds with one
+    line: the data and subset, labels, the output, classifier and EBM (files, architecture, sizes), MLflow
+    (`tracking`). A catalog's pixels stay unread but for its first image's (its size). Returns the attack, built
+    on `device`."""
+    if len(data) == 0:
+        raise InputError("the selected subset holds no image")
+    width = (read_rows(data.take([0]), cfg.data.image_size) if isinstance(data, Catalog) else data).data.shape[-1]
+    if width != cfg.data.image_size:
+        raise InputError(f"images are {width} pixels wide, data.image_size is {cfg.data.image_size}")
+    check_labels(data, cfg.classifier.num_classes, f"data {cfg.data.path}")
+    storage.check_destination(cfg.output, "output", folder=True)
+    attack = build_attack(cfg, device, gradient_ids)  # missing files, wrong architecture or size
+    if tracking:
+        check_tracking(cfg.mlflow)
+    return attack
 
 
 def dtype_of(cfg: AttackConfig) -> torch.dtype:
@@ -61,39 +143,13 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu", gradient
     return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk, gradient_ids=gradient_ids)
 
 
-def batches(data: ImageSet, size: int):
-    for i in range(0, len(data), size):
-        yield data.take(torch.arange(i, min(i + size, len(data))))
-
-
-def pending(data: ImageSet, output: str, settings: dict) -> ImageSet:
+def images_without_records(data: Catalog | ImageSet, output: str, settings: dict) -> Catalog | ImageSet:
     """The images without a record under output (all of them on a first run); the records there must
     have been written with the same settings."""
     results.check_settings(output, settings)
     done = results.done_ids(output)
     keep = [k for k, i in enumerate(data.ids.tolist()) if i not in done]
     return data.take(keep)
-
-
-def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = None, show: bool = True) -> dict:
-    """Attack every selected image without a record yet; returns the summary of all records."""
-    device = job_device(device)
-    data = data if data is not None else load(cfg.data)
-    attack = build_attack(cfg, device, sample_ids(data, cfg.report.gradient_check))
-    settings = attack_settings(cfg)
-    todo = pending(data, cfg.output, settings)
-    bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
-    t0, broken = time.time(), 0  # broken: this run's images, counted across batches
-    for batch in batches(todo, cfg.batch_size):
-        images = unit_range(batch.data, device).to(dtype_of(cfg))  # uint8 to the device, floats there
-        records = attack(images, batch.labels.to(device), batch.ids.to(device))
-        results.write_part(cfg.output, records, settings)
-        broken += sum(not r.robust for r in records)
-        bar.update(len(records), broken=broken)
-    bar.close()
-    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
-    draw_gallery(cfg, data, device, attack)
-    return summary
 
 
 def sample_ids(data, n: int) -> list[int]:
