@@ -22,7 +22,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
-from distributed_ebm.distributed.attack import evaluate  # noqa: E402
+from distributed_ebm.distributed.attack import RayActors  # noqa: E402
+from distributed_ebm.recipes.attack import run_attack  # noqa: E402
 from distributed_ebm.method.nets import EBM  # noqa: E402
 from distributed_ebm.store.checkpoints import save_ebm
 
@@ -45,7 +46,7 @@ def main() -> None:
                 "purify.steps=1", f"data.count={batches}", "batch_size=1", f"output={tmp}/out-{actors}-{batches}",
                 f"ray.actors={actors}", f"ray.cpus_per_actor={a.cpus / actors:g}", "ray.gpus_per_actor=0",
                 "mlflow.enabled=false"])
-            seconds.append(evaluate(cfg, show=False)["seconds"])
+            seconds.append(run_attack(cfg, RayActors(), show=False)["seconds"])
         per_batch = (seconds[1] - seconds[0]) / (a.batches[1] - a.batches[0])
         fixed = seconds[0] - a.batches[0] * per_batch
         print(f"actors={actors} cpus_per_actor={a.cpus / actors:g} t{a.batches[0]}={seconds[0]:.1f}s "

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's p
 from benchmarks.langevin import plain_loop, sync  # noqa: E402
 from distributed_ebm.config import AttackConfig, TrainEBMConfig  # noqa: E402
 from distributed_ebm.store.data import read_parquet  # noqa: E402
-from distributed_ebm.local.attack import build_attack  # noqa: E402
+from distributed_ebm.recipes.attack import build_attack  # noqa: E402
 from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
 from distributed_ebm.method.precision import set_arithmetic  # noqa: E402
 from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E402

@@ -21,8 +21,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
-from distributed_ebm.distributed.attack import evaluate  # noqa: E402
-from distributed_ebm.local.attack import run_attack  # noqa: E402
+from distributed_ebm.distributed.attack import RayActors  # noqa: E402
+from distributed_ebm.local.attack import OneProcess  # noqa: E402
+from distributed_ebm.recipes.attack import run_attack  # noqa: E402
 from distributed_ebm.method.nets import EBM  # noqa: E402
 from distributed_ebm.store.checkpoints import save_ebm
 
@@ -51,8 +52,8 @@ def main() -> None:
             f"batch_size={a.batch}", f"output={tmp}/{out}", f"ray.actors={a.actors}",
             f"ray.cpus_per_actor={a.cpus_per_actor}", "mlflow.enabled=false"])
 
-    single = run_attack(cfg("single"), device="cpu")
-    piped = evaluate(cfg("ray"))
+    single = run_attack(cfg("single"), OneProcess("cpu"))
+    piped = run_attack(cfg("ray"), RayActors())
     for name, s in (("single", single), ("pipeline", piped)):
         print(f"{name:>8}: {s['image_steps']} image-steps in {s['seconds']:.1f} s = "
               f"{s['image_steps_per_second']:.1f} image-steps/s; robust {s['robust_accuracy']:.3f}")

@@ -148,9 +148,10 @@ def run(command: str, cfg) -> None:
         out = train_classifier_on_ray(cfg)
         print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
     elif command == "attack":
-        from .distributed.attack import evaluate
+        from .distributed.attack import RayActors
+        from .recipes.attack import run_attack
         from .results.report import attack_done
-        print(attack_done(evaluate(cfg), cfg.output))
+        print(attack_done(run_attack(cfg, RayActors()), cfg.output))
     elif command in ("tune", "tune-training"):
         from .distributed.tune import tune_purification, tune_training
         best = (tune_purification if command == "tune" else tune_training)(cfg)
@@ -164,17 +165,18 @@ def run(command: str, cfg) -> None:
 
 
 def attack_local(args: argparse.Namespace) -> None:
-    """`debm attack-local`: the same records, summary and plot as `debm attack` (one engine,
-    `local.attack.run_attack`, which the Ray actors also run batch by batch), resumable the same way, under
-    `output`; nothing is logged to MLflow."""
-    from .local.attack import run_attack
+    """`debm attack-local`: the attack's one recipe (`recipes.attack.run_attack`) on the one-device executor:
+    the same records, summary and plot as `debm attack`, resumable the same way, under `output`; nothing is
+    logged to MLflow."""
+    from .local.attack import OneProcess
+    from .recipes.attack import run_attack
     from .method.devices import job_device
     from .results.report import attack_done
 
     cfg = load_config(AttackConfig, args.config, args.overrides)
     device = job_device(args.device)
     print(f"attack-local: {cfg.attack.name} on {device}, output {cfg.output}", flush=True)
-    summary = run_attack(cfg, device=str(device))
+    summary = run_attack(cfg, OneProcess(device))
     print(attack_done(summary, cfg.output))
 
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 plot_curves(summaries, args.plot)
             for url, summary in zip(args.urls, summaries) if args.gallery else ():
                 from .config import AttackConfig, build
-                from .local.attack import draw_gallery
+                from .recipes.attack import draw_gallery
 
                 cfg = build(AttackConfig, {**summary["config"], "output": url,
                                            "report": {**summary["config"].get("report", {}), "gallery": args.gallery}})

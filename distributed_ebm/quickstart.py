@@ -5,8 +5,9 @@ import json
 
 from .store import storage
 from .config import QuickstartConfig
-from .distributed.attack import evaluate
+from .distributed.attack import RayActors
 from .store.tracking import tracking_uri
+from .recipes.attack import run_attack
 from .results.report import format_table, plot_curves
 from .distributed.train import train_ebm_on_ray
 
@@ -23,7 +24,7 @@ def quickstart(cfg: QuickstartConfig) -> list[dict]:
             "attack": cfg.attack.attack.model_copy(update={"mode": mode})})
         what = "undefended, PGD" if mode == "pgd" else "defended by the EBM, BPDA+EOT"
         print(f"{i}/3 attacking the classifier {what} -> {attack.output}", flush=True)
-        summaries.append(evaluate(attack))
+        summaries.append(run_attack(attack, RayActors()))
     table = format_table(summaries)
     plot_curves(summaries, storage.join(cfg.output, "accuracy.png"))
     storage.write_bytes(storage.join(cfg.output, "table.txt"), (table + "\n").encode())

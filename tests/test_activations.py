@@ -7,7 +7,7 @@ from distributed_ebm.errors import InputError
 from distributed_ebm.config import AttackConfig, TrainEBMConfig, build
 from distributed_ebm.store.data import ImageSet
 from distributed_ebm.method.defense import Purifier
-from distributed_ebm.local.attack import build_attack
+from distributed_ebm.recipes.attack import build_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.checkpoints import load_ebm, save_ebm
 from distributed_ebm.method.nets.ebm import SoftLeakyReLU

@@ -8,7 +8,8 @@ import numpy as np
 from distributed_ebm.results import records as results
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
@@ -39,7 +40,7 @@ def test_runs_without_ray_mlflow_or_s3fs_equal_to_the_engine_and_resumes(tmp_pat
             "attack": {"mode": "bpda_eot", "eps": "2/255", "step_size": "1/255", "steps": 2, "eot_attack": 2,
                        "eot_defense": 2, "average": "logits", "reevaluations": 2, "random_start": True},
             "mlflow": {"enabled": False}}
-    run_attack(build(AttackConfig, tree), device="cpu", show=False)
+    run_attack(build(AttackConfig, tree), OneProcess("cpu"), show=False)
     mine, theirs = results.read_records(out).to_pylist(), results.read_records(ref).to_pylist()
     assert [r["index"] for r in mine] == [r["index"] for r in theirs] and len(mine) == 3
     for a, b in zip(mine, theirs):
@@ -61,7 +62,7 @@ def test_bad_device_is_one_line(tmp_path, capsys):
 def test_a_one_process_run_builds_its_attack_once_and_draws_its_gallery_with_it(tmp_path, monkeypatch):
     """The gallery reuses the run's attack (no second load of the weights, no second chunk-size probe), and
     draws the same pictures as an attack built anew."""
-    import distributed_ebm.local.attack as local
+    import distributed_ebm.recipes.attack as recipe
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
     tree = {"data": {"path": TEST_EXACT, "random": 2, "subset_seed": 0}, "classifier": {"weights": RESNET20}, "ebm": ebm,
@@ -70,12 +71,12 @@ def test_a_one_process_run_builds_its_attack_once_and_draws_its_gallery_with_it(
             "attack": {"mode": "bpda_eot", "eps": "2/255", "step_size": "1/255", "steps": 1, "eot_attack": 2,
                        "eot_defense": 2, "reevaluations": 0}, "mlflow": {"enabled": False}}
     cfg = build(AttackConfig, tree)
-    built, real = [], local.build_attack
-    monkeypatch.setattr(local, "build_attack", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
-    run_attack(cfg, device="cpu", show=False)
+    built, real = [], recipe.build_attack
+    monkeypatch.setattr(recipe, "build_attack", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    run_attack(cfg, OneProcess("cpu"), show=False)
     assert len(built) == 1 and os.path.exists(tmp_path / "out" / "gallery.png")
     monkeypatch.undo()
-    reused, anew = local.gallery_rows(cfg, None, "cpu", built[0]), local.gallery_rows(cfg)
+    reused, anew = recipe.gallery_rows(cfg, None, "cpu", built[0]), recipe.gallery_rows(cfg)
     assert len(reused) == len(anew) == 2
     for a, b in zip(reused, anew):
         assert a.purified_preds == b.purified_preds and np.array_equal(a.purified_clean, b.purified_clean)

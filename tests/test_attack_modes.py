@@ -12,7 +12,7 @@ import pytest
 from distributed_ebm.method.attacks.modes import MODES
 from distributed_ebm.config import AttackConfig, AttackSettings, build
 from distributed_ebm.store.data import read_images
-from distributed_ebm.local.attack import build_attack
+from distributed_ebm.recipes.attack import build_attack
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm

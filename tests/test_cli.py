@@ -105,7 +105,8 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
     """`debm report A B`: both tables, then per pair of runs that share images, what each breaks that the other
     leaves robust and the two-sided sign test on those images."""
     from distributed_ebm.config import AttackConfig, load_config
-    from distributed_ebm.local.attack import run_attack
+    from distributed_ebm.local.attack import OneProcess
+    from distributed_ebm.recipes.attack import run_attack
     from distributed_ebm.results.records import paired_comparison, sign_test_p
 
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 0) == 1.0 and sign_test_p(5, 0) == pytest.approx(2 / 32)
@@ -116,7 +117,7 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
         cfg = load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
                           ["data.count=null", f"data.indices={ids}", f"attack.eps={eps}", "attack.steps=3", f"output={outs[name]}",
                            "mlflow.enabled=false"])
-        run_attack(cfg, show=False)
+        run_attack(cfg, OneProcess(), show=False)
     d = paired_comparison(outs["weak"], outs["strong"])
     weak, strong = (dict(zip(t.column("index").to_pylist(), t.column("broken_at").to_pylist()))
                     for t in (read_records(outs["weak"]), read_records(outs["strong"])))

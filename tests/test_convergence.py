@@ -7,7 +7,8 @@ import time
 import pytest
 
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.results.report import format_convergence
 from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
 from distributed_ebm.store.checkpoints import save_ebm
@@ -58,7 +59,7 @@ def test_identical_chains_always_agree_so_every_vote_is_decided(tmp_path):
     """With K = 0 purifying steps every chain is the image itself: all 8 vote alike, so nothing is undecided."""
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(), ebm)
-    c = run_attack(_cfg(tmp_path, ebm, mode="defense"), device="cpu", show=False)["convergence"]
+    c = run_attack(_cfg(tmp_path, ebm, mode="defense"), OneProcess("cpu"), show=False)["convergence"]
     assert c["chains"] == 8 and c["natural_vote"]["images"] == 4 and c["natural_vote"]["undecided"] == 0
 
 
@@ -66,7 +67,8 @@ def test_identical_chains_always_agree_so_every_vote_is_decided(tmp_path):
 def test_a_one_step_attack_that_breaks_images_is_flagged(tmp_path, steps, late):
     """PGD at 8/255 on the undefended ResNet-20: with one step every break is in the last step (flagged);
     with ten, the flag follows where the breaks fell."""
-    summary = run_attack(_cfg(tmp_path, None, mode="pgd", steps=steps, step_size="8/255"), device="cpu", show=False)
+    summary = run_attack(_cfg(tmp_path, None, mode="pgd", steps=steps, step_size="8/255"), OneProcess("cpu"),
+                         show=False)
     c = summary["convergence"]
     line = format_convergence(summary)  # no chains vote on an undefended classifier: the line must not count any
     assert "chains per vote" not in line and "no chains vote" in line and "undefended" in line
@@ -84,12 +86,13 @@ def test_the_eot_gradient_check_gives_cosine_one_for_identical_estimates_and_les
 
     check = {"gradient_check": 2}
     g = run_attack(_cfg(tmp_path / "pgd", None, report=check, mode="pgd", steps=1, step_size="1/255", eps="1/255"),
-                   device="cpu", show=False)["convergence"]["gradient"]
+                   OneProcess("cpu"), show=False)["convergence"]["gradient"]
     assert g["images"] == 2 and g["cosine_median"] == pytest.approx(1.0) and g["chains_for_0.9"] == 1  # one suffices
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
     b = run_attack(_cfg(tmp_path / "bpda", ebm, purify={"steps": 3, "noise": 0.3}, report=check, mode="bpda_eot",
-                        steps=1, step_size="1/255", eps="1/255"), device="cpu", show=False)["convergence"]["gradient"]
+                        steps=1, step_size="1/255", eps="1/255"), OneProcess("cpu"),
+                   show=False)["convergence"]["gradient"]
     assert b["images"] == 2 and -1 <= b["cosine_median"] < 0.999
     assert gradient_convergence([[0.5, 0.5]], 15)["chains_for_0.9"] == 135  # c = r n / (r n + 1): r = 1/15 at c = 1/2
     assert gradient_convergence([[None, None], None], 15) is None
@@ -101,20 +104,20 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     from PIL import Image
 
     from distributed_ebm.cli import main
-    from distributed_ebm.local.attack import gallery_rows
+    from distributed_ebm.recipes.attack import gallery_rows
     from distributed_ebm.method.noise import ChainKeys
     from distributed_ebm.store.data import read_images
 
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
     cfg = _cfg(tmp_path, ebm, purify={"steps": 3, "noise": 0.05}, report={"gallery": 3}, mode="bpda_eot", steps=2)
-    run_attack(cfg, device="cpu", show=False)
+    run_attack(cfg, OneProcess("cpu"), show=False)
     png = Image.open(tmp_path / "out" / "gallery.png")
     assert png.size[0] > 600 and png.size[1] > 400
     rows = gallery_rows(cfg)
     data = read_images(cfg.data)
     assert [r.index for r in rows] == sorted(data.ids.tolist())[:3]
-    from distributed_ebm.local.attack import build_attack
+    from distributed_ebm.recipes.attack import build_attack
     defense = build_attack(cfg).defense
     first = data.floats()[:1]
     keys = ChainKeys.replicated(cfg.seed, data.ids[:1], cfg.attack.eot_attack, 0)[0:1]  # the check's replicate 0

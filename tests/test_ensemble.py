@@ -9,7 +9,8 @@ from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
@@ -32,10 +33,10 @@ def runs(tmp_path_factory):
     ebm = str(d / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
     summary = run_attack(build(AttackConfig, _tree(ebm, str(d / "ens"), ensemble=MEMBERS, ensemble_keys="paired")),
-                         show=False)
+                         OneProcess(), show=False)
     alone = []
     for k, m in enumerate(MEMBERS):
-        run_attack(build(AttackConfig, _tree(ebm, str(d / f"m{k}"), **m)), show=False)
+        run_attack(build(AttackConfig, _tree(ebm, str(d / f"m{k}"), **m)), OneProcess(), show=False)
         alone.append(results.read_records(str(d / f"m{k}")).to_pylist())
     return ebm, summary, results.read_records(str(d / "ens")).to_pylist(), alone
 
@@ -110,7 +111,7 @@ def test_debm_attack_runs_an_ensemble_on_ray_resumes_and_reports_each_attack(ray
 
 def _records(cfg):
     from distributed_ebm.store.data import read_images
-    from distributed_ebm.local.attack import build_attack
+    from distributed_ebm.recipes.attack import build_attack
     data = read_images(cfg.data)
     return build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)
 
@@ -141,7 +142,8 @@ def test_independent_members_and_restarts_each_draw_a_key_stream_of_their_own(ru
 
 def test_restarts_alone_summary_counts_each_restart(runs, tmp_path):
     ebm = runs[0]
-    summary = run_attack(build(AttackConfig, _tree(ebm, str(tmp_path / "r"), restarts=3, eps="0.5/255")), show=False)
+    summary = run_attack(build(AttackConfig, _tree(ebm, str(tmp_path / "r"), restarts=3, eps="0.5/255")), OneProcess(),
+                         show=False)
     per = summary["restarts"]
     assert len(per) == 1 and len(per[0]["broken_per_restart"]) == 3
     assert sum(per[0]["broken_per_restart"]) == per[0]["broken"]

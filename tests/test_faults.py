@@ -46,21 +46,22 @@ def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_clu
 def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(tmp_path):
     from distributed_ebm.errors import InputError
     from distributed_ebm.config import AttackConfig, load_config
-    from distributed_ebm.local.attack import run_attack
+    from distributed_ebm.local.attack import OneProcess
+    from distributed_ebm.recipes.attack import run_attack
     from distributed_ebm.results.records import read_records
 
     def cfg(*extra):
         return load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
                            ["data.count=2", "attack.steps=2", f"output={tmp_path}/out", "mlflow.enabled=false", *extra])
-    first = run_attack(cfg(), show=False)
+    first = run_attack(cfg(), OneProcess(), show=False)
     # settings that cannot change a record may differ: more images, another batch size
-    more = run_attack(cfg("data.count=3", "batch_size=1", "chunk_size=7"), show=False)
+    more = run_attack(cfg("data.count=3", "batch_size=1", "chunk_size=7"), OneProcess(), show=False)
     assert more["images"] == 3
     assert more["seconds"] == first["seconds"] + more["seconds_this_run"]  # the summary counts every run's time
-    again = run_attack(cfg("data.count=3"), show=False)  # nothing left to compute: its time is not counted
+    again = run_attack(cfg("data.count=3"), OneProcess(), show=False)  # nothing left to compute: its time not counted
     assert again["seconds"] == more["seconds"] and again["seconds_this_run"] > 0
     with pytest.raises(InputError) as err:
-        run_attack(cfg("data.count=4", "attack.steps=3", "attack.eps=0.01"), show=False)
+        run_attack(cfg("data.count=4", "attack.steps=3", "attack.eps=0.01"), OneProcess(), show=False)
     assert str(err.value).startswith(f"{tmp_path}/out/records was written with other settings: "
                                      "attack.eps (0.03137254901960784 there, 0.01 now), attack.steps (2 there, 3 now);")
     assert read_records(f"{tmp_path}/out").num_rows == 3  # nothing was attacked

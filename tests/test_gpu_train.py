@@ -85,14 +85,14 @@ def test_resume_continues_iteration_optimizer_and_phase_and_is_deterministic(fir
     for k, global_seed in enumerate((1, 2)):  # nothing reads torch's global generator: the iteration is the RNG position
         torch.manual_seed(global_seed)
         s = Session(_cfg(), tiny, str(tmp_path / f"r{k}"), CPU, state, log=lambda m: None)
-        assert s.loop.iteration == 12 and s.loop.phase == "adam"
+        assert s.ebm_iteration.iteration == 12 and s.ebm_iteration.phase == "adam"
         saved = state["training"]["optimizer"]["state"]
-        assert all(torch.equal(s.loop.optimizer.state_dict()["state"][i]["exp_avg"], saved[i]["exp_avg"]) for i in saved)
-        assert s.loop.optimizer.state_dict()["state"][0]["step"] == 12
-        s.loop.step()
-        assert s.loop.optimizer.state_dict()["state"][0]["step"] == 13  # Adam's count goes on
+        assert all(torch.equal(s.optimizer.state_dict()["state"][i]["exp_avg"], saved[i]["exp_avg"]) for i in saved)
+        assert s.ebm_iteration.optimizer.state_dict()["state"][0]["step"] == 12
+        s.ebm_iteration.step()
+        assert s.ebm_iteration.optimizer.state_dict()["state"][0]["step"] == 13  # Adam's count goes on
         s.run(16)
-        assert s.loop.iteration == 16 and s.loop.phase == "sgd" and type(s.loop.optimizer).__name__ == "SGD"
+        assert s.iteration == 16 and s.phase == "sgd" and type(s.optimizer).__name__ == "SGD"
         runs.append(s)
     a, b = runs
     for x, y in zip(a.ebm.state_dict().values(), b.ebm.state_dict().values()):
@@ -150,9 +150,9 @@ def test_budget_stops_in_time_with_a_checkpoint(tiny, tmp_path):
     s = Session(_cfg(iterations=10_000), tiny, str(tmp_path), CPU, log=lambda m: None)
     deadline = time.monotonic() + 17  # 15 s are held back for the final save until a save is measured
     s.run(10_000, deadline, show=False)
-    assert s.loop.iteration < 10_000
+    assert s.ebm_iteration.iteration < 10_000
     assert time.monotonic() < deadline + 5  # the save fits the reserve (+ slack for a crowded CI machine)
-    assert load_checkpoint(str(tmp_path / CKPT))["iteration"] == s.loop.iteration
+    assert load_checkpoint(str(tmp_path / CKPT))["iteration"] == s.ebm_iteration.iteration
 
 
 def test_paper_sized_compact_checkpoint_is_small(tmp_path):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distributed_ebm"
 # from the ground up; a layer may import itself and the ones before it
-LAYERS = ["errors", "method", "config", "store", "progress", "results", "local", "distributed", "cli", "quickstart"]
+LAYERS = ["errors", "method", "config", "store", "progress", "results", "recipes", "local", "distributed", "cli",
+          "quickstart"]
 TOP = {"cli": LAYERS.index("cli"), "quickstart": LAYERS.index("cli")}  # the entry points share the top floor
 METHOD_MAY_IMPORT = {"torch", "numpy", "triton"}
 
@@ -94,3 +95,12 @@ def test_the_method_core_imports_only_torch_numpy_triton_and_the_standard_librar
             if extra:
                 foreign[module] = sorted(extra)
     assert not foreign, foreign
+
+
+def test_ray_code_imports_nothing_of_the_one_process_executors():
+    """`local` (one process, no Ray) and `distributed` (Ray) are two executors side by side: what both need
+    lives below them, in `recipes`."""
+    modules = _modules()
+    crossing = [f"{m} -> {t}" for m, p in modules.items() if m.split(".")[1:2] == ["distributed"]
+                for t in _imports(m, p, modules)[0] if t.split(".")[1:2] == ["local"]]
+    assert not crossing, crossing

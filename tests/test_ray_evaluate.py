@@ -11,8 +11,9 @@ from distributed_ebm.results import records as results
 from distributed_ebm.store import storage
 from distributed_ebm.errors import InputError
 from distributed_ebm.config import AttackConfig, build
-from distributed_ebm.distributed.attack import evaluate
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.distributed.attack import RayActors
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.checkpoints import save_ebm
 
@@ -59,9 +60,9 @@ STRONGER = {"attack.mode": "exact_eot", "attack.optimizer": "apgd", "attack.loss
 
 @pytest.mark.parametrize("settings", [{}, STRONGER], ids=["bpda_eot", "exact_apgd_dlr_reeval"])
 def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url, settings):
-    single = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "single"), **settings), show=False)
+    single = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "single"), **settings), OneProcess(), show=False)
     readers = _footer_readers()
-    piped = evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "ray"), **settings), show=False)
+    piped = run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "ray"), **settings), RayActors(), show=False)
     # the one parquet file's footer is read by one actor (Ray Data's default started 32 processes per pass)
     assert _footer_readers() - readers == 1
     _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
@@ -88,11 +89,12 @@ def _actor_pids():
 
 def test_killed_actor_and_restarted_job_give_every_image_once(ray_local, tmp_path, ebm_url):
     kw = {"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40}
-    reference = results.read_records(run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "ref"), **kw), show=False)["config"]["output"])
+    reference = results.read_records(run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "ref"), **kw), OneProcess(),
+                                                show=False)["config"]["output"])
     out = str(tmp_path / "crash")
     cfg = _cfg(tmp_path, ebm_url, out, **kw)
     done = {}
-    worker = threading.Thread(target=lambda: done.setdefault("summary", evaluate(cfg, show=False)))
+    worker = threading.Thread(target=lambda: done.setdefault("summary", run_attack(cfg, RayActors(), show=False)))
     worker.start()
     deadline = time.time() + 120
     while not results.list_parts(out) and time.time() < deadline:
@@ -109,7 +111,7 @@ def test_killed_actor_and_restarted_job_give_every_image_once(ray_local, tmp_pat
     lost = [i for url in parts[:2] for i in results._read(url, ["index"]).column("index").to_pylist()]
     for url in parts[:2]:
         storage.filesystem(url)[0].rm(url)
-    again = evaluate(cfg, show=False)
+    again = run_attack(cfg, RayActors(), show=False)
     per_image = dict(zip(reference.column("index").to_pylist(), reference.column("image_steps").to_pylist()))
     assert again["image_steps_this_run"] == sum(per_image[i] for i in lost)
     _same(results.read_records(out), reference)
@@ -118,13 +120,14 @@ def test_killed_actor_and_restarted_job_give_every_image_once(ray_local, tmp_pat
 def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):
     # no ray fixture: each failure must come from the pre-flight checks, before Ray is touched
     with pytest.raises(FileNotFoundError, match="nope.th does not exist"):
-        evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"classifier.weights": str(tmp_path / "nope.th")}))
+        run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"classifier.weights": str(tmp_path / "nope.th")}),
+                   RayActors())
     big = str(tmp_path / "ebm64.pt")
     save_ebm(EBM(width=2, image_size=64), big)
     with pytest.raises(InputError, match="is for 64x64 images, the data are 32x32"):
-        evaluate(_cfg(tmp_path, big, str(tmp_path / "o")))
+        run_attack(_cfg(tmp_path, big, str(tmp_path / "o")), RayActors())
     with pytest.raises(InputError, match="ids \\[5000\\] are not in the data"):
-        evaluate(_cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"data.indices": [5000]}))
+        run_attack(_cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"data.indices": [5000]}), RayActors())
     with pytest.raises(InputError, match="attack.eps = 2.0: Input should be less than or equal to 1"):
         _cfg(tmp_path, ebm_url, str(tmp_path / "o"), **{"attack.eps": 2.0})
     with pytest.raises(InputError, match="indices is empty"):
@@ -140,19 +143,23 @@ def test_a_pass_that_loses_an_actor_gives_back_the_other_actors_cpus_at_once(ray
     CPU check then fails on any code that only drops references (the pass must stop them by id)."""
     import ray
 
-    from distributed_ebm.distributed.attack import attack_settings, lost, pending, preflight, run_pipeline
-    from distributed_ebm.progress import Progress
+    from distributed_ebm.distributed.attack import lost, run_pipeline
+    from distributed_ebm.recipes.attack import images_without_records, preflight
+    from distributed_ebm.store.data import catalog
+    from distributed_ebm.store.provenance import attack_settings
 
     cfg = _cfg(tmp_path, ebm_url, str(tmp_path / "out"),
                **{"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40, "mlflow.enabled": False})
     settings = attack_settings(cfg)
-    todo = pending(preflight(cfg), cfg.output, settings)
+    data = catalog(cfg.data)
+    preflight(cfg, data)
+    todo = images_without_records(data, cfg.output, settings)
     before = set(_actor_pids())  # none, unless an earlier test left one (the fixture then failed that test)
     killed, kept = [], []  # kept: the pass's actor handles, kept here as a holder outside the pass would
     killer = threading.Thread(target=_kill_an_actor_once_a_batch_is_written, args=(cfg.output, before, killed, kept))
     killer.start()
     with pytest.raises(Exception) as failed:  # held, with its traceback, as a caller that reports it would
-        run_pipeline(ray, cfg, todo, settings, Progress(len(todo), "t", enabled=False), 0, fitting=False)
+        run_pipeline(ray, cfg, todo, settings, lambda images, broken: None, fitting=False)
     killer.join()
     assert lost(failed.value), (killed, before)
     held = [h for h in _actors_reached_from(failed.value) if "AttackActor" in repr(h)]

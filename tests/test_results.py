@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from distributed_ebm.config import AttackConfig, load_config
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.store.checkpoints import load_ebm
 
@@ -27,7 +28,7 @@ def test_committed_ebm_gives_the_committed_summarys_natural_figures(tmp_path):
     assert cfg.seed == committed["config"]["seed"] and cfg.data.subset_seed == committed["config"]["data"]["subset_seed"]
     ebm = load_ebm(cfg.ebm, image_size=32)
     assert isinstance(ebm, EBM) and ebm.width == 32 and sum(p.numel() for p in ebm.parameters()) == 693_569
-    summary = run_attack(cfg, show=False)
+    summary = run_attack(cfg, OneProcess(), show=False)
     assert summary["images"] == images == 40
     # point 0 (the clean image) is judged with the same keys in mode defense as in the attack that wrote the summary
     for figure in ("natural_protocol_accuracy", "natural_defense_accuracy"):

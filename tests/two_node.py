@@ -16,10 +16,11 @@ import ray
 from ray.cluster_utils import Cluster
 
 from distributed_ebm.config import AttackConfig, TrainEBMConfig, build
-from distributed_ebm.distributed.attack import evaluate
+from distributed_ebm.distributed.attack import RayActors
 from distributed_ebm.distributed.train import train_ebm_on_ray
 from distributed_ebm.errors import InputError
-from distributed_ebm.local.attack import run_attack
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.results import records as results
 from distributed_ebm.store.data import read_parquet, subset
 from distributed_ebm.store.checkpoints import save_ebm
@@ -67,11 +68,11 @@ def wait_for(condition, timeout: float) -> None:
 def lose_a_node_in_an_attack(cluster: Cluster, node, out: str, reference) -> dict:
     ebm = f"{out}/ebm.pt"
     try:  # a local output on two nodes is refused unless the user vouches that every node shares it (as here)
-        evaluate(attack_config(f"{out}/refused", ebm), show=False)
+        run_attack(attack_config(f"{out}/refused", ebm), RayActors(), show=False)
         refused = None
     except InputError as err:
         refused = str(err)
-    thread, box = in_thread(lambda: evaluate(attack_config(f"{out}/ray", ebm, shared=True), show=False))
+    thread, box = in_thread(lambda: run_attack(attack_config(f"{out}/ray", ebm, shared=True), RayActors(), show=False))
     wait_for(lambda: results.list_parts(f"{out}/ray"), 120)
     before = len(results.done_ids(f"{out}/ray"))
     killed = time.time()
@@ -100,7 +101,7 @@ def lose_a_node_in_training(cluster: Cluster, node, out: str) -> dict:
 
 def main(out: str) -> None:
     save_ebm(tiny_ebm(scale=20), f"{out}/ebm.pt")
-    reference = results.read_records(run_attack(attack_config(f"{out}/ref", f"{out}/ebm.pt"), device="cpu",
+    reference = results.read_records(run_attack(attack_config(f"{out}/ref", f"{out}/ebm.pt"), OneProcess("cpu"),
                                                 show=False)["config"]["output"])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": QUICK_NODE_DEATH})
     ray.init(address=cluster.address, log_to_driver=False)

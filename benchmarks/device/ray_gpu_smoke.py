@@ -33,9 +33,10 @@ def main() -> int:
     import ray
 
     from distributed_ebm.config import AttackConfig, TrainEBMConfig, build, shared
-    from distributed_ebm.distributed.attack import evaluate
+    from distributed_ebm.distributed.attack import RayActors
+    from distributed_ebm.local.attack import OneProcess
     from distributed_ebm.distributed.train import train_ebm_on_ray
-    from distributed_ebm.local.attack import run_attack
+    from distributed_ebm.recipes.attack import run_attack
     from distributed_ebm.results.records import read_records
 
     gpu = a.device == "cuda"
@@ -62,8 +63,8 @@ def main() -> int:
             report[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:800], "seconds": round(time.time() - t, 1)}
 
     def engine():
-        evaluate(attack("engine", actors=1, gpus_per_actor=1.0 if gpu else 0.0), show=False)
-        run_attack(attack("one_process"), device=a.device, show=False)
+        run_attack(attack("engine", actors=1, gpus_per_actor=1.0 if gpu else 0.0), RayActors(), show=False)
+        run_attack(attack("one_process"), OneProcess(a.device), show=False)
         same = records("engine") == records("one_process")
         return {"ok": same, "records_equal_one_process": same, "images": len(records("engine"))}
 
@@ -80,7 +81,7 @@ def main() -> int:
                     [out["chain_seconds"], out["bank_seconds"], out["update_seconds"]]}
 
     def shared_gpu():
-        evaluate(attack("two_actors", actors=2, gpus_per_actor=0.5 if gpu else 0.0), show=False)
+        run_attack(attack("two_actors", actors=2, gpus_per_actor=0.5 if gpu else 0.0), RayActors(), show=False)
         same = records("two_actors") == records("engine")
         return {"ok": same, "records_equal_one_actor": same}
 

@@ -10,8 +10,8 @@ single-process `Attack` on each batch, writing the batch's records atomically un
 `output/records/`. Each image's randomness is keyed by (seed, image id), so the result for an image
 does not depend on its batch or on which actor ran it. A rerun skips images with records (and refuses
 records written with other settings, before any work). A lost actor or node fails the pass; the
-engine runs it again on the images still without a record, so a fault costs at most the batches in
-flight. Bad input fails in `preflight`, before any actor starts.
+recipe (`recipes.attack.run_attack`) runs it again on the images still without a record, so a fault costs at
+most the batches in flight. Bad input fails in the recipe's preflight, before any actor starts.
 """
 from __future__ import annotations
 
@@ -29,15 +29,11 @@ import pyarrow as pa
 import torch
 
 from ..results import records as results
-from ..store import storage
 from ..config import AttackConfig
 from ..method.pixels import unit_range
 from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, catalog, decode, image_bytes
-from ..local.attack import build_attack, draw_gallery, dtype_of, pending, sample_ids
+from ..recipes.attack import Rerun, build_attack, dtype_of
 from ..method.devices import job_device
-from ..progress import Progress
-from ..store.provenance import attack_settings
-from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
 from .devices import Plan, cluster_plan
 from .ray_private import stop_own_actors, unserializable_lost
@@ -105,13 +101,7 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
                                override_num_blocks=-(-len(todo) // cfg.batch_size))
 
 
-def preflight(cfg: AttackConfig, data: Catalog | ImageSet | None = None) -> Catalog | ImageSet:
-    """Everything that can be checked before Ray starts (`preflight.attack`)."""
-    from ..local import checks as checks
-
-    return checks.attack(cfg, data if data is not None else catalog(cfg.data))
-
-
+t
 def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float, Plan]:
     """(actors, cpus, gpus per actor, the device plan): `ray.gpus_per_actor` GPUs each (null: one where the cluster
     has or can add GPUs, devices.py), else `cpus_per_actor` CPUs; as many actors as the cluster holds unless
@@ -175,10 +165,10 @@ def data_error(err: BaseException | None) -> DataError | None:
     return None
 
 
-def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, broken: int, fitting: bool,
-                 gradient_ids=()) -> int:
-    """One pass of Ray Data over `todo`; returns the broken count so far. An actor that dies fails the pass
-    (no restart, no retry on it: a retry bound to an actor that cannot be placed again would wait forever)."""
+def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, on_batch, fitting: bool, gradient_ids=()) -> None:
+    """One pass of Ray Data over `todo`, `on_batch(images, broken)` per finished batch. An actor that dies fails
+    the pass (no restart, no retry on it: a retry bound to an actor that cannot be placed again would wait
+    forever)."""
     actors, cpus, gpus, devices = plan_actors(cfg, -(-len(todo) // cfg.batch_size), fitting)
     print(f"attack:{cfg.attack.name}: {actors} actor(s) on {devices.where}", file=sys.stderr, flush=True)
     # the images are read and decoded before the actors start: Ray Data's reading asks for CPUs (its file
@@ -190,7 +180,7 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
     except Exception as err:  # an image that does not decode: the data's one-line error, before any attack
         raise data_error(err) or err
     try:
-        return _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids)
+        _stream(ray, cfg, images, settings, on_batch, actors, cpus, gpus, gradient_ids)
     except BaseException as err:
         try:  # the survivors first, by id: whatever still holds one (seen under load, for minutes), its CPU is back
             stop_own_actors(AttackActor.__name__)
@@ -200,7 +190,7 @@ def run_pipeline(ray, cfg: AttackConfig, todo, settings: dict, bar: Progress, br
         raise
 
 
-def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradient_ids) -> int:
+def _stream(ray, cfg, images, settings, on_batch, actors, cpus, gpus, gradient_ids) -> None:
     """The pass proper, in a frame of its own: finished by the time its error reaches run_pipeline, so that
     `release_frames` can clear what it holds (the dataset; a running frame cannot be cleared)."""
     with warnings.catch_warnings():  # Ray 2.60 takes max_restarts only as a deprecated extra keyword; none named
@@ -211,27 +201,19 @@ def _stream(ray, cfg, images, settings, bar, broken, actors, cpus, gpus, gradien
             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, max_task_retries=0)
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        broken += int(batch["broken"].sum())
-        bar.update(len(batch["index"]), broken=broken)
-    return broken
+        on_batch(len(batch["index"]), int(batch["broken"].sum()))
 
 
 GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def release_frames(err: BaseException) -> None:
-    """Drop the locals of the finished frames a failed pass's error reaches: those of its traceback and of the
-    errors it wraps, and their callers (`f_back`: Ray Data's scheduling thread). Those frames hold the pass's
-    tasks, whose callbacks hold its actors: while anyone kept the error (or, without it, until Python's cycle
-    collector ran: the frames hold the error too) the other actors lived on, each with its CPU or GPU; the retry
-    then ran on the CPUs left, and CI runs lost tests/test_ray_train.py to the CPU held. A frame that another
-    thread is still running (Ray Data's, still shutting down on a busy machine) cannot be cleared yet: it is
-    cleared once that thread has left it, within 30 s (before, such a frame kept its locals for as long as the
-    error was held; 5 s was too short once in a parallel test run, where Ray Data's thread still logged the
-    pass's error after the 10 s test had ended). Then the cycle collector runs at once: what the frames held in
-    reference cycles, created at the pass's start and so in the oldest generation, otherwise waited for a full
-    collection, which an idle caller may not trigger for minutes. The traceback's lines stay; this thread's running
-    frames (the caller's) and callers that are generators are left as they are."""
+    """Clear the locals of the finished frames that a failed pass's error reaches (its traceback's, those of the
+    errors it wraps, and their callers, Ray Data's scheduling thread among them), then run the cycle collector:
+    those frames hold the pass's tasks, whose callbacks hold its actors, so the actors and their CPUs or GPUs are
+    released while the caller still holds the error. A frame that another thread is still running is cleared once
+    that thread has left it, waiting at most 30 s. The traceback's lines stay; this thread's running frames and
+    callers that are generators are left as they are."""
     mine, frame = set(), sys._getframe()
     while frame is not None:
         mine.add(id(frame))
@@ -262,34 +244,24 @@ def _clear_frames(err: BaseException, mine: set[int]) -> int:
     return running
 
 
-def evaluate(cfg: AttackConfig, data: Catalog | ImageSet | None = None, show: bool = True) -> dict:
-    """Attack every selected image that has no record yet on a Ray actor pool; summarize all records.
-    `data`: the images (default: the subset `cfg.data` names, as a catalog: the cluster reads the pixels).
-    A lost actor or node fails the pass; the records written stay, and the pass runs again on the images
-    without one (`ray.max_failures` times), on the actors the cluster still holds."""
-    data = preflight(cfg, data)
-    settings = attack_settings(cfg)
-    todo = first = pending(data, cfg.output, settings)
-    bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
-    t0 = time.time()
-    broken, failures = 0, 0  # broken: this run's images, counted across batches
-    while len(todo):
+class RayActors:
+    """The attack's Ray executor: each pass over the images without a record runs on a Ray Data actor pool
+    (`run_pipeline`) of the cluster at `ray.address`. A lost actor or node fails the pass; the records written stay,
+    and the recipe runs it again on the images without one (`ray.max_failures` times), on the actors the cluster
+    still holds. The driver builds its attack on the CPU (preflight, gallery) and logs to MLflow."""
+
+    device, tracking = "cpu", True
+
+    def images(self, cfg: AttackConfig) -> Catalog | ImageSet:
+        return catalog(cfg.data)  # a catalog: the cluster reads the pixels
+
+    def run(self, cfg: AttackConfig, todo, settings: dict, attack, gradient_ids, on_batch, reruns: int) -> None:
         ray = connect(cfg.ray.address)
         check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
         try:
-            broken = run_pipeline(ray, cfg, todo, settings, bar, broken, fitting=failures > 0,
-                                  gradient_ids=sample_ids(data, cfg.report.gradient_check))
-            break
-        except Exception as err:  # noqa: BLE001 - only losses are retried; the rest is raised as it is
-            if failures >= cfg.ray.max_failures or not lost(err):
+            run_pipeline(ray, cfg, todo, settings, on_batch, fitting=reruns > 0, gradient_ids=gradient_ids)
+        except Exception as err:  # noqa: BLE001 - only losses are run again; the rest is raised as it is
+            if reruns >= cfg.ray.max_failures or not lost(err):
                 raise
-            failures += 1
-            print(f"attack: an actor or node was lost ({type(err).__name__}); running again on the images without "
-                  f"a record ({failures} of ray.max_failures={cfg.ray.max_failures})", file=sys.stderr, flush=True)
-        todo = pending(data, cfg.output, settings)
-    bar.close()
-    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
-    gallery = draw_gallery(cfg, data)  # on the driver: a few images, from their records
-    log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)]
-               + ([gallery] if gallery else []))
-    return summary
+            raise Rerun(f"an actor or node was lost ({type(err).__name__}); running again on the images without "
+                        f"a record ({reruns + 1} of ray.max_failures={cfg.ray.max_failures})") from err

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from ..config import TrainEBMConfig, to_yaml
-from ..local import checks
+from ..recipes.training import preflight_ebm
 from ..method.precision import set_arithmetic
 from ..method.pixels import unit_range
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split
@@ -167,7 +167,7 @@ def train_ebm_on_ray(cfg: TrainEBMConfig, data: ImageSet | None = None, show: bo
     """Fit the EBM with a TorchTrainer; returns the last metrics, the EBM's URL and the bank actors' books.
     Resumes a run of the same name and output."""
     data = data if data is not None else read_images(cfg.data)
-    checks.train_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
+    preflight_ebm(cfg, data)  # sizes, channels, output, MLflow: before Ray starts
     fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
     check_resume(cfg, fingerprint)
     connect(cfg.ray.address)

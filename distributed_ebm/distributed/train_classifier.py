@@ -12,13 +12,13 @@ import numpy as np
 import ray
 import torch
 
-from ..local import checks
 from ..store import storage
 from ..config import TrainClassifierConfig
 from ..method.pixels import unit_range_hwc
 from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
 from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
+from ..recipes.training import preflight_classifier
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
@@ -73,7 +73,7 @@ def train_classifier_on_ray(cfg: TrainClassifierConfig) -> dict:
     """Fit the classifier with a TorchTrainer; returns the last metrics and the classifier's URL."""
     data = read_images(cfg.data)
     test = read_images(cfg.test_data) if cfg.test_data is not None else None
-    checks.train_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
+    preflight_classifier(cfg, data, test)  # labels, output, MLflow: before Ray starts
     connect(cfg.ray.address)
     check_one_storage(cfg.output, "output", cfg.ray.shared_filesystem)
     config = {"cfg": cfg.model_dump(mode="json"),

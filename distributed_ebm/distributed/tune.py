@@ -3,7 +3,7 @@
 `validation_images: training` says so (optimistic: the classifier and the EBM learned from them).
 
 - `tune_purification`: the purifier's step size, noise and steps. Each trial runs the attack
-  job's own evaluation engine (`evaluate`: Ray Data actors, resumable records) on a growing number
+  job's own recipe on its Ray executor (`run_attack` on `RayActors`: resumable records) on a growing number
   of validation images, one ASHA rung per size, so weak settings stop early and no image is
   attacked twice.
 - `tune_training`: the training sampler's step size, noise and steps. Each trial is a driver that
@@ -22,15 +22,16 @@ import json
 import os
 import sys
 
-from ..local import checks as checks
 from ..store import storage
 from ..errors import InputError
 from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
 from ..store.data import catalog, read_images
+from ..recipes.attack import preflight, run_attack
+from ..recipes.training import preflight_ebm
 from ..store.released import load_classifier_as
 from ..store.tracking import check_tracking
 from .cluster import available, check_one_storage, connect
-from .attack import evaluate, plan_actors, preflight
+from .attack import RayActors, plan_actors
 from .ray_train import run_dir
 
 BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
@@ -87,7 +88,7 @@ def purification_trial(params: dict, setup: dict) -> None:
     logger = _child_logger(setup, trial_id, params)
     purify = with_params(cfg.attack.purify, params)
     for rung, n in enumerate(cfg.rungs, start=1):
-        metrics = _scores(cfg, evaluate(trial_attack(cfg, setup["ids"][:n], out, purify), show=False), n)
+        metrics = _scores(cfg, run_attack(trial_attack(cfg, setup["ids"][:n], out, purify), RayActors(), show=False), n)
         if logger:
             logger.metrics(metrics, step=rung)
         tune.report(metrics)
@@ -116,7 +117,8 @@ def training_trial(params: dict, setup: dict) -> None:
     for rung, iterations in enumerate(cfg.rungs, start=1):
         trained = train_ebm_on_ray(train.model_copy(update={"iterations": iterations}), show=False)
         attack = trial_attack(cfg, setup["ids"], storage.join(out, f"eval-{iterations}"), ebm=trained["ebm"])
-        metrics = {**_scores(cfg, evaluate(attack, show=False), len(setup["ids"])), "iterations": iterations,
+        summary = run_attack(attack, RayActors(), show=False)
+        metrics = {**_scores(cfg, summary, len(setup["ids"])), "iterations": iterations,
                    "energy_diff": trained.get("energy_diff", float("nan"))}
         if logger:
             logger.metrics(metrics, step=rung)
@@ -247,7 +249,8 @@ def tune_purification(cfg: TunePurificationConfig) -> dict:
     """Search the purifier; the best settings become a complete attack config (run it with jobs/attack.py)."""
     ids = _validation_ids(cfg, cfg.rungs[-1])
     _search_preflight(cfg)
-    preflight(trial_attack(cfg, ids[:1], storage.join(run_dir(cfg), "preflight")))  # weights, sizes: before any trial
+    trial = trial_attack(cfg, ids[:1], storage.join(run_dir(cfg), "preflight"))
+    preflight(trial, catalog(trial.data))  # weights, sizes: before any trial
     per_trial = (cfg.attack.ray.actors or 1) * cfg.attack.ray.cpus_per_actor
     return run_search(cfg, purification_trial, {"ids": ids}, per_trial,
                       "tune-purification",
@@ -260,7 +263,7 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     ids = _validation_ids(cfg, 1)
     data = read_images(trial_training(cfg, {}, "x", ids).data)
     _search_preflight(cfg)
-    checks.train_ebm(cfg.train, data)
+    preflight_ebm(cfg.train, data)
     c = cfg.attack.classifier
     load_classifier_as(c)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker

@@ -1,181 +1,37 @@
-"""Single-process evaluation: load what an `AttackConfig` names, attack batch by batch, write results.
-
-The reference the Ray engine (`distributed.evaluate`) is measured against: same `Attack`, same
-per-batch record files, same summary. Resumes like it: images with records are skipped.
-Images, labels and ids of a batch go to the attack's device together (the engine's device rule).
-"""
+"""The attack's one-process executor: the batches on one device, without Ray (`recipes.attack.run_attack`
+runs the job around it). Images, labels and ids of a batch go to the attack's device together (the engine's
+device rule). The reference the Ray executor is measured against: same `Attack`, same record files."""
 from __future__ import annotations
 
-import time
-
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from ..results import records as results
-from ..method.attacks.modes import MODES
-from ..method.attacks import Attack, EnsembleAttack
 from ..config import AttackConfig
-from ..method.noise import ChainKeys, stream_seed
-from ..results.gallery import GalleryRow, write_gallery
-from ..results.report import describe
-from ..method.pixels import unit_range
-from ..store.data import Catalog, ImageSet, read_images, read_rows
-from ..method.defense import Purifier
 from ..method.devices import job_device
-from ..method.precision import PRECISIONS, set_arithmetic
-from ..method.memory import auto_chunk_size
-from ..store.released import load_classifier_as, load_ebm_as
-from ..progress import Progress
-from ..store.provenance import attack_settings
+from ..method.pixels import unit_range
+from ..results import records as results
+from ..recipes.attack import dtype_of
+from ..store.data import ImageSet, read_images
 
 
-def dtype_of(cfg: AttackConfig) -> torch.dtype:
-    """The dtype of images, chains and classifier (bf16 keeps them in float32: only the EBM autocasts)."""
-    return PRECISIONS[cfg.precision].dtype
+class OneProcess:
+    """Runs the driver's own attack batch by batch on `device` (auto: CUDA when present). No MLflow unless
+    `tracking` (a machine with one GPU often has none)."""
 
+    def __init__(self, device: str | torch.device = "auto", tracking: bool = False):
+        self.device, self.tracking = job_device(device), tracking
 
-def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu", gradient_ids=()) -> Attack | EnsembleAttack:
-    """Classifier, purifier and attack as the config says (weights loaded with weights_only=True).
+    def images(self, cfg: AttackConfig) -> ImageSet:
+        return read_images(cfg.data)
 
-    Also the pre-flight check: a missing file, a checkpoint of another architecture or for
-    another image size fails here, with a message naming it.
-    """
-    c, dtype = cfg.classifier, dtype_of(cfg)
-    set_arithmetic(device, cfg.precision)
-    clf = load_classifier_as(c)  # as classifier.format says
-    clf = clf.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # the chains' layout
-    purifier = None
-    if cfg.attack.defended:
-        n = cfg.ebm_net  # every data source here is RGB, as the classifiers are
-        ebm = (load_ebm_as(cfg.ebm, cfg.ebm_format, cfg.data.image_size, channels=3, activation=n.activation,
-                           soft_alpha=n.soft_alpha, soft_eps=n.soft_eps).to(device=device, dtype=dtype)
-               if cfg.ebm else None)
-        p = cfg.purify
-        purifier = Purifier(ebm, p.steps, p.step_size, p.noise, amp=PRECISIONS[cfg.precision].amp,
-                            init_noise=p.init_noise)
-    chunk = cfg.chunk_size
-    if chunk is None:  # an exact gradient's footprint grows with the chain length: the fixed default there
-        chunk = 1024 if any(MODES[m.mode].exact for m in cfg.attack.members()) else auto_chunk_size(
-            purifier, clf, (3, cfg.data.image_size, cfg.data.image_size), device, dtype)
-    kind = EnsembleAttack if cfg.attack.worst_case else Attack
-    return kind(clf, purifier, cfg.attack, seed=cfg.seed, chunk_size=chunk, gradient_ids=gradient_ids)
+    def run(self, cfg: AttackConfig, todo: ImageSet, settings: dict, attack, gradient_ids, on_batch,
+            reruns: int) -> None:
+        for batch in batches(todo, cfg.batch_size):
+            images = unit_range(batch.data, self.device).to(dtype_of(cfg))  # uint8 to the device, floats there
+            records = attack(images, batch.labels.to(self.device), batch.ids.to(self.device))
+            results.write_part(cfg.output, records, settings)
+            on_batch(len(records), sum(not r.robust for r in records))
 
 
 def batches(data: ImageSet, size: int):
     for i in range(0, len(data), size):
         yield data.take(torch.arange(i, min(i + size, len(data))))
-
-
-def pending(data: ImageSet, output: str, settings: dict) -> ImageSet:
-    """The images without a record under output (all of them on a first run); the records there must
-    have been written with the same settings."""
-    results.check_settings(output, settings)
-    done = results.done_ids(output)
-    keep = [k for k, i in enumerate(data.ids.tolist()) if i not in done]
-    return data.take(keep)
-
-
-def run_attack(cfg: AttackConfig, device: str = "auto", data: ImageSet | None = None, show: bool = True) -> dict:
-    """Attack every selected image without a record yet; returns the summary of all records."""
-    device = job_device(device)
-    data = data if data is not None else read_images(cfg.data)
-    attack = build_attack(cfg, device, sample_ids(data, cfg.report.gradient_check))
-    settings = attack_settings(cfg)
-    todo = pending(data, cfg.output, settings)
-    bar = Progress(len(data), f"attack:{cfg.attack.name}", start=len(data) - len(todo), enabled=show, unit="img")
-    t0, broken = time.time(), 0  # broken: this run's images, counted across batches
-    for batch in batches(todo, cfg.batch_size):
-        images = unit_range(batch.data, device).to(dtype_of(cfg))  # uint8 to the device, floats there
-        records = attack(images, batch.labels.to(device), batch.ids.to(device))
-        results.write_part(cfg.output, records, settings)
-        broken += sum(not r.robust for r in records)
-        bar.update(len(records), broken=broken)
-    bar.close()
-    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(todo.ids.tolist()))
-    draw_gallery(cfg, data, device, attack)
-    return summary
-
-
-def sample_ids(data, n: int) -> list[int]:
-    """The first `n` images of the run by id (a gallery's, a gradient check's): two runs on a selection compare."""
-    return sorted(data.ids.tolist())[:n]
-
-
-def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu",
-                 attack: Attack | EnsembleAttack | None = None) -> str | None:
-    """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing.
-    `attack`: the run's own, when the caller holds it (else built here, as the config says)."""
-    rows = gallery_rows(cfg, data, device, attack) if cfg.report.gallery else []
-    system, attack_label = describe({"config": cfg.model_dump(mode="json")})
-    return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
-
-
-def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu",
-                 attack: Attack | EnsembleAttack | None = None) -> list[GalleryRow]:
-    """The gallery's rows, from the records and the run's own keyed chains (a check's replicate 0: at point 0 for the
-    clean image, at the record's adv_point for the adversarial one; the seed of the run that judged it, for an
-    ensemble or restarts): no new randomness."""
-    n = cfg.report.gallery
-    data = data if data is not None else read_images(cfg.data)
-    ids = sample_ids(data, n)
-    table = results.read_records(cfg.output)
-    table = table.filter(pc.is_in(table.column("index"), pa.array(ids, type=pa.int64())))
-    rows = table.to_pylist()
-    if not rows:
-        return []
-    if isinstance(data, Catalog):
-        data = read_rows(data, cfg.data.image_size)
-    where = {i: k for k, i in enumerate(data.ids.tolist())}
-    clean = data.floats([where[r["index"]] for r in rows]).to(dtype_of(cfg))
-    attack, a = attack if attack is not None else build_attack(cfg, device), cfg.attack
-    defense = attack.defense
-    out = []
-    for k, r in enumerate(rows):
-        adv = torch.tensor(r["adv_image"], dtype=clean.dtype).reshape(r["image_shape"])
-        chains = lambda broke: (a.eot_defense or a.eot_attack) if broke else a.eot_attack  # noqa: E731
-        natural = (r["natural_defense_pred"], _share(r.get("natural_votes"), a.eot_defense or a.eot_attack))
-        final = (r["final_pred"], _share(r.get("final_votes"), chains(r["broken_at"] >= 0)))
-        purified = preds = None
-        if defense is not None:
-            x = torch.stack([clean[k], adv]).to(device)
-            ident = torch.tensor([r["index"]] * 2, device=device)
-            seeds = (cfg.seed, _judging_seed(cfg, r))
-            calls = (0, 2 * adv_point(r)) if adv_point(r) is not None else (0, None)  # unknown: no chain of its own
-            purified = torch.cat([defense.purifier(x[j:j + 1], ChainKeys(seeds[j], ident[j:j + 1], ident[:1] * 0,
-                                                                         calls[j] if calls[j] is not None else 0))
-                                  for j in (0, 1)])
-            with torch.no_grad():
-                preds = tuple(defense.classifier(purified).argmax(1).tolist())
-            purified = purified.float().cpu().numpy()
-            if calls[1] is None:
-                purified[1], preds = float("nan"), (preds[0], -1)
-        out.append(GalleryRow(r["index"], r["label"], clean[k].float().numpy(), adv.float().numpy(),
-                              adv_point(r) if adv_point(r) is not None else -1, r["broken_at"], natural, final,
-                              None if purified is None else purified[0],
-                              None if purified is None or calls[1] is None else purified[1], preds))
-    return out
-
-
-def adv_point(record: dict) -> int | None:
-    """The point of a record's adversarial image: recorded, or for records written before, the break's (an image
-    never broken then had its last or most adversarial iterate: unknown)."""
-    if record.get("adv_point") is not None:
-        return record["adv_point"]
-    return record["broken_at"] if record["broken_at"] >= 0 else None
-
-
-def _share(votes, chains: int) -> float | None:
-    return None if not votes or votes[0] is None or votes[0] < 0 else votes[0] / chains
-
-
-def _judging_seed(cfg: AttackConfig, record: dict) -> int:
-    """The seed of the run whose keys judged the record's adversarial image (ensemble member k, restart r)."""
-    a = cfg.attack
-    if not a.worst_case:
-        return cfg.seed
-    members = len(a.members())
-    k, r = record.get("broken_by", -1), record.get("broken_restart", -1)
-    if k < 0:  # never broken: the last run's image
-        k, r = members - 1, a.restarts - 1
-    return stream_seed(cfg.seed, 0 if a.ensemble_keys == "paired" else k, r)

@@ -28,6 +28,7 @@ from ..method.training import (METRICS, EBMIteration, LocalBank, check_sizes, cl
                                new_classifier, new_ebm, run_classifier, run_ebm, time_split)
 from ..results.card import write_card
 from ..results.report import image_grid_png
+from ..recipes.training import preflight_classifier, preflight_ebm
 from ..store import storage
 from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, load_bank, load_checkpoint,
                                  load_classifier_training, save_bank, save_checkpoint, save_classifier,
@@ -64,8 +65,8 @@ class LocalTraining:
         self.ebm = new_ebm(cfg).to(device)
         shape = tuple(data.data.shape[1:])
         self.bank = ImageBank(cfg.bank_size or len(data), shape, cfg.bank_init, cfg.seed, data.data)
-        self.loop = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, device), len(data),
-                                 shape, len(self.bank), device=device)
+        self.ebm_iteration = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, device),
+                                          len(data), shape, len(self.bank), device=device)
         self.history = {"iteration": [], **{k: [] for k in METRICS}, "bank_energy": []}
         self.sessions: list[dict] = []
         self.t0, self.saved_at = started or time.monotonic(), None  # the session's minutes count from t0
@@ -76,18 +77,18 @@ class LocalTraining:
         if resume is not None:
             self._resume(resume, resume_bank)
 
-    iteration = property(lambda self: self.loop.iteration)
-    phase = property(lambda self: self.loop.phase)
-    optimizer = property(lambda self: self.loop.optimizer)
+    iteration = property(lambda self: self.ebm_iteration.iteration)
+    phase = property(lambda self: self.ebm_iteration.phase)
+    optimizer = property(lambda self: self.ebm_iteration.optimizer)
 
     def step(self) -> dict:
-        return self.loop.step()
+        return self.ebm_iteration.step()
 
     def _resume(self, state: dict, bank_folder: str | None) -> None:
         cfg, tr, it = self.cfg, state["training"], state["iteration"]
         check_fingerprint(tr["fingerprint"], self.fingerprint, "the checkpoint")
         self.ebm.load_state_dict(state["state_dict"])
-        self.loop.resume(it, tr["phase"], tr["optimizer"])
+        self.ebm_iteration.resume(it, tr["phase"], tr["optimizer"])
         self.history, self.sessions = copy.deepcopy(tr["history"]), copy.deepcopy(tr["sessions"])
         for k in METRICS:  # a history written before a metric was logged: gaps for the earlier windows
             self.history.setdefault(k, [math.nan] * len(self.history["iteration"]))
@@ -120,7 +121,7 @@ class LocalTraining:
     def run(self, iterations: int, deadline: float = float("inf"), show: bool = True, name: str = "train-ebm") -> dict:
         """Train to `iterations`, or until the next iteration and the final save would pass `deadline`
         (time.monotonic()); checkpoints every `checkpoint_every` iterations and at the end."""
-        loop, start_it, t_train = self.loop, self.loop.iteration, time.monotonic()
+        loop, start_it, t_train = self.ebm_iteration, self.iteration, time.monotonic()
         bar = Progress(iterations, name, start=start_it, enabled=show, every=20.0 if self.card else 60.0)
         pace = {"per_it": 0.0, "save": 15.0 if self.out else 0.0}
 
@@ -157,7 +158,7 @@ class LocalTraining:
 
     def save(self, trained: int, train_seconds: float) -> None:
         """The checkpoint (and the bank, the sample grid and the card, as asked) into `out`, each file atomically."""
-        it = self.saved_at = self.loop.iteration
+        it = self.saved_at = self.iteration
         self.history["bank_energy"].append({"iteration": it, **energy_stats(self.ebm, self.bank.states, self.device, 1000)})
         self.record.update(end_iteration=it, seconds=time.monotonic() - self.t0, train_seconds=train_seconds,
                            iterations_per_second=trained / train_seconds if trained else None)
@@ -168,7 +169,7 @@ class LocalTraining:
             self.record["grid"] = grid
         if self.keep_bank:  # before ckpt.pt: a checkpoint never names a bank that is not there yet
             save_bank(self.bank, bank_part(self.out, 0))
-        state = save_checkpoint(self.out, self.ebm, it, self.loop.phase, self.loop.optimizer, self.fingerprint,
+        state = save_checkpoint(self.out, self.ebm, it, self.phase, self.optimizer, self.fingerprint,
                                 to_yaml(self.cfg), self.history, [*self.sessions, dict(self.record)])
         if self.card:
             write_card(self.out, state)
@@ -181,6 +182,7 @@ def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = 
     """Train to cfg.iterations in this process, checkpointing (with the bank) to cfg.output; a rerun with the
     same output continues from the checkpoint found there, exactly."""
     data = data if data is not None else read_images(cfg.data)
+    preflight_ebm(cfg, data, tracking=False)
     ckpt = storage.join(cfg.output, CKPT)
     state = load_checkpoint(ckpt) if storage.exists(ckpt) else None
     run = LocalTraining(cfg, data, cfg.output, device, state, cfg.output, keep_bank=True, log=lambda _: None)
@@ -192,6 +194,7 @@ def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool
     """Natural training (paper: SGD momentum 0.9, wd 2e-4, batch 100, lr 0.1 -> 0.01 -> 0.001), resumable per epoch."""
     data = read_images(cfg.data)
     test = read_images(cfg.test_data) if cfg.test_data is not None else None
+    preflight_classifier(cfg, data, test, tracking=False)
     clf = new_classifier(cfg).to(device)
     opt, sched = classifier_optimizer(cfg, clf)
     epoch, history = load_classifier_training(cfg.output, clf, opt, sched)
@@ -206,3 +209,4 @@ def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool
                    device=device, test=test, on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch)
     bar.close()
     return {"classifier": clf.eval(), "history": history}
+o

@@ -1,7 +1,7 @@
 """The gallery of an attack run (`gallery.png`): for its first images by id, one row each: the clean image, the
 adversarial image, the perturbation (scaled to be seen, the scale printed), one purified chain of each, and under
 every picture the defended prediction with the share of the chains that voted for it, or the classifier's
-prediction of that one purified chain. The pictures are computed by the caller (local/attack.py `gallery_rows`)
+prediction of that one purified chain. The pictures are computed by the caller (recipes/attack.py `gallery_rows`)
 from the run's own keyed chains; this module only draws them."""
 from __future__ import annotations
 
