@@ -101,7 +101,6 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
                                override_num_blocks=-(-len(todo) // cfg.batch_size))
 
 
-t
 def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple[int, float, float, Plan]:
     """(actors, cpus, gpus per actor, the device plan): `ray.gpus_per_actor` GPUs each (null: one where the cluster
     has or can add GPUs, devices.py), else `cpus_per_actor` CPUs; as many actors as the cluster holds unless

@@ -209,4 +209,3 @@ def train_classifier(cfg: TrainClassifierConfig, device: str = "cpu", show: bool
                    device=device, test=test, on_step=lambda m: bar.update(1, loss=m["loss"]), on_epoch=on_epoch)
     bar.close()
     return {"classifier": clf.eval(), "history": history}
-o
