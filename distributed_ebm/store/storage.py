@@ -53,8 +53,12 @@ def join(url: str, *parts: str) -> str:
 
 
 def exists(url: str) -> bool:
+    """Asks the store now: s3fs answers from a listing it cached earlier, which misses what other processes (a Ray
+    worker on another node) wrote since."""
     fs, path = filesystem(url)
     with reaching(url):
+        if not isinstance(fs, LocalFileSystem):
+            fs.invalidate_cache(path)
         return fs.exists(path)
 
 
@@ -94,8 +98,17 @@ def check_destination(url: str, what: str, folder: bool = False) -> None:
         parent = os.path.dirname(parent)
     if parent != os.path.abspath(path) and not os.path.isdir(parent):
         raise InputError(f"{what} {url}: {parent} is a file, so nothing can be written under it")
-    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {url}: {parent} is not writable")
+    # the folder made and a file written in it and removed: os.access says yes to root everywhere (/proc, read-only
+    # mounts), and only a write shows a full disk or a quota
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(where, f".debm-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(where, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{what} {url}: nothing can be written in {where} ({err.strerror or err})") from None
 
 
 _UMASK = os.umask(0o022)  # read once, at import (setting it is the only way to read it), and put back
