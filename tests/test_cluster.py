@@ -195,3 +195,124 @@ def test_devices_follow_the_request_and_the_autoscalers_node_types():
         plan(1.0, "ray.use_gpu", head_only, None)
     with pytest.raises(InputError, match="its autoscaler has no node type that could"):
         plan(2.0, "ray.gpus_per_actor", with_gpu, types)
+
+
+def test_an_autoscaler_that_does_not_say_what_it_can_add_is_waited_for_when_gpus_are_named():
+    """KubeRay's head has no launcher config: its autoscaler runs (found through the GCS) without naming its node
+    types. A job that names its GPUs waits for them (bounded) instead of refusing; `auto` stays on the CPU."""
+    from distributed_ebm.distributed.devices import plan
+
+    named = plan(1.0, "ray.gpus_per_actor", [{"CPU": 4.0}], None, grows=True)
+    assert (named.gpus, named.waits) == (1.0, True) and "does not say what it can add" in named.where
+    auto = plan(None, "ray.use_gpu", [{"CPU": 4.0}], None, grows=True)
+    assert auto.gpus == 0.0 and "name ray.use_gpu to wait for one" in auto.where
+
+
+def test_requests_no_node_and_no_node_type_can_hold_are_refused_naming_the_field():
+    from distributed_ebm.distributed.devices import Capacity, check_fits, type_limits
+    from distributed_ebm.errors import InputError
+
+    keys = {"CPU": "ray.cpus_per_actor", "GPU": "ray.gpus_per_actor"}
+    aws = Capacity([{"CPU": 8.0}], type_limits(str(CLUSTER / "aws.yaml")), True)
+    gpu_types = [t for t, _ in aws.types if t.get("GPU")]
+    check_fits({"CPU": 1.0, "GPU": 1.0}, keys, aws)  # a GPU node type holds it
+    biggest_type = max(t.get("CPU", 0.0) for t, _ in aws.types)
+    with pytest.raises(InputError) as err:
+        check_fits({"CPU": 64.0, "GPU": 0.0}, keys, aws)
+    assert str(err.value) == (f"ray.cpus_per_actor = 64: no node of this cluster can provide 64 CPU (the largest alive "
+                              f"node has 8, the autoscaler's largest node type {biggest_type:g})")
+    with pytest.raises(InputError, match=r"^ray.cpus_per_actor = 8: no node of this cluster can provide 8 CPU together "
+                                         r"with ray.gpus_per_actor = 1 "):
+        check_fits({"CPU": 8.0, "GPU": 1.0}, keys, aws)  # the head has 8 CPUs, a GPU node fewer
+    most = sum(n for t, n in aws.types if t.get("GPU"))
+    with pytest.raises(InputError, match=rf"^ray.workers = {most + 1}: this cluster can hold at most {most} of them "):
+        check_fits({"CPU": 1.0, "GPU": 1.0}, keys, aws, count=most + 1, count_key="ray.workers")
+    assert gpu_types
+    fixed = Capacity([{"CPU": 2.0}], None, False)
+    with pytest.raises(InputError, match=r"^ray.workers = 4: this cluster can hold at most 2 of them \(1 CPU each, its "
+                                         r"alive nodes, and it has no autoscaler\)$"):
+        check_fits({"CPU": 1.0, "GPU": 0.0}, {"CPU": "ray.cpus_per_worker"}, fixed, count=4, count_key="ray.workers")
+    # an autoscaler that does not say what it can add: trusted (the job waits, bounded)
+    check_fits({"CPU": 64.0, "GPU": 8.0}, keys, Capacity([{"CPU": 2.0}], None, True), count=100, count_key="ray.workers")
+
+
+def test_local_outputs_and_file_tracking_stores_are_refused_where_work_runs_on_other_nodes(monkeypatch):
+    """On a cluster of one node at start whose autoscaler may add more, as on one of several nodes."""
+    import ray
+
+    from distributed_ebm.distributed import cluster, ray_private
+    from distributed_ebm.errors import InputError
+
+    nodes = [{"Alive": True}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    grows = []
+    monkeypatch.setattr(ray_private, "autoscaler_runs", lambda: bool(grows))
+    cluster.check_one_storage("/tmp/out", "output", False)  # one node, fixed
+    cluster.check_tracking_reach("sqlite:////tmp/m.db", False)
+    grows.append(True)
+    with pytest.raises(InputError, match=r"^output /tmp/out is a local path but the cluster's autoscaler may add nodes"):
+        cluster.check_one_storage("/tmp/out", "output", False)
+    with pytest.raises(InputError, match=r"^mlflow.tracking_uri sqlite:////tmp/m.db is a file on the driver's disk but "
+                                         r"the cluster's autoscaler may add nodes"):
+        cluster.check_tracking_reach("sqlite:////tmp/m.db", False)
+    cluster.check_one_storage("s3://b/out", "output", False)
+    cluster.check_one_storage("/tmp/out", "output", True)  # the user vouches for a shared filesystem
+    cluster.check_tracking_reach("http://mlflow:5000", False)
+    grows.clear()
+    nodes.append({"Alive": True})
+    with pytest.raises(InputError, match=r"^mlflow.tracking_uri file:///tmp/mlruns is a file on the driver's disk but "
+                                         r"the cluster has 2 nodes"):
+        cluster.check_tracking_reach("file:///tmp/mlruns", False)
+
+
+def test_a_workers_mlflow_outage_costs_metrics_never_the_run(capsys):
+    from distributed_ebm.distributed.ray_train import SafeLogger
+
+    calls = []
+
+    class Down:
+        def metrics(self, values, step):
+            calls.append(step)
+            raise ConnectionError("mlflow is down\nmore")
+
+        def file(self, name, data, folder=None):
+            raise OSError("no space")
+
+    logger = SafeLogger(Down)
+    for step in range(3):
+        logger.metrics({"loss": 1.0}, step)
+    logger.file("x.png", b"", "samples")
+    assert calls == [0, 1, 2]  # each one still tried
+    err = capsys.readouterr().err
+    assert err.count("mlflow: logging failed") == 1 and "(ConnectionError: mlflow is down);" in err
+    unreachable = SafeLogger(lambda: (_ for _ in ()).throw(ConnectionError("no server")))
+    unreachable.metrics({"loss": 1.0}, 0)  # made nothing, logs nothing, raises nothing
+
+
+def test_the_output_preflight_writes_to_know(tmp_path):
+    """os.access answers yes to root everywhere: the preflight writes a file and removes it."""
+    from distributed_ebm.errors import InputError
+    from distributed_ebm.store.storage import check_destination
+
+    with pytest.raises(InputError, match=r"^output /proc/x: nothing can be written in /proc/x"):
+        check_destination("/proc/x", "output", folder=True)
+    with pytest.raises(InputError, match=r"^--plot /proc/x/p.png: nothing can be written in /proc/x"):
+        check_destination("/proc/x/p.png", "--plot")
+    check_destination(str(tmp_path / "a" / "b"), "output", folder=True)
+    assert os.listdir(tmp_path / "a" / "b") == []  # the folder made, the probe gone
+
+
+def test_the_driver_sees_an_object_another_process_wrote_after_it_listed_the_folder(s3_bucket):
+    """s3fs caches a folder's listing: the driver's `exists(diverged.txt)` after a training run answered from the
+    listing made before it, which lacked the file a worker wrote."""
+    import boto3
+
+    from distributed_ebm.store import storage
+
+    folder = f"{s3_bucket}/listed"
+    storage.write_bytes(f"{folder}/a.txt", b"a")
+    fs, path = storage.filesystem(folder)
+    fs.ls(path)  # the listing, cached
+    assert not storage.exists(f"{folder}/diverged.txt")
+    boto3.client("s3").put_object(Bucket=s3_bucket.removeprefix("s3://"), Key="listed/diverged.txt", Body=b"x")
+    assert storage.exists(f"{folder}/diverged.txt")

@@ -138,7 +138,15 @@ class ClassifierConfig(Section):
                                                                description="input normalization's std; null = the arch's own")
 
 
-class RayConfig(Section):
+class Provisioning(Section):
+    """What every Ray job shares about nodes an autoscaler adds (one place for RayConfig and TrainRayConfig)."""
+
+    provision_timeout_s: float = Field(900.0, gt=0, le=86_400, description="on a cluster with an autoscaler: how "
+                                       "long a job waits for the nodes its workers or actors need to be added (a GPU "
+                                       "node boots in minutes) before it fails")
+
+
+class RayConfig(Provisioning):
     """Where the Ray engine runs and what each actor asks for."""
 
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
@@ -161,7 +169,7 @@ class MLflowConfig(Section):
     run_name: Optional[str] = None
 
 
-class TrainRayConfig(Section):
+class TrainRayConfig(Provisioning):
     """A Ray Train run: DDP workers, their resources, failures tolerated, checkpoints kept."""
 
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")

@@ -38,7 +38,7 @@ from ..store.progress import Progress
 from ..store.provenance import attack_settings
 from ..results.report import log_attack
 from .cluster import available, check_one_storage, connect
-from .devices import Plan, cluster_plan
+from .devices import Plan, cluster_plan, ready
 from .ray_private import stop_own_actors, unserializable_lost
 
 
@@ -116,6 +116,8 @@ def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple
     has or can add GPUs, devices.py), else `cpus_per_actor` CPUs; as many actors as the cluster holds unless
     `ray.actors` names them; `fitting`: no more than the free resources hold (after a lost node)."""
     devices = cluster_plan(cfg.ray.gpus_per_actor, "ray.gpus_per_actor")
+    ready(cfg.ray.cpus_per_actor, devices.gpus, {"CPU": "ray.cpus_per_actor", "GPU": "ray.gpus_per_actor"},
+          cfg.ray.provision_timeout_s, "attack")  # what no node can hold refused, nodes being added waited for
     gpus, cpus = devices.gpus, cfg.ray.cpus_per_actor
     fit = int(available("GPU") // gpus) if gpus else int(available("CPU") // cpus)
     actors = cfg.ray.actors or max(1, fit)

@@ -91,18 +91,43 @@ def available(resource: str) -> float:
     return float(ray.cluster_resources().get(resource, 0.0))
 
 
-def check_one_storage(url: str, what: str, shared_filesystem: bool) -> None:
-    """A local `url` on a cluster of several nodes fails with one line: bank shards, workers and actors on other
-    nodes would each write their part to their own disk, and the driver (and a resume) would find part of the run.
-    An object store (s3://...) is one storage for every node; so is a local path the user vouches for."""
+def _many_nodes() -> str:
+    """Why work may run on another node than the driver's ("" where it cannot): several alive nodes, or an
+    autoscaler that may add some (a cluster of one head node at start grows)."""
     import ray
 
+    from .ray_private import autoscaler_runs
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        return f"the cluster has {nodes} nodes"
+    return "the cluster's autoscaler may add nodes" if autoscaler_runs() else ""
+
+
+def check_one_storage(url: str, what: str, shared_filesystem: bool) -> None:
+    """A local `url` on a cluster of several nodes, or one that can grow, fails with one line: bank shards, workers
+    and actors on other nodes would each write their part to their own disk, and the driver (and a resume) would
+    find part of the run. An object store (s3://...) is one storage for every node; so is a local path the user
+    vouches for."""
     from ..store.storage import is_local
 
     if shared_filesystem or not is_local(url):
         return
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes > 1:
-        raise InputError(f"{what} {url} is a local path but the cluster has {nodes} nodes, each of which would write "
+    why = _many_nodes()
+    if why:
+        raise InputError(f"{what} {url} is a local path but {why}, each of which would write "
                          "to its own disk: use an object store (s3://...), or set ray.shared_filesystem=true if every "
                          "node mounts this path")
+
+
+def check_tracking_reach(uri: str, shared_filesystem: bool) -> None:
+    """A file-based MLflow store (sqlite:, file:, a path) that the driver resolved is opened by rank 0 or a Tune
+    trial on whichever node it runs: on a cluster of several nodes, or one that can grow, that is another disk's
+    store (or none). Refused with one line, as local outputs are."""
+    if shared_filesystem or uri.startswith(("http://", "https://", "databricks")):
+        return
+    why = _many_nodes()
+    if why:
+        raise InputError(f"mlflow.tracking_uri {uri} is a file on the driver's disk but {why}, where workers would "
+                         "open a store of their own: use an MLflow server (http://HOST:PORT), or set "
+                         "ray.shared_filesystem=true if every node mounts its path")

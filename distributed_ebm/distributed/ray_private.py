@@ -5,6 +5,10 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
   debugging guide; its name is held in a private module) and the two errors it raises when the workers cannot be
   placed in time (no public class);
 - the session's logs folder, for the first line of every job (no public accessor);
+- whether an autoscaler runs: the v2 autoscaler reports to the GCS (public: ray.autoscaler.v2.sdk), the v1 monitor
+  (the cluster launcher's, KubeRay's by default) only leaves its status in the GCS's internal key-value store, and
+  runs on every cluster: without an autoscaling config it names each node's type after the node itself
+  (`node_<id>`, ray.autoscaler._private.util.format_readonly_node_type), and adds none;
 - the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
 - the actors a failed Ray Data pass leaves alive, stopped by id: Ray Data stops them only by dropping its references,
   and gives no handle to them; under load a survivor has kept its CPU for minutes after its pass failed (the GCS's
@@ -41,6 +45,34 @@ def logs_dir() -> str:
         return _global_node.get_logs_dir_path()
     except Exception:  # noqa: BLE001 - a missing internal must not fail a job: the default place
         return "/tmp/ray/session_latest/logs"
+
+
+AUTOSCALING_STATUS_KEY = b"__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS
+
+
+def autoscaler_runs() -> bool:
+    """Whether an autoscaler that can add nodes serves the connected cluster: the v2 autoscaler has reported its
+    state to the GCS, or the v1 monitor's status there names node types of a config (not one per node). False until
+    the monitor's first report, seconds after the head starts."""
+    import ray
+
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        if get_cluster_status(ray.get_runtime_context().gcs_address).stats.autoscaler_version not in (None, "", "0"):
+            return True
+    except Exception:  # noqa: BLE001 - an older GCS without the call: ask the v1 status below
+        pass
+    try:
+        import json
+
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = json.loads(_internal_kv_get(AUTOSCALING_STATUS_KEY) or b"{}")
+        mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        return any(kind != f"node_{node}" for node, kind in mapping.items())
+    except Exception:  # noqa: BLE001 - unknown: as without one (the job fails at once instead of waiting)
+        return False
 
 
 def stop_own_actors(class_name: str) -> int:
