@@ -84,15 +84,18 @@ def test_launcher_config_shape():
     assert gpu and all(t["min_workers"] == 0 < t["max_workers"] <= config["max_workers"] for t in gpu)
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values()), "S3 through instance profiles"
     assert config["provider"]["type"] == "aws" and config["provider"]["region"]
-    # the project installed on every node from the copy file_mounts puts there
-    (project,) = [remote for remote, local in config["file_mounts"].items() if local == "."]
-    assert any("pip install" in c and project in c for c in config["setup_commands"])
+    # nothing installed at boot: every node runs the image baked from cluster/Dockerfile (Ray's pin, the project),
+    # the one the KubeRay pods run
+    commands = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                            "worker_setup_commands") for c in config[k]]
+    assert not any("pip install" in c for c in commands), commands
     assert config["rsync_filter"] == [".gitignore"]
-    # Ray's version everywhere is the project's pin; token auth with the token shipped to every node
-    pin = _ray_pin()
+    raycluster, _, _ = _manifests()
+    (image,) = {c["image"] for c in _containers(raycluster["spec"])}
     docker = config["docker"]
-    assert docker["head_image"].startswith(f"rayproject/ray:{pin}-") and docker["worker_image"].startswith(f"rayproject/ray:{pin}-")
-    assert docker["worker_image"].endswith("-gpu")
+    assert docker["head_image"] == docker["worker_image"] == image
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(_ray_pin())}-py3\d+-gpu$", (CLUSTER / "Dockerfile").read_text(),
+                     re.M)
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
@@ -316,3 +319,110 @@ def test_the_driver_sees_an_object_another_process_wrote_after_it_listed_the_fol
     assert not storage.exists(f"{folder}/diverged.txt")
     boto3.client("s3").put_object(Bucket=s3_bucket.removeprefix("s3://"), Key="listed/diverged.txt", Body=b"x")
     assert storage.exists(f"{folder}/diverged.txt")
+
+
+# --- the shipped configs against the clusters they are shipped for ----------------------------------
+
+def _kuberay_capacity(spec: dict):
+    """The head pod as the alive node, each worker group as a node type (its pod's CPUs and GPUs, maxReplicas)."""
+    from distributed_ebm.distributed.devices import Capacity
+
+    def resources(group: dict) -> dict:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        params = group.get("rayStartParams") or {}
+        return {"CPU": float(params.get("num-cpus", limits["cpu"])),
+                "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+    return Capacity([resources(spec["headGroupSpec"])],
+                    [(resources(g), int(g["maxReplicas"])) for g in spec["workerGroupSpecs"]], True)
+
+
+def _launcher_capacity():
+    from distributed_ebm.distributed.devices import Capacity, type_limits
+
+    config = _launcher()
+    head = config["available_node_types"][config["head_node_type"]]["resources"]
+    return Capacity([{k: float(v) for k, v in head.items()}], type_limits(str(CLUSTER / "aws.yaml")), True)
+
+
+def _job_configs():
+    """Every shipped job config, read as its job reads it (DEBM_SHARED as on the clusters)."""
+    from distributed_ebm.config import (QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
+                                        TunePurificationConfig, TuneTrainingConfig)
+
+    kinds = [("attack_", AttackConfig), ("train_ebm", TrainEBMConfig), ("train_classifier", TrainClassifierConfig),
+             ("tune_purification", TunePurificationConfig), ("tune_training", TuneTrainingConfig),
+             ("quickstart", QuickstartConfig)]
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        (cls,) = [c for prefix, c in kinds if path.name.startswith(prefix)]
+        yield path, load_config(cls, path, [])
+
+
+def _requests(cfg, where: str = ""):
+    """(bundle per worker or actor, keys, count, count key) of every Ray section of a config, nested ones too."""
+    from pydantic import BaseModel
+
+    from distributed_ebm.config.common import RayConfig, TrainRayConfig
+
+    for name, value in cfg:
+        key = f"{where}{name}"
+        if isinstance(value, TrainRayConfig):
+            gpus = 1.0 if value.use_gpu else 0.0
+            yield ({"CPU": value.cpus_per_worker, "GPU": gpus},
+                   {"CPU": f"{key}.cpus_per_worker", "GPU": f"{key}.use_gpu"}, value.workers, f"{key}.workers")
+        elif isinstance(value, RayConfig):
+            yield ({"CPU": value.cpus_per_actor, "GPU": value.gpus_per_actor or 0.0},
+                   {"CPU": f"{key}.cpus_per_actor", "GPU": f"{key}.gpus_per_actor"}, value.actors or 1,
+                   f"{key}.actors")
+        elif isinstance(value, BaseModel):
+            yield from _requests(value, f"{key}.")
+
+
+def test_every_shipped_job_config_fits_every_shipped_cluster_and_they_reach_32_gpus():
+    """What a config asks of each worker or actor (CPUs, GPUs) fits a node type of cluster/aws.yaml and a pod of
+    cluster/kuberay/ (before: train_ebm_cifar10 asked 4 CPUs of GPU pods that have 3), as many as it names; the
+    RayJob's own entrypoint too; and each cluster grows to 32 GPUs."""
+    from distributed_ebm.distributed.devices import check_fits
+
+    raycluster, _, rayjob = _manifests()
+    clusters = {"aws.yaml": _launcher_capacity(), "raycluster.yaml": _kuberay_capacity(raycluster["spec"]),
+                "rayjob.yaml": _kuberay_capacity(rayjob["spec"]["rayClusterSpec"])}
+    for name, cap in clusters.items():
+        assert sum(t.get("GPU", 0.0) * n for t, n in cap.types) >= 32, name
+    old = os.environ.get("DEBM_SHARED")
+    os.environ["DEBM_SHARED"] = "s3://bucket/shared"
+    try:
+        configs = list(_job_configs())
+        _, _, _, config, *overrides = shlex.split(rayjob["spec"]["entrypoint"])
+        configs.append(("rayjob entrypoint", load_config(AttackConfig, REPO / config, overrides)))
+    finally:
+        if old is None:
+            os.environ.pop("DEBM_SHARED")
+        else:
+            os.environ["DEBM_SHARED"] = old
+    checked = 0
+    for path, cfg in configs:
+        for bundle, keys, count, count_key in _requests(cfg):
+            for name, cap in clusters.items():
+                try:
+                    check_fits(bundle, keys, cap, count, count_key)
+                except Exception as err:
+                    raise AssertionError(f"{path} on {name}: {err}") from None
+                checked += 1
+    assert checked >= 3 * len(configs)
+
+
+@pytest.mark.parametrize("cpus, named", [(4.0, "ray.cpus_per_worker = 4"), (1.0, None)])
+def test_the_fit_check_sees_a_config_asking_more_than_a_gpu_pod_has(cpus, named):
+    """The check above can fail: 4 CPUs per GPU worker on KubeRay's 3-CPU GPU pods (the head has 4, no GPU)."""
+    from distributed_ebm.distributed.devices import check_fits
+    from distributed_ebm.errors import InputError
+
+    raycluster, _, _ = _manifests()
+    cap = _kuberay_capacity(raycluster["spec"])
+    keys = {"CPU": "ray.cpus_per_worker", "GPU": "ray.use_gpu"}
+    if named is None:
+        check_fits({"CPU": cpus, "GPU": 1.0}, keys, cap, 1, "ray.workers")
+        return
+    with pytest.raises(InputError, match=named):
+        check_fits({"CPU": cpus, "GPU": 1.0}, keys, cap, 1, "ray.workers")
