@@ -33,6 +33,15 @@ def _set_by_job() -> set[str]:
         return set()
 
 
+SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
+
+
+def secret(name: str) -> bool:
+    """Whether a variable holds a credential (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD,
+    ...): nodes get theirs from their instance role or service account (docs/cluster.md), not from the driver."""
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
 def target(address: str | None) -> tuple[str, str]:
     """(address for ray.init, where it came from): the configured one, RAY_ADDRESS, or "local"."""
     if address:
@@ -56,7 +65,8 @@ def probe(address: str, source: str, timeout_s: float = CONNECT_TIMEOUT_S) -> No
 
 
 def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
-    """ray.init once per process; environment variables (AWS_*, MLFLOW_*) reach the workers.
+    """ray.init once per process; environment variables (AWS_*, MLFLOW_*, DEBM_*) reach the workers, never a
+    secret (`secret`): a job's runtime env is stored in the GCS and shown by the dashboard and `ray job` commands.
     The workers' and Ray's own output stays in Ray's log files unless DEBM_VERBOSE=1 (`--verbose`):
     the driver prints one progress line per job."""
     import ray
@@ -75,7 +85,7 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
             probe(where, source, timeout_s)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print once, not twice
         by_job = _set_by_job()
-        forward = {k: v for k, v in os.environ.items() if k not in by_job and
+        forward = {k: v for k, v in os.environ.items() if k not in by_job and not secret(k) and
                    (k.startswith(("AWS_", "MLFLOW_", "DEBM_")) or k in ("OMP_NUM_THREADS", "RAY_TRAIN_ENABLE_PRINT_PATCH"))}
         ray.init(address=where, runtime_env={"env_vars": forward} if forward else None,
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
