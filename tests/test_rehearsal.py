@@ -144,6 +144,10 @@ def rehearsed(cluster, s3_bucket, tmp_path_factory):
         ("bounded", unknown, [*PGD, address, shared, "ray.gpus_per_actor=4", "ray.provision_timeout_s=3",
                               f"output={out}/b"]),
         ("gpu_attack", unknown, [*PGD, address, shared, "ray.gpus_per_actor=1", "ray.actors=1", f"output={out}/g"]),
+        ("gpu_training", {**unknown, "DEBM_REHEARSAL_CPU": "1"},
+         [*TRAIN, address, shared, "ray.workers=2", "ray.use_gpu=true", "batch_size=8", "bank_size=32",
+          "ebm.width=4", "langevin.steps=2", "checkpoint_every=1", "log_every=1", "mlflow.enabled=false",
+          f"output={out}/gt"]),
     ]
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], cwd=REPO, capture_output=True,
                           text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -210,3 +214,14 @@ def test_driver_local_stores_are_refused_on_a_cluster_that_can_grow(rehearsed):
     assert rehearsed["sqlite"][0] == 2 and last_line(rehearsed["sqlite"]).startswith(
         f"debm train-ebm: mlflow.tracking_uri {rehearsed['uri']} is a file on the driver's disk but the cluster's "
         "autoscaler may add nodes"), rehearsed["sqlite"]
+
+
+def test_training_with_two_gpu_workers_waits_for_their_nodes_and_trains(rehearsed):
+    """From one GPU node (the attack's) to two: training waits for the second instead of failing after
+    ray.startup_timeout_s (its workers hold logical GPUs and train on the CPU: DEBM_REHEARSAL_CPU=1)."""
+    rc, _, err = rehearsed["gpu_training"]
+    assert rc == 0, err[-3000:]
+    assert "ebm-cpu: 2 Ray Train worker(s) on GPU (1 GPU each" in err, err[-3000:]
+    assert "ebm-cpu: waiting up to ray.provision_timeout_s = 900 s for the autoscaler to add nodes for 2 x (1 CPU, " \
+           "1 GPU)" in err, err[-3000:]
+    assert (rehearsed["out"] / "gt" / "ebm-cpu" / "ebm.pt").exists()

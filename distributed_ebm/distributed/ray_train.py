@@ -64,6 +64,32 @@ def all_workers(world: int, device: torch.device | str = "cpu"):
     return agree
 
 
+REHEARSAL_CPU = "DEBM_REHEARSAL_CPU"
+
+
+def rehearsal_cpu() -> bool:
+    """DEBM_REHEARSAL_CPU=1: workers that hold a logical GPU without CUDA behind it (Ray's fake multinode provider,
+    tests/test_rehearsal.py) train on the CPU with gloo. For rehearsals of a GPU cluster only."""
+    return os.environ.get(REHEARSAL_CPU) == "1"
+
+
+def worker_device(config: dict) -> torch.device:
+    """A Ray Train worker's device: its GPU where it holds one (Ray Train's choice), the CPU in a rehearsal."""
+    import ray.train.torch
+
+    return torch.device("cpu") if config.get("rehearsal_cpu") else ray.train.torch.get_device()
+
+
+def prepare_model(model: torch.nn.Module, config: dict) -> torch.nn.Module:
+    """Ray Train's DDP wrapping (onto the worker's device); in a rehearsal, DDP on the CPU as Ray Train wraps a
+    CPU worker's model (it would move the model to the logical GPU's CUDA device, which does not exist)."""
+    import ray.train.torch
+
+    if config.get("rehearsal_cpu"):
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return ray.train.torch.prepare_model(model)
+
+
 def device_plan(cfg) -> Plan:
     """Where the workers run: `ray.use_gpu` true (one GPU each), false, or null (auto); devices.py decides."""
     asked = None if cfg.ray.use_gpu is None else float(cfg.ray.use_gpu)
@@ -136,7 +162,7 @@ def fit(loop, cfg, config: dict):
     a `ProgressBoard`)."""
     import ray
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     start_timeout_env = train_start_timeout_env()
 
@@ -146,11 +172,12 @@ def fit(loop, cfg, config: dict):
                   cfg.ray.provision_timeout_s, cfg.name, count=cfg.ray.workers, count_key="ray.workers")
     start_timeout = cfg.ray.startup_timeout_s + (cfg.ray.provision_timeout_s if grows else 0.0)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    config = {**config, "board": board}
+    rehearsal = bool(devices.gpus) and rehearsal_cpu()
+    config = {**config, "board": board, "rehearsal_cpu": rehearsal}
 
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     trainer = TorchTrainer(
-        loop, train_loop_config=config,
+        loop, train_loop_config=config, torch_config=TorchConfig(backend="gloo") if rehearsal else None,
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=devices.gpus > 0,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,

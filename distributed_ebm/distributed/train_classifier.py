@@ -23,6 +23,7 @@ from ..local.train import classifier_state
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .ray_train import prepare_model, worker_device
 
 
 def classifier_loop(config: dict) -> None:
@@ -32,7 +33,7 @@ def classifier_loop(config: dict) -> None:
     cfg = TrainClassifierConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device(config)
     pixels, labels = ray.get(config["train"][0])
     clf = new_classifier(cfg).to(device)
     opt, sched = classifier_optimizer(cfg, clf)
@@ -45,7 +46,7 @@ def classifier_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         epoch, history = state["epoch"], state["history"]
-    model = ray.train.torch.prepare_model(clf) if world > 1 else clf
+    model = prepare_model(clf, config) if world > 1 else clf
     logger = worker_logger(config, rank)
     test = None
     if rank == 0 and config.get("test"):
