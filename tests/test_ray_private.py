@@ -12,6 +12,16 @@ def test_ray_trains_start_up_bound_is_where_the_project_sets_it():
     assert len(errors) == 2 and all(issubclass(e, Exception) for e in errors)
 
 
+def test_the_parquet_footer_actors_variable_is_the_one_ray_data_reads():
+    import inspect
+
+    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
+
+    from distributed_ebm.distributed.ray_private import PARQUET_FOOTER_ACTORS_ENV
+
+    assert f'"{PARQUET_FOOTER_ACTORS_ENV}"' in inspect.getsource(footer_file_indexer)
+
+
 def test_ray_datas_progress_logger_exists():
     import ray.data  # noqa: F401 - registers its loggers
     from distributed_ebm.distributed.ray_private import DATA_PROGRESS_LOGGER

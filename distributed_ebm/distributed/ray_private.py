@@ -8,6 +8,8 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
   (the cluster launcher's, KubeRay's by default) only leaves its status in the GCS's internal key-value store, and
   runs on every cluster: without an autoscaling config it names each node's type after the node itself
   (`node_<id>`, ray.autoscaler._private.util.format_readonly_node_type), and adds none;
+- how many actors read a Parquet read's footers: Ray Data 2.60 starts 32 per read and reads only the variable
+  below (read_parquet and DataContext have no setting for it);
 - the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
 - the actors a failed Ray Data pass leaves alive, stopped by id: Ray Data stops them only by dropping its references,
   and gives no handle to them; under load a survivor has kept its CPU for minutes after its pass failed (the public
@@ -20,6 +22,7 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
 from __future__ import annotations
 
 DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by the process that plans the read
 
 
 def train_start_timeout_env() -> str:
