@@ -302,7 +302,10 @@ def test_the_output_preflight_writes_to_know(tmp_path):
     with pytest.raises(InputError, match=r"^--plot /proc/x/p.png: nothing can be written in /proc/x"):
         check_destination("/proc/x/p.png", "--plot")
     check_destination(str(tmp_path / "a" / "b"), "output", folder=True)
-    assert os.listdir(tmp_path / "a" / "b") == []  # the folder made, the probe gone
+    assert os.listdir(tmp_path) == []  # the folders it made, and its probe, removed again
+    (tmp_path / "out").mkdir()
+    check_destination(str(tmp_path / "out"), "output", folder=True)
+    assert os.listdir(tmp_path / "out") == []
 
 
 def test_the_driver_sees_an_object_another_process_wrote_after_it_listed_the_folder(s3_bucket):

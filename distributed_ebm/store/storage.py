@@ -98,9 +98,13 @@ def check_destination(url: str, what: str, folder: bool = False) -> None:
         parent = os.path.dirname(parent)
     if parent != os.path.abspath(path) and not os.path.isdir(parent):
         raise InputError(f"{what} {url}: {parent} is a file, so nothing can be written under it")
-    # the folder made and a file written in it and removed: os.access says yes to root everywhere (/proc, read-only
-    # mounts), and only a write shows a full disk or a quota
+    # the folder made, a file written in it and removed, and the folders made removed again (a job that fails
+    # later leaves nothing): os.access says yes to root everywhere (/proc, read-only mounts)
     where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    made, up = [], where
+    while not os.path.exists(up):
+        made.append(up)
+        up = os.path.dirname(up)
     probe = os.path.join(where, f".debm-write-probe-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(where, exist_ok=True)
@@ -109,6 +113,10 @@ def check_destination(url: str, what: str, folder: bool = False) -> None:
         os.unlink(probe)
     except OSError as err:
         raise InputError(f"{what} {url}: nothing can be written in {where} ({err.strerror or err})") from None
+    finally:
+        for folder_made in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder_made)
 
 
 _UMASK = os.umask(0o022)  # read once, at import (setting it is the only way to read it), and put back
