@@ -12,14 +12,38 @@ def test_ray_trains_start_up_bound_is_where_the_project_sets_it():
     assert len(errors) == 2 and all(issubclass(e, Exception) for e in errors)
 
 
-def test_the_logs_folder_and_ray_datas_progress_logger_exist():
-    from ray._private.worker import _global_node  # noqa: F401 - the accessor logs_dir reads
+def test_the_parquet_footer_actors_variable_is_the_one_ray_data_reads():
+    import inspect
 
+    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
+
+    from distributed_ebm.distributed.ray_private import PARQUET_FOOTER_ACTORS_ENV
+
+    assert f'"{PARQUET_FOOTER_ACTORS_ENV}"' in inspect.getsource(footer_file_indexer)
+
+
+def test_ray_datas_progress_logger_exists():
     import ray.data  # noqa: F401 - registers its loggers
-    from distributed_ebm.distributed.ray_private import DATA_PROGRESS_LOGGER, logs_dir
+    from distributed_ebm.distributed.ray_private import DATA_PROGRESS_LOGGER
 
     assert DATA_PROGRESS_LOGGER in logging.root.manager.loggerDict
-    assert logs_dir()  # without a session: Ray's default place
+
+
+def test_the_logs_folder_from_the_public_runtime_context_is_rays_own(ray_local):
+    from ray._private.worker import _global_node
+
+    from distributed_ebm.distributed.ray_private import logs_dir
+
+    assert logs_dir() == _global_node.get_logs_dir_path()
+
+
+def test_credentials_do_not_travel_in_the_runtime_env():
+    from distributed_ebm.distributed.cluster import secret
+
+    assert all(secret(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
+                                   "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"))
+    assert not any(secret(k) for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
+                                       "MLFLOW_S3_ENDPOINT_URL", "DEBM_SHARED"))
 
 
 def test_lost_errors_are_recognized_by_class_and_through_rays_stand_in():

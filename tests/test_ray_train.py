@@ -15,6 +15,7 @@ import yaml
 from distributed_ebm.cli import main
 from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
+from distributed_ebm.errors import InputError
 from distributed_ebm.store.data import subset
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
 from distributed_ebm.store.checkpoints import load_ebm
@@ -264,13 +265,28 @@ def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
 
 
 def test_too_few_resources_fail_within_the_startup_timeout_saying_why(ray_local, tmp_path, small):
-    # 4 one-CPU workers on a 2-CPU cluster: what a run that lost a node meets when Ray Train restarts it
-    cfg = build(TrainEBMConfig, _tree(tmp_path, "cap", **{"ray.workers": 4, "ray.startup_timeout_s": 3,
-                                                          "mlflow.enabled": False}))
-    t0 = time.time()
-    thread, box = _run_in_thread(cfg, small)
-    thread.join(timeout=90)  # Ray Train's default: retry the start-up forever
+    # 2 one-CPU workers on a 2-CPU cluster one of whose CPUs an actor holds: what a run that lost a node meets when
+    # Ray Train restarts it (the cluster could hold them, its free CPUs cannot)
+    holder = ray_local.remote(num_cpus=1)(type("Holder", (), {"ping": lambda self: 1})).remote()
+    ray_local.get(holder.ping.remote())
+    cfg = build(TrainEBMConfig, _tree(tmp_path, "cap", **{"ray.startup_timeout_s": 3, "mlflow.enabled": False}))
+    try:
+        t0 = time.time()
+        thread, box = _run_in_thread(cfg, small)
+        thread.join(timeout=90)  # Ray Train's default: retry the start-up forever
+    finally:
+        ray_local.kill(holder)
     assert not thread.is_alive(), "still waiting for resources after 90 s"
     assert time.time() - t0 < 60
-    assert re.match(r"4 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s "
+    assert re.match(r"2 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s "
                     r"\(a lost node, or too few free resources\); the last checkpoint is in ", str(box.get("error"))), box
+
+
+def test_more_workers_than_the_cluster_can_hold_are_refused_at_once(ray_local, tmp_path, small):
+    cfg = build(TrainEBMConfig, _tree(tmp_path, "big", **{"ray.workers": 4, "mlflow.enabled": False}))
+    t0 = time.time()
+    with pytest.raises(InputError) as err:
+        train_ebm_on_ray(cfg, data=small)
+    assert time.time() - t0 < 20
+    assert str(err.value) == ("ray.workers = 4: this cluster can hold at most 2 of them (1 CPU each, its alive "
+                              "nodes, and it has no autoscaler)")

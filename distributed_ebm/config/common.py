@@ -163,12 +163,16 @@ class ClassifierConfig(Section):
 
 
 class RaySection(Section):
-    """What every Ray section holds: where the cluster is and whether its nodes share a filesystem."""
+    """What every Ray section holds: where the cluster is, whether its nodes share a filesystem, and how long a job
+    waits for the nodes an autoscaler adds."""
 
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
     shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
                                     "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
                                     "is refused, since each node would write its part to its own disk")
+    provision_timeout_s: float = Field(900.0, gt=0, le=86_400, description="on a cluster with an autoscaler: how "
+                                       "long a job waits for the nodes its workers or actors need to be added (a GPU "
+                                       "node boots in minutes) before it fails")
 
 
 class RayConfig(RaySection):

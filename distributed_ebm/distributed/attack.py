@@ -35,7 +35,7 @@ from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, catalog
 from ..recipes.attack import Rerun, build_attack, dtype_of
 from ..method.devices import job_device
 from .cluster import available, check_one_storage, connect
-from .devices import Plan, cluster_plan
+from .devices import Plan, cluster_plan, ready
 from .ray_private import stop_own_actors, unserializable_lost
 
 
@@ -106,6 +106,8 @@ def plan_actors(cfg: AttackConfig, batches: int, fitting: bool = False) -> tuple
     has or can add GPUs, devices.py), else `cpus_per_actor` CPUs; as many actors as the cluster holds unless
     `ray.actors` names them; `fitting`: no more than the free resources hold (after a lost node)."""
     devices = cluster_plan(cfg.ray.gpus_per_actor, "ray.gpus_per_actor")
+    ready(cfg.ray.cpus_per_actor, devices.gpus, {"CPU": "ray.cpus_per_actor", "GPU": "ray.gpus_per_actor"},
+          cfg.ray.provision_timeout_s, "attack")  # what no node can hold refused, nodes being added waited for
     gpus, cpus = devices.gpus, cfg.ray.cpus_per_actor
     fit = int(available("GPU") // gpus) if gpus else int(available("CPU") // cpus)
     actors = cfg.ray.actors or max(1, fit)

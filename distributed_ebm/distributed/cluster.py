@@ -33,6 +33,15 @@ def _set_by_job() -> set[str]:
         return set()
 
 
+SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
+
+
+def secret(name: str) -> bool:
+    """Whether a variable holds a credential (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD,
+    ...): nodes get theirs from their instance role or service account (docs/cluster.md), not from the driver."""
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
 def target(address: str | None) -> tuple[str, str]:
     """(address for ray.init, where it came from): the configured one, RAY_ADDRESS, or "local"."""
     if address:
@@ -56,7 +65,8 @@ def probe(address: str, source: str, timeout_s: float = CONNECT_TIMEOUT_S) -> No
 
 
 def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
-    """ray.init once per process; environment variables (AWS_*, MLFLOW_*) reach the workers.
+    """ray.init once per process; environment variables (AWS_*, MLFLOW_*, DEBM_*) reach the workers, never a
+    secret (`secret`): a job's runtime env is stored in the GCS and shown by the dashboard and `ray job` commands.
     The workers' and Ray's own output stays in Ray's log files unless DEBM_VERBOSE=1 (`--verbose`):
     the driver prints one progress line per job."""
     import ray
@@ -75,7 +85,7 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
             probe(where, source, timeout_s)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print once, not twice
         by_job = _set_by_job()
-        forward = {k: v for k, v in os.environ.items() if k not in by_job and
+        forward = {k: v for k, v in os.environ.items() if k not in by_job and not secret(k) and
                    (k.startswith(("AWS_", "MLFLOW_", "DEBM_")) or k in ("OMP_NUM_THREADS", "RAY_TRAIN_ENABLE_PRINT_PATCH"))}
         ray.init(address=where, runtime_env={"env_vars": forward} if forward else None,
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
@@ -91,18 +101,43 @@ def available(resource: str) -> float:
     return float(ray.cluster_resources().get(resource, 0.0))
 
 
-def check_one_storage(url: str, what: str, shared_filesystem: bool) -> None:
-    """A local `url` on a cluster of several nodes fails with one line: bank shards, workers and actors on other
-    nodes would each write their part to their own disk, and the driver (and a resume) would find part of the run.
-    An object store (s3://...) is one storage for every node; so is a local path the user vouches for."""
+def _many_nodes() -> str:
+    """Why work may run on another node than the driver's ("" where it cannot): several alive nodes, or an
+    autoscaler that may add some (a cluster of one head node at start grows)."""
     import ray
 
+    from .ray_private import autoscaler_runs
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        return f"the cluster has {nodes} nodes"
+    return "the cluster's autoscaler may add nodes" if autoscaler_runs() else ""
+
+
+def check_one_storage(url: str, what: str, shared_filesystem: bool) -> None:
+    """A local `url` on a cluster of several nodes, or one that can grow, fails with one line: bank shards, workers
+    and actors on other nodes would each write their part to their own disk, and the driver (and a resume) would
+    find part of the run. An object store (s3://...) is one storage for every node; so is a local path the user
+    vouches for."""
     from ..store.storage import is_local
 
     if shared_filesystem or not is_local(url):
         return
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes > 1:
-        raise InputError(f"{what} {url} is a local path but the cluster has {nodes} nodes, each of which would write "
+    why = _many_nodes()
+    if why:
+        raise InputError(f"{what} {url} is a local path but {why}, each of which would write "
                          "to its own disk: use an object store (s3://...), or set ray.shared_filesystem=true if every "
                          "node mounts this path")
+
+
+def check_tracking_reach(uri: str, shared_filesystem: bool) -> None:
+    """A file-based MLflow store (sqlite:, file:, a path) that the driver resolved is opened by rank 0 or a Tune
+    trial on whichever node it runs: on a cluster of several nodes, or one that can grow, that is another disk's
+    store (or none). Refused with one line, as local outputs are."""
+    if shared_filesystem or uri.startswith(("http://", "https://", "databricks")):
+        return
+    why = _many_nodes()
+    if why:
+        raise InputError(f"mlflow.tracking_uri {uri} is a file on the driver's disk but {why}, where workers would "
+                         "open a store of their own: use an MLflow server (http://HOST:PORT), or set "
+                         "ray.shared_filesystem=true if every node mounts its path")

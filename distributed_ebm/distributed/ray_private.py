@@ -4,12 +4,17 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
 - the start-up bound of a Ray Train run: the variable Ray Train's controller reads (documented in Ray Train's
   debugging guide; its name is held in a private module) and the two errors it raises when the workers cannot be
   placed in time (no public class);
-- the session's logs folder, for the first line of every job (no public accessor);
+- whether an autoscaler runs: the v2 autoscaler reports to the GCS (public: ray.autoscaler.v2.sdk), the v1 monitor
+  (the cluster launcher's, KubeRay's by default) only leaves its status in the GCS's internal key-value store, and
+  runs on every cluster: without an autoscaling config it names each node's type after the node itself
+  (`node_<id>`, ray.autoscaler._private.util.format_readonly_node_type), and adds none;
+- how many actors read a Parquet read's footers: Ray Data 2.60 starts 32 per read and reads only the variable
+  below (read_parquet and DataContext have no setting for it);
 - the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
 - the actors a failed Ray Data pass leaves alive, stopped by id: Ray Data stops them only by dropping its references,
-  and gives no handle to them; under load a survivor has kept its CPU for minutes after its pass failed (the GCS's
-  actor table names the actors; the core worker kills one by id, and refuses an actor this process holds no
-  handle to);
+  and gives no handle to them; under load a survivor has kept its CPU for minutes after its pass failed (the public
+  state API, ray.util.state, names the actors where the dashboard runs; without it, the GCS's actor table; the core
+  worker kills one by id, and refuses an actor this process holds no handle to);
 - a lost actor that Ray could not rebuild as an error: Ray Data's reader re-raises it as an
   UnserializableException whose text names the original class (lost errors are otherwise recognized by class,
   through ray.exceptions, in distributed/attack.py).
@@ -17,6 +22,7 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
 from __future__ import annotations
 
 DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # read by the process that plans the read
 
 
 def train_start_timeout_env() -> str:
@@ -34,27 +40,74 @@ def train_startup_errors() -> tuple[type, ...]:
 
 
 def logs_dir() -> str:
-    """This Ray session's logs folder (Ray's default place where it cannot be read)."""
-    try:
-        from ray._private.worker import _global_node
+    """This Ray session's logs folder, from the public runtime context (Ray's default place before a session)."""
+    import os
 
-        return _global_node.get_logs_dir_path()
-    except Exception:  # noqa: BLE001 - a missing internal must not fail a job: the default place
+    import ray
+
+    if not ray.is_initialized():
         return "/tmp/ray/session_latest/logs"
+    ctx = ray.get_runtime_context()
+    return os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "logs")
+
+
+def _job_actors(job_id: str) -> list[tuple[str, str, str]]:
+    """(actor id, class name, state) of this job's actors: the public state API where the dashboard serves it,
+    else the GCS's actor table (a Ray started without the dashboard)."""
+    import ray
+
+    try:
+        from ray.util.state import list_actors
+
+        found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("job_id", "=", job_id)],
+                            limit=10_000, timeout=10, raise_on_missing_output=False)
+        return [(a.actor_id, a.class_name, a.state) for a in found]
+    except Exception:  # noqa: BLE001 - no dashboard (ServerUnavailable) or an older one: the table
+        from ray._private.state import actors
+
+        return [(actor_id, info["ActorClassName"], info["State"])
+                for actor_id, info in actors(job_id=ray.JobID.from_hex(job_id)).items()]
+
+
+AUTOSCALING_STATUS_KEY = b"__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS
+
+
+def autoscaler_runs() -> bool:
+    """Whether an autoscaler that can add nodes serves the connected cluster: the v2 autoscaler has reported its
+    state to the GCS, or the v1 monitor's status there names node types of a config (not one per node). False until
+    the monitor's first report, seconds after the head starts."""
+    import ray
+
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        if get_cluster_status(ray.get_runtime_context().gcs_address).stats.autoscaler_version not in (None, "", "0"):
+            return True
+    except Exception:  # noqa: BLE001 - an older GCS without the call: ask the v1 status below
+        pass
+    try:
+        import json
+
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = json.loads(_internal_kv_get(AUTOSCALING_STATUS_KEY) or b"{}")
+        mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        return any(kind != f"node_{node}" for node, kind in mapping.items())
+    except Exception:  # noqa: BLE001 - unknown: as without one (the job fails at once instead of waiting)
+        return False
 
 
 def stop_own_actors(class_name: str) -> int:
     """Kill every live actor of this job whose class name holds `class_name` and that this process holds a handle to
     (it made it, or borrows it): never another process's (a concurrent Tune trial's). Returns how many."""
     import ray
-    from ray._private.state import actors
     from ray._raylet import ActorID
     from ray.exceptions import ActorHandleNotFoundError
 
     worker = ray._private.worker.global_worker
     stopped = 0
-    for actor_id, info in actors(job_id=worker.current_job_id).items():
-        if class_name in info["ActorClassName"] and info["State"] != "DEAD":  # pending ones too: they would start
+    for actor_id, name, state in _job_actors(ray.get_runtime_context().get_job_id()):
+        if class_name in name and state != "DEAD":  # pending ones too: they would start
             try:
                 worker.core_worker.kill_actor(ActorID.from_hex(actor_id), True)  # True: not to be restarted
                 stopped += 1

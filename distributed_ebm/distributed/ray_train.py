@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..store import storage
 from ..errors import JobFailed
 from ..progress import ProgressBoard, Reporter, follow
-from .devices import Plan, cluster_plan
+from .devices import Plan, cluster_plan, ready
 from .ray_private import train_start_timeout_env, train_startup_errors
 
 
@@ -63,6 +63,32 @@ def all_workers(world: int, device: torch.device | str = "cpu"):
     return agree
 
 
+REHEARSAL_CPU = "DEBM_REHEARSAL_CPU"
+
+
+def rehearsal_cpu() -> bool:
+    """DEBM_REHEARSAL_CPU=1: workers that hold a logical GPU without CUDA behind it (Ray's fake multinode provider,
+    tests/test_rehearsal.py) train on the CPU with gloo. For rehearsals of a GPU cluster only."""
+    return os.environ.get(REHEARSAL_CPU) == "1"
+
+
+def worker_device(config: dict) -> torch.device:
+    """A Ray Train worker's device: its GPU where it holds one (Ray Train's choice), the CPU in a rehearsal."""
+    import ray.train.torch
+
+    return torch.device("cpu") if config.get("rehearsal_cpu") else ray.train.torch.get_device()
+
+
+def prepare_model(model: torch.nn.Module, config: dict) -> torch.nn.Module:
+    """Ray Train's DDP wrapping (onto the worker's device); in a rehearsal, DDP on the CPU as Ray Train wraps a
+    CPU worker's model (it would move the model to the logical GPU's CUDA device, which does not exist)."""
+    import ray.train.torch
+
+    if config.get("rehearsal_cpu"):
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return ray.train.torch.prepare_model(model)
+
+
 def device_plan(cfg) -> Plan:
     """Where the workers run: `ray.use_gpu` true (one GPU each), false, or null (auto); devices.py decides."""
     asked = None if cfg.ray.use_gpu is None else float(cfg.ray.use_gpu)
@@ -70,7 +96,8 @@ def device_plan(cfg) -> Plan:
 
 
 class CapacityLost(JobFailed):
-    """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources)."""
+    """The workers could not be placed within ray.startup_timeout_s (a lost node, too few resources), plus
+    ray.provision_timeout_s where an autoscaler may add the nodes."""
 
 
 class WorkerProgress(Reporter):
@@ -84,25 +111,29 @@ class WorkerProgress(Reporter):
 
 def fit(loop, cfg, config: dict):
     """A TorchTrainer over `loop`: resumes a run of the same name and output, restarts failed workers.
-    A worker group that cannot be placed within `ray.startup_timeout_s` fails the run (CapacityLost)
-    instead of Ray Train's default of retrying start-up forever. The driver prints the run's progress
-    (rank 0 posts it to a `ProgressBoard`)."""
+    Workers no node can hold are refused at once; nodes an autoscaler is to add are waited for, at most
+    `ray.provision_timeout_s` (devices.ready). A worker group that cannot be placed within `ray.startup_timeout_s`
+    (plus `ray.provision_timeout_s` where an autoscaler replaces a lost node) fails the run (CapacityLost) instead
+    of Ray Train's default of retrying start-up forever. The driver prints the run's progress (rank 0 posts it to
+    a `ProgressBoard`)."""
     import ray
     from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     start_timeout_env = train_start_timeout_env()
 
     devices = device_plan(cfg)
-    print(f"{cfg.name}: {cfg.ray.workers} Ray Train worker(s) on {devices.where}"
-          + (f"; waiting up to ray.startup_timeout_s = {cfg.ray.startup_timeout_s:g} s for them" if devices.waits else ""),
-          file=sys.stderr, flush=True)
+    print(f"{cfg.name}: {cfg.ray.workers} Ray Train worker(s) on {devices.where}", file=sys.stderr, flush=True)
+    grows = ready(cfg.ray.cpus_per_worker, devices.gpus, {"CPU": "ray.cpus_per_worker", "GPU": "ray.use_gpu"},
+                  cfg.ray.provision_timeout_s, cfg.name, count=cfg.ray.workers, count_key="ray.workers")
+    start_timeout = cfg.ray.startup_timeout_s + (cfg.ray.provision_timeout_s if grows else 0.0)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    config = {**config, "board": board}
+    rehearsal = bool(devices.gpus) and rehearsal_cpu()
+    config = {**config, "board": board, "rehearsal_cpu": rehearsal}
 
     storage_path = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     trainer = TorchTrainer(
-        loop, train_loop_config=config,
+        loop, train_loop_config=config, torch_config=TorchConfig(backend="gloo") if rehearsal else None,
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=devices.gpus > 0,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,
@@ -110,7 +141,7 @@ def fit(loop, cfg, config: dict):
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
     # Ray Train hands this variable on to its controller, which waits that long for the workers
     before = os.environ.get(start_timeout_env)
-    os.environ[start_timeout_env] = str(cfg.ray.startup_timeout_s)
+    os.environ[start_timeout_env] = str(start_timeout)
     stop = threading.Event()
     follower = threading.Thread(target=follow, args=(lambda: ray.get(board.read.remote(), timeout=10), stop),
                                 daemon=True)
@@ -122,8 +153,10 @@ def fit(loop, cfg, config: dict):
             raise
         need = f"{cfg.ray.cpus_per_worker:g} CPU" + (" and 1 GPU" if devices.gpus else "")
         raise CapacityLost(f"{cfg.ray.workers} workers ({need} each, ray.workers) could not be placed within "
-                           f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s (a lost node, or too few free "
-                           f"resources); the last checkpoint is in {run_dir(cfg)}") from None
+                           f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s"
+                           + (f" + ray.provision_timeout_s={cfg.ray.provision_timeout_s:g} s" if grows else "")
+                           + f" (a lost node, or too few free resources); the last checkpoint is in {run_dir(cfg)}") \
+            from None
     finally:
         stop.set()
         follower.join()
@@ -140,7 +173,9 @@ def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
     if not cfg.mlflow.enabled:
         return fit(loop, cfg, config)
     from ..store.tracking import mlflow_run, tracking_uri
+    from .cluster import check_tracking_reach
 
+    check_tracking_reach(tracking_uri(cfg.mlflow), cfg.ray.shared_filesystem)
     id_url = storage.join(run_dir(cfg), "mlflow_run_id")
     run_id = storage.read_bytes(id_url).decode().strip() if storage.exists(id_url) else None
     with mlflow_run(cfg.mlflow, f"{job}:{cfg.name}", cfg.model_dump(mode="json"),
@@ -153,9 +188,36 @@ def fit_tracked(loop, cfg, config: dict, job: str, log_final=None):
     return result
 
 
+class SafeLogger:
+    """A worker's MLflow logger that cannot fail the run: an MLflow outage costs metrics, never the training. The
+    first failure is printed (once), the calls after it are still tried."""
+
+    def __init__(self, make):
+        self.logger, self.warned = None, False
+        self._call(lambda: setattr(self, "logger", make()))
+
+    def _call(self, fn) -> None:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - anything MLflow or its store raises
+            if not self.warned:
+                self.warned = True
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                print(f"mlflow: logging failed ({type(err).__name__}: {first}); training goes on without these "
+                      "metrics", file=sys.stderr, flush=True)
+
+    def metrics(self, values: dict, step: int) -> None:
+        if self.logger is not None:
+            self._call(lambda: self.logger.metrics(values, step))
+
+    def file(self, name: str, data: bytes, folder: str | None = None) -> None:
+        if self.logger is not None:
+            self._call(lambda: self.logger.file(name, data, folder))
+
+
 def worker_logger(config: dict, rank: int):
-    """Rank 0's MLflow logger, when the run is tracked."""
+    """Rank 0's MLflow logger, when the run is tracked; its failures are warned about, never raised."""
     if rank != 0 or not config.get("mlflow"):
         return None
     from ..store.tracking import RunLogger
-    return RunLogger(**config["mlflow"])
+    return SafeLogger(lambda: RunLogger(**config["mlflow"]))

@@ -36,6 +36,7 @@ from ..store.tracking import log_torch_model
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .ray_train import prepare_model, worker_device
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
 
@@ -48,7 +49,7 @@ def train_loop(config: dict) -> None:
     cfg = TrainEBMConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device(config)
     set_arithmetic(device, cfg.precision)
     pixels = ray.get(config["pixels"][0])  # uint8 N x H x W x C, shared in the object store
     bank = ShardedBank(config["shards"], config["bounds"])
@@ -61,7 +62,7 @@ def train_loop(config: dict) -> None:
         folder = storage.join(run_dir(cfg), os.path.basename(checkpoint.path.rstrip("/")))
         state = load_checkpoint(storage.join(folder, CKPT))
         ebm.load_state_dict(state["state_dict"])
-    model = ray.train.torch.prepare_model(ebm) if world > 1 else ebm
+    model = prepare_model(ebm, config) if world > 1 else ebm
 
     def images(rows):  # the batch's uint8 rows to the device, floats made there
         return unit_range(torch.from_numpy(pixels[rows.numpy()]).permute(0, 3, 1, 2), device)

@@ -22,6 +22,7 @@ from ..recipes.training import preflight_classifier
 from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
 from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
+from .ray_train import prepare_model, worker_device
 
 
 def classifier_loop(config: dict) -> None:
@@ -31,7 +32,7 @@ def classifier_loop(config: dict) -> None:
     cfg = TrainClassifierConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device(config)
     pixels, labels = ray.get(config["train"][0])
     clf = new_classifier(cfg).to(device)
     opt, sched = classifier_optimizer(cfg, clf)
@@ -40,7 +41,7 @@ def classifier_loop(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             epoch, history = load_classifier_training(d, clf, opt, sched, missing_ok=False)
-    model = ray.train.torch.prepare_model(clf) if world > 1 else clf
+    model = prepare_model(clf, config) if world > 1 else clf
     logger = worker_logger(config, rank)
     test = None
     if rank == 0 and config.get("test"):

@@ -30,9 +30,10 @@ from ..recipes.attack import preflight, run_attack
 from ..recipes.training import preflight_ebm
 from ..store.released import load_classifier_as
 from ..store.tracking import check_tracking
-from .cluster import available, check_one_storage, connect
+from .cluster import available, check_one_storage, check_tracking_reach, connect
 from .attack import RayActors, plan_actors
-from .ray_train import run_dir
+from .devices import cluster_plan
+from .ray_train import SafeLogger, run_dir
 
 BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
 REPORTED = ("objective", "natural_defense_accuracy", "natural_protocol_accuracy", "robust_accuracy", "images")
@@ -75,7 +76,7 @@ def _child_logger(setup: dict, trial_id: str, params: dict):
     if not setup.get("mlflow"):
         return None
     from ..store.tracking import RunLogger
-    return RunLogger.child(**setup["mlflow"], name=trial_id, params=params)
+    return SafeLogger(lambda: RunLogger.child(**setup["mlflow"], name=trial_id, params=params))
 
 
 def purification_trial(params: dict, setup: dict) -> None:
@@ -145,7 +146,12 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
 
     connect(cfg.attack.ray.address)
     check_one_storage(cfg.output, "output", cfg.attack.ray.shared_filesystem)
-    concurrent = cfg.max_concurrent or max(1, int(available("CPU") // per_trial_cpus))
+    if cfg.mlflow.enabled:  # trials log from whichever node they run on
+        from ..store.tracking import tracking_uri
+        check_tracking_reach(tracking_uri(cfg.mlflow), cfg.attack.ray.shared_filesystem)
+    gpus = _trial_gpus(cfg)  # GPUs bound a trial as CPUs do: a GPU node's few CPUs would admit too many
+    concurrent = cfg.max_concurrent or max(1, min(int(available("CPU") // per_trial_cpus),
+                                                  int(available("GPU") // gpus) if gpus else 1 << 30))
     cfg, actors = share_the_cluster(cfg, concurrent)
     setup = {**setup, "cfg": cfg.model_dump(mode="json")}
     r = cfg.attack.ray
@@ -184,6 +190,15 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
         mlflow.log_metrics({f"best_{k}": v for k, v in best["metrics"].items() if v is not None})
         log_url_artifacts(mlflow, [best["file"]])
     return best
+
+
+def _trial_gpus(cfg: SearchConfig) -> float:
+    """The GPUs one trial's training workers or attack actors take where the cluster runs them on GPUs."""
+    if isinstance(cfg, TuneTrainingConfig):
+        r = cfg.train.ray
+        return r.workers * cluster_plan(None if r.use_gpu is None else float(r.use_gpu), "train.ray.use_gpu").gpus
+    r = cfg.attack.ray
+    return (r.actors or 1) * cluster_plan(r.gpus_per_actor, "attack.ray.gpus_per_actor").gpus
 
 
 def share_the_cluster(cfg: SearchConfig, concurrent: int) -> tuple[SearchConfig, int]:

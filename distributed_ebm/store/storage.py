@@ -53,8 +53,12 @@ def join(url: str, *parts: str) -> str:
 
 
 def exists(url: str) -> bool:
+    """Asks the store now: s3fs answers from a listing it cached earlier, which misses what other processes (a Ray
+    worker on another node) wrote since."""
     fs, path = filesystem(url)
     with explain_unreachable(url):
+        if not isinstance(fs, LocalFileSystem):
+            fs.invalidate_cache(path)
         return fs.exists(path)
 
 
@@ -94,8 +98,25 @@ def check_destination(url: str, what: str, folder: bool = False) -> None:
         parent = os.path.dirname(parent)
     if parent != os.path.abspath(path) and not os.path.isdir(parent):
         raise InputError(f"{what} {url}: {parent} is a file, so nothing can be written under it")
-    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {url}: {parent} is not writable")
+    # the folder made, a file written in it and removed, and the folders made removed again (a job that fails
+    # later leaves nothing): os.access says yes to root everywhere (/proc, read-only mounts)
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    made, up = [], where
+    while not os.path.exists(up):
+        made.append(up)
+        up = os.path.dirname(up)
+    probe = os.path.join(where, f".debm-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(where, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{what} {url}: nothing can be written in {where} ({err.strerror or err})") from None
+    finally:
+        for folder_made in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder_made)
 
 
 _UMASK = os.umask(0o022)  # read once, at import (setting it is the only way to read it), and put back
