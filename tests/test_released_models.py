@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.errors import InputError
-from distributed_ebm.local.attack import build_attack, run_attack
+from distributed_ebm.local.attack import OneProcess
+from distributed_ebm.recipes.attack import build_attack, run_attack
 from distributed_ebm.method.nets.formats import format_table
 from distributed_ebm.store import storage
 from distributed_ebm.store.released import load_ebm_as
@@ -380,7 +381,7 @@ def test_each_papers_protocol_runs_tiny(tmp_path, paper):
     if paper == "mefa":
         overrides.append("attack.reevaluations=1")
     cfg = load_config(AttackConfig, f"{PAPERS}/{paper}.yaml", overrides)
-    summary = run_attack(cfg, device="cpu", show=False)
+    summary = run_attack(cfg, OneProcess("cpu"), show=False)
     assert summary["images"] == 2
     saved = json.loads(storage.read_bytes(out + "/summary.json"))["config"]
     assert saved["ebm_format"] == {"stochastic_security": "stochastic_security", "mefa": "mefa", "jem": "jem"}[paper]
