@@ -86,6 +86,23 @@ class ImageRecord:
         return row
 
 
+@dataclass
+class _Batch:
+    """The per-image state of one call, every tensor on the images' device: `rows` the batch rows, `active` those
+    not yet broken; what each record will hold (`natural_*`, `broken_at`, `final_*`, `adv*`) as it is known."""
+    rows: torch.Tensor
+    active: torch.Tensor
+    broken_at: torch.Tensor
+    natural_pred: torch.Tensor
+    natural_vote: torch.Tensor
+    natural_votes: torch.Tensor
+    final_pred: torch.Tensor
+    final_votes: torch.Tensor
+    adv: torch.Tensor
+    adv_loss: torch.Tensor
+    adv_point: torch.Tensor
+
+
 def top_two(counts: torch.Tensor) -> torch.Tensor:
     """N x 2: each row's two largest vote counts (the winner's first; 0 for a runner-up where there is one class)."""
     if counts.shape[1] < 2:
@@ -200,68 +217,87 @@ class Attack:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[ImageRecord]:
         """Attack N images (N x C x H x W); labels and ids (N,) may come on any device (see the module doc)."""
-        n, device, mode = images.shape[0], images.device, self.mode
+        device = images.device
         labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self._ids = torch.as_tensor(ids, dtype=torch.int64).to(device)
-        rows = torch.arange(n, device=device)
-        broken_at = torch.full((n,), NEVER, dtype=torch.int64, device=device)
-        self.cost = torch.zeros(n, dtype=torch.int64, device=device)
-        self.confirm_cost = torch.zeros(n, dtype=torch.int64, device=device)
-        adv = images.detach().clone()
+        self.cost = torch.zeros(len(images), dtype=torch.int64, device=device)
+        self.confirm_cost = torch.zeros(len(images), dtype=torch.int64, device=device)
+        batch = self._judge_clean(images, labels)
+        self._report(0)
+        if self.mode.moves and len(batch.active):
+            self._run_iterates(images, labels, batch)
+        reeval = self._reevaluate(batch.adv, labels, batch.rows) if self.s.reevaluations else [[] for _ in batch.rows]
+        cosine = self._gradient_check(images, batch.adv, labels, batch.rows)
+        self._report(self.points - 1)
+        return self._records(labels, batch, reeval, cosine)
 
+    def _judge_clean(self, images: torch.Tensor, labels: torch.Tensor) -> _Batch:
+        """Point 0: judge the clean images (with the defense's own vote when `natural_defense`); the images broken
+        there leave, the clean image is every record's adversarial image until an iterate is checked."""
+        n, device = images.shape[0], images.device
+        rows = torch.arange(n, device=device)
         wrong, natural_pred, logits, vote, natural_votes = self._judge(0, images, labels, rows,
                                                                        vote_all=self.natural_defense)
-        natural_vote = vote if vote is not None else torch.full_like(natural_pred, NEVER)
-        adv_loss = self.loss(logits, labels).to(torch.float64)  # the clean image's, until an iterate is checked
-        adv_point = torch.zeros(n, dtype=torch.int64, device=device)
-        final_pred, final_votes = natural_pred.clone(), natural_votes.clone()
+        broken_at = torch.full((n,), NEVER, dtype=torch.int64, device=device)
         broken_at[wrong] = 0
-        active = rows[~wrong]
-        self._report(0)
+        return _Batch(rows=rows, active=rows[~wrong], broken_at=broken_at, natural_pred=natural_pred,
+                      natural_vote=vote if vote is not None else torch.full_like(natural_pred, NEVER),
+                      natural_votes=natural_votes, final_pred=natural_pred.clone(), final_votes=natural_votes.clone(),
+                      adv=images.detach().clone(), adv_loss=self.loss(logits, labels).to(torch.float64),
+                      adv_point=torch.zeros(n, dtype=torch.int64, device=device))
 
-        if mode.moves and len(active):
-            x_nat = images[active]
-            x = (random_start(x_nat, self._ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start
-                 else x_nat.clone())
-            update = UPDATERS[self.s.optimizer].for_settings(x_nat, self.s)
-            for t in range(self.s.steps + 1):
-                point, last = t + 1, t == self.s.steps
-                y = labels[active]
-                logits, grad = (mode.output(x, active, point), None) if last else mode.gradient(x, y, active, point)
-                loss = self.loss(logits, y) if grad is not None else None
-                if mode.checked(point, self.points):
-                    wrong, pred, checked, _, votes = self._judge(point, x, y, active,
-                                                                 logits if mode.check_from_gradient else None)
-                    check_loss = self.loss(checked, y).to(torch.float64)
-                    # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
-                    better = wrong | (check_loss > adv_loss[active]) | (point == self._first_checked())
-                    adv[active[better]], adv_loss[active[better]] = x[better], check_loss[better]
-                    adv_point[active[better]] = point
-                    broken_at[active[wrong]] = point
-                    final_pred[active], final_votes[active] = pred, votes
-                    keep = ~wrong
-                    active, x = active[keep], x[keep]
-                    update.keep(keep)
-                    grad, loss = (grad[keep], loss[keep]) if grad is not None else (None, None)
-                if not len(active):
-                    break
-                if grad is not None:
-                    x = update.step(x, grad, loss)
-                self._report(point)
-        reeval = self._reevaluate(adv, labels, rows) if self.s.reevaluations else [[] for _ in range(n)]
-        cosine = self._gradient_check(images, adv, labels, rows)
-        self._report(self.points - 1)
+    def _run_iterates(self, images: torch.Tensor, labels: torch.Tensor, b: _Batch) -> None:
+        """The attack's iterates from the random start: at each checked point judge the active images, record the
+        breaks and the most adversarial iterate so far, drop the broken images, then step the rest."""
+        mode, active = self.mode, b.active
+        x_nat = images[active]
+        x = (random_start(x_nat, self._ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start
+             else x_nat.clone())
+        update = UPDATERS[self.s.optimizer].for_settings(x_nat, self.s)
+        for t in range(self.s.steps + 1):
+            point, last = t + 1, t == self.s.steps
+            y = labels[active]
+            logits, grad = (mode.output(x, active, point), None) if last else mode.gradient(x, y, active, point)
+            loss = self.loss(logits, y) if grad is not None else None
+            if mode.checked(point, self.points):
+                wrong, pred, checked, _, votes = self._judge(point, x, y, active,
+                                                             logits if mode.check_from_gradient else None)
+                check_loss = self.loss(checked, y).to(torch.float64)
+                # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
+                better = wrong | (check_loss > b.adv_loss[active]) | (point == self._first_checked())
+                b.adv[active[better]], b.adv_loss[active[better]] = x[better], check_loss[better]
+                b.adv_point[active[better]] = point
+                b.broken_at[active[wrong]] = point
+                b.final_pred[active], b.final_votes[active] = pred, votes
+                keep = ~wrong
+                active, x = active[keep], x[keep]
+                update.keep(keep)
+                grad, loss = (grad[keep], loss[keep]) if grad is not None else (None, None)
+            if not len(active):
+                break
+            if grad is not None:
+                x = update.step(x, grad, loss)
+            self._report(point)
+        b.active = active
 
+    def _records(self, labels: torch.Tensor, b: _Batch, reeval: list, cosine: torch.Tensor) -> list[ImageRecord]:
+        """One record per image, built on the CPU (one transfer per field)."""
         ids, labels = self._ids.tolist(), labels.tolist()
-        natural_pred, natural_vote = natural_pred.tolist(), natural_vote.tolist()
-        broken_at, final_pred, adv_loss = broken_at.tolist(), final_pred.tolist(), adv_loss.tolist()
-        cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), adv.float().cpu().numpy()
-        natural_votes, final_votes, adv_point = natural_votes.tolist(), final_votes.tolist(), adv_point.tolist()
+        natural_pred, natural_vote = b.natural_pred.tolist(), b.natural_vote.tolist()
+        broken_at, final_pred, adv_loss = b.broken_at.tolist(), b.final_pred.tolist(), b.adv_loss.tolist()
+        cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), b.adv.float().cpu().numpy()
+        natural_votes, final_votes, adv_point = b.natural_votes.tolist(), b.final_votes.tolist(), b.adv_point.tolist()
         cosine = [[None if v != v else v for v in pair] for pair in cosine.tolist()]  # null: not checked
-        return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], natural_vote[k],
-                            natural_vote[k] == labels[k], broken_at[k], final_pred[k], cost[k], confirm_cost[k], adv[k],
-                            adv_loss[k], reeval[k], natural_votes[k], final_votes[k], adv_point[k], cosine[k])
-                for k in range(n)]
+        return [ImageRecord(index=ids[k], label=labels[k],
+                            natural_protocol_pred=natural_pred[k],
+                            natural_protocol_correct=natural_pred[k] == labels[k],
+                            natural_defense_pred=natural_vote[k], natural_defense_correct=natural_vote[k] == labels[k],
+                            broken_at=broken_at[k], final_pred=final_pred[k],
+                            image_steps=cost[k], confirm_image_steps=confirm_cost[k],
+                            adv_image=adv[k], adv_loss=adv_loss[k], reeval_correct=reeval[k],
+                            natural_votes=natural_votes[k], final_votes=final_votes[k], adv_point=adv_point[k],
+                            gradient_cosine=cosine[k])
+                for k in range(len(ids))]
 
     def _gradient_check(self, images, adv, labels, rows) -> torch.Tensor:
         """N x 2 cosine similarities of two more EOT gradient estimates, with chains of their own (calls no other
