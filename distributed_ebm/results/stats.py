@@ -1,0 +1,104 @@
+"""The binomial statistics of attack records: 95% Wilson intervals, the two-sided sign test, and whether an
+evaluation has converged (the chains' votes, the attack's steps, the EOT gradient's noise)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+UNDECIDED_P = 0.05  # a vote whose top two classes a two-sided sign test cannot tell apart at 95% is undecided
+EXACT_UP_TO = 1_000  # sign tests on more pairs sum floats: big-integer sums over a million chains take minutes
+LATE = 0.2  # a break in the last 20% of the attack's steps says the attack had not finished
+
+
+def chains_to_decide(top: int, second: int, chains: int, most: int = 1_000_000) -> int | None:
+    """How many chains would decide a vote split `top` : `second` of `chains` (the same shares, rounded), by the sign
+    test at 95%; None for an even split (no number of chains decides it) or beyond `most`."""
+    if top <= second:
+        return None
+    n = chains
+    while n <= most:
+        a, b = round(n * top / chains), round(n * second / chains)
+        if sign_test_p(a, b) < UNDECIDED_P:
+            lo = n // 2  # the first decided size lies in (lo, n]: bisect
+            while n - lo > 1:
+                mid = (lo + n) // 2
+                if sign_test_p(round(mid * top / chains), round(mid * second / chains)) < UNDECIDED_P:
+                    n = mid
+                else:
+                    lo = mid
+            return n
+        n *= 2
+    return None
+
+
+def gradient_convergence(cosines: list, chains: int, target: float = 0.9) -> dict | None:
+    """The cosine similarity of two independent EOT gradient estimates of the same point (median over the checked
+    images, at the clean and at the adversarial image), and the chains per estimate at which it would reach
+    `target`: an average of n chains' gradients, mean g and per-chain noise of variance s2, has an expected
+    cosine r n / (r n + 1) with r = |g|^2 / s2, so the measured c at n chains gives r and then n = t / ((1 - t) r).
+    None when no image was checked."""
+    known = lambda v: v is not None and v == v  # noqa: E731 - None (NaN in old files): not checked
+    pairs = [c for c in cosines if c is not None and (known(c[0]) or known(c[1]))]
+    clean = [c[0] for c in pairs if known(c[0])]
+    adv = [c[1] for c in pairs if known(c[1])]
+    if not clean and not adv:
+        return None
+    c = float(np.median(clean + adv))
+    needed = 1 if c >= 1 else None if c <= 0 else max(1, math.ceil(target / (1 - target) * chains * (1 - c) / c - 1e-9))
+    return {"images": len(pairs), "chains": chains, "cosine_median": c,
+            "cosine_median_clean": float(np.median(clean)) if clean else None,
+            "cosine_median_adversarial": float(np.median(adv)) if adv else None,
+            f"chains_for_{target:g}": needed}
+
+
+def convergence(natural_votes: list, final_votes: list, broken_at: list[int], points: int, chains: int) -> dict:
+    """Has the evaluation converged? The defense's vote: the share of clean images whose defended prediction the
+    chains do not decide at 95% (sign test between the two classes with most votes) and how many chains would
+    decide them all; the same for the breaks' confirmations. The attack's steps: the last point that broke an image
+    and how many broke in the last 20% of the steps (then: increase attack.steps)."""
+    def votes(rows, images):
+        known = [(v[0], v[1]) for v, keep in zip(rows, images) if keep and v is not None and v[0] >= 0]
+        undecided = [(a, b) for a, b in known if sign_test_p(a, b) >= UNDECIDED_P]
+        needed = [chains_to_decide(a, b, a + b if a + b else 1) for a, b in undecided]
+        return {"images": len(known), "undecided": len(undecided),
+                "undecided_share": len(undecided) / len(known) if known else None,
+                "chains_to_decide_all": None if None in needed else max(
+                    (round(n * chains / max(a + b, 1)) for n, (a, b) in zip(needed, undecided)), default=chains)}
+    attack_breaks = [p for p in broken_at if p > 0]
+    steps = points - 2  # point t + 1 is iterate t, reached after step t: the last 20% of the steps end at points
+    late_from = 2 + math.floor((1 - LATE) * steps) if steps > 0 else points  # from here to the last one
+    late = sum(1 for p in attack_breaks if p >= late_from)
+    return {"chains": chains, "natural_vote": votes(natural_votes, [True] * len(broken_at)),
+            "break_confirmation": votes(final_votes, [p > 0 for p in broken_at]),
+            "last_break_point": max(attack_breaks, default=None), "late_breaks": late,
+            "late_from_point": late_from, "increase_steps": late > 0}
+
+
+def sign_test_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact sign test (binomial, p = 1/2) on the discordant pairs: the chance of a split at least
+    this uneven if neither run breaks more images than the other."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return 1.0
+    if n <= EXACT_UP_TO:
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    else:  # the same sum in floats, from its largest term down until the terms no longer count
+        term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2))
+        tail, i = 0.0, k
+        while i >= 0 and term >= 1e-17 * tail:
+            tail += term
+            term *= i / (n - i + 1)  # C(n, i-1) / C(n, i)
+            i -= 1
+    return min(1.0, 2 * tail)
