@@ -28,7 +28,7 @@ from ..store import provenance, storage
 from ..method.attacks import NEVER, ImageRecord, evaluation_points
 from ..errors import InputError
 from .report import describe_attack, plot_curves
-from .stats import (EXACT_UP_TO, LATE, UNDECIDED_P, chains_to_decide, convergence,  # noqa: F401  (their users import them here)
+from .stats import (LATE, UNDECIDED_P, chains_to_decide, convergence,  # noqa: F401  (their users import them here)
                     gradient_convergence, sign_test_p, wilson_interval)
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"

@@ -5,20 +5,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import binomtest
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (scipy's); (nan, nan) for an empty sample."""
     if n == 0:
         return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 UNDECIDED_P = 0.05  # a vote whose top two classes a two-sided sign test cannot tell apart at 95% is undecided
-EXACT_UP_TO = 1_000  # sign tests on more pairs sum floats: big-integer sums over a million chains take minutes
 LATE = 0.2  # a break in the last 20% of the attack's steps says the attack had not finished
 
 
@@ -88,17 +86,6 @@ def convergence(natural_votes: list, final_votes: list, broken_at: list[int], po
 
 def sign_test_p(a_only: int, b_only: int) -> float:
     """Two-sided exact sign test (binomial, p = 1/2) on the discordant pairs: the chance of a split at least
-    this uneven if neither run breaks more images than the other."""
-    n, k = a_only + b_only, min(a_only, b_only)
-    if n == 0:
-        return 1.0
-    if n <= EXACT_UP_TO:
-        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    else:  # the same sum in floats, from its largest term down until the terms no longer count
-        term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2))
-        tail, i = 0.0, k
-        while i >= 0 and term >= 1e-17 * tail:
-            tail += term
-            term *= i / (n - i + 1)  # C(n, i-1) / C(n, i)
-            i -= 1
-    return min(1.0, 2 * tail)
+    this uneven if neither run breaks more images than the other; 1 when there is none."""
+    n = a_only + b_only
+    return 1.0 if n == 0 else float(binomtest(a_only, n, 0.5, alternative="two-sided").pvalue)
