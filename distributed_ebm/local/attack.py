@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..config import AttackConfig
 from ..method.noise import ChainKeys, stream_seed
 from ..results.gallery import GalleryRow, write_gallery
-from ..results.report import describe
+from ..results.report import system_and_attack_labels
 from ..store.data import Catalog, ImageSet, load, read_rows, unit_range
 from ..method.defense import Purifier
 from ..method.cuda import PRECISIONS, job_device, set_arithmetic
@@ -106,7 +106,7 @@ def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
     """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing.
     `attack`: the run's own, when the caller holds it (else built here, as the config says)."""
     rows = gallery_rows(cfg, data, device, attack) if cfg.report.gallery else []
-    system, attack_label = describe({"config": cfg.model_dump(mode="json")})
+    system, attack_label = system_and_attack_labels({"config": cfg.model_dump(mode="json")})
     return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..store import provenance, storage
 from ..method.attacks import NEVER, ImageRecord, evaluation_points
 from ..errors import InputError
-from .report import describe_attack, plot_curves
+from .report import attack_label, plot_curves
 from .stats import (LATE, UNDECIDED_P, chains_to_decide, convergence,  # noqa: F401  (their users import them here)
                     gradient_convergence, sign_test_p, wilson_interval)
 
@@ -259,7 +259,7 @@ def worst_case_summary(settings, broken_by: list[int], broken_restart: list[int]
         broke = sum(b == k for b in broken_by)
         standing -= broke
         per_restart = [sum(b == k and r == j for b, r in zip(broken_by, broken_restart)) for j in range(settings.restarts)]
-        out.append({"attack": describe_attack(member.model_dump(mode="json")), "broken": broke,
+        out.append({"attack": attack_label(member.model_dump(mode="json")), "broken": broke,
                     "broken_per_restart": per_restart,
                     "robust_accuracy": standing / n if n else float("nan"), "robust_ci95": wilson_interval(standing, n)})
     return out

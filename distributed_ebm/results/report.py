@@ -8,7 +8,7 @@ from ..store import storage
 from ..store.tracking import log_url_artifacts, mlflow_run
 
 
-def describe(summary: dict) -> tuple[str, str]:
+def system_and_attack_labels(summary: dict) -> tuple[str, str]:
     """(system, attack) labels from a summary's config."""
     cfg = summary["config"]
     a, p, clf = cfg["attack"], cfg["purify"], cfg["classifier"]["arch"]
@@ -23,10 +23,10 @@ def describe(summary: dict) -> tuple[str, str]:
     if a.get("ensemble") is not None:
         return system, f"ensemble of {len(a['ensemble'])}: worst case over the attacks (debm report shows each)"
     restarts = a.get("restarts", 1)
-    return system, describe_attack(a) + (f", worst of {restarts} restarts" if restarts > 1 else "")
+    return system, attack_label(a) + (f", worst of {restarts} restarts" if restarts > 1 else "")
 
 
-def describe_attack(a: dict) -> str:
+def attack_label(a: dict) -> str:
     """The label of one attack's settings (an `AttackSettings` dump)."""
     budget = f"{a['norm']} eps={a['eps'] * 255:.3g}/255" if a["norm"] == "linf" else f"l2 eps={a['eps']:g}"
     apgd = a.get("optimizer") == "apgd"
@@ -48,7 +48,7 @@ def format_table(summaries: list[dict]) -> str:
     rows = [("system", "images", "natural, protocol % [95% CI]", "natural, defense % [95% CI]", "robust % [95% CI]")
             + (("R-eval mean %", "worst of R % [95% CI]") if reeval else ()) + ("attack",)]
     for s in summaries:
-        system, attack = describe(s)
+        system, attack = system_and_attack_labels(s)
         robust = "-" if not MODES[s["config"]["attack"]["mode"]].moves else _pct(s["robust_accuracy"], s["robust_ci95"])
         defense = ("-" if s.get("natural_defense_accuracy") is None
                    else _pct(s["natural_defense_accuracy"], s["natural_defense_ci95"]))
@@ -81,8 +81,8 @@ def format_convergence(summary: dict) -> str:
                              f"estimates on {g['images']} images, " + (f"about {g['chains_for_0.9']:,} chains for 0.9"
                                                                        if g["chains_for_0.9"] else "no signal"))
     if not (c["natural_vote"]["images"] or c["break_confirmation"]["images"]):  # undefended: no chain ever voted
-        return f"{describe(summary)[0]}, convergence: no chains vote; {steps}{grad}"
-    return (f"{describe(summary)[0]}, convergence ({c['chains']} chains per vote): "
+        return f"{system_and_attack_labels(summary)[0]}, convergence: no chains vote; {steps}{grad}"
+    return (f"{system_and_attack_labels(summary)[0]}, convergence ({c['chains']} chains per vote): "
             f"{vote(c['natural_vote'], 'clean images')}; {vote(c['break_confirmation'], 'breaks')}; {steps}{grad}")
 
 
@@ -106,7 +106,7 @@ def format_worst_case(summary: dict) -> str:
                  _pct(summary["robust_accuracy"], summary["robust_ci95"])))
     keys = summary["config"]["attack"].get("ensemble_keys", "paired")
     what = f"{restarts} restart(s) each" + (f", {keys} keys" if "ensemble" in summary else "")
-    return f"{describe(summary)[0]}, {summary['images']} images, {what}:\n" + _aligned(rows)
+    return f"{system_and_attack_labels(summary)[0]}, {summary['images']} images, {what}:\n" + _aligned(rows)
 
 
 def format_paired(pairs: list[tuple[str, str, dict]]) -> str:
@@ -149,7 +149,7 @@ def plot_curves(summaries: list[dict], url: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for s in summaries:
         curve = s["accuracy_curve"]
-        label = " / ".join(describe(s))
+        label = " / ".join(system_and_attack_labels(s))
         ax.plot(range(-1, len(curve) - 1), [100 * v for v in curve], marker="." if len(curve) < 30 else None, label=label)
     ax.set_xlabel("attack step (-1 = clean image)")
     ax.set_ylabel("accuracy (%)")
@@ -167,7 +167,7 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
     """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
     if not cfg.mlflow.enabled:
         return None
-    system, attack = describe(summary)
+    system, attack = system_and_attack_labels(summary)
     with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
                     tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
         metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
