@@ -1,9 +1,7 @@
 """One attack loop and one counting protocol for every mode (Hill, Mitchell, Zhu 2021: BPDA+EOT with the paper's counting).
 
-Evaluation points: point 0 is the clean image, point t + 1 is PGD iterate t (t = 0 is the
-random start, t = steps the last iterate), so `steps` PGD steps give steps + 2 points.
-At a checked point an image is *broken* when its check prediction is wrong and a fresh
-confirmation prediction is wrong too; once broken it stays broken and leaves the batch.
+What is counted (evaluation points, checks and confirmations, breaks, both natural figures, the adversarial
+image, re-evaluation) is defined once, in the README's table "What each reported number means".
 
 What differs between attacks lives in their mode class (`modes.MODES[attack.mode]`: pgd,
 bpda_eot, exact_eot, transfer, defense): what is differentiated, who judges, which points are
@@ -11,22 +9,6 @@ checked. The judge of a defended mode is the defense: `eot_attack` purified repl
 `eot_defense` fresh ones confirm a wrong check; an undefended one's is the classifier alone.
 The iterates move by fixed-step PGD or by APGD (`attack.optimizer`, `apgd.UPDATERS`), ascending
 the cross-entropy or the DLR loss (`loss`) of the (EOT-averaged) output.
-
-Two natural figures. The protocol's (`natural_protocol_*`): the clean image is not broken at point
-0, i.e. its check is right OR its confirmation is right (the authors' released protocol, the figure
-to set beside the paper's). The defense's own (`natural_defense_*`): the prediction a deployed EOT
-defense makes on the clean image, its `eot_defense`-chain vote (the check's `eot_attack` chains when
-eot_defense = 0; the classifier itself when undefended). Point 0's confirmation chains are that
-vote: they run for every clean image, and the protocol uses them only where the check is wrong, so
-the protocol's records are what they were when only wrong checks were confirmed.
-
-The adversarial image of a record (`adv_image`, its loss `adv_loss`): the iterate at the break, or,
-for an image never broken, its most adversarial checked iterate, the one whose check output had
-the highest attack loss (the clean image for an image broken at point 0 or a mode that does not move).
-Stochastic-defense reporting (`reevaluations` = R > 0): after the attack, each record's adversarial
-image is judged R more times by the defense with fresh chains (`eot_defense` each); the summary
-gives the mean accuracy over the R judgements and the worst case (the share of images judged
-correctly all R times) beside the protocol's figure.
 
 Randomness is keyed by (seed, image id, call), with call = 2 * point for a check, 2 * point + 1
 for its confirmation and 2 * points + r for re-evaluation r, so an image's result does not
