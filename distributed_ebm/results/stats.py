@@ -16,7 +16,7 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return (float(ci.low), float(ci.high))
 
 
-UNDECIDED_P = 0.05  # a vote whose top two classes a two-sided sign test cannot tell apart at 95% is undecided
+UNDECIDED_P = 0.05  # a vote whose prediction a two-sided sign test cannot tell from its rival at 95% is undecided
 LATE = 0.2  # a break in the last 20% of the attack's steps says the attack had not finished
 
 
@@ -61,14 +61,27 @@ def gradient_convergence(cosines: list, chains: int, target: float = 0.9) -> dic
             f"chains_for_{target:g}": needed}
 
 
+def decision_counts(votes) -> tuple[int, int] | None:
+    """(chains for a judgement's prediction, chains for its rival) from a record's vote counts (`vote_counts`:
+    prediction, label, strongest other class): the rival is the label where the prediction is wrong (its count
+    differs from the prediction's), else the strongest other class. Records written before hold the two largest
+    counts, whatever their classes, and are read as such. None where no chain voted."""
+    if votes is None or votes[0] is None or votes[0] < 0:
+        return None
+    if len(votes) == 2:
+        return votes[0], votes[1]
+    return votes[0], votes[1] if votes[1] != votes[0] else votes[2]
+
+
 def convergence(natural_votes: list, final_votes: list, broken_at: list[int], points: int, chains: int) -> dict:
-    """Has the evaluation converged? The defense's vote: the share of clean images whose defended prediction the
-    chains do not decide at 95% (sign test between the two classes with most votes) and how many chains would
+    """Has the evaluation converged? The defense's vote: the share of clean images whose defended prediction (the
+    argmax of the averaged output) the chains do not decide at 95% (sign test between the chains voting for it and
+    for its rival, `decision_counts`; a rival with as many chains or more is undecided) and how many chains would
     decide them all; the same for the breaks' confirmations. The attack's steps: the last point that broke an image
     and how many broke in the last 20% of the steps (then: increase attack.steps)."""
     def votes(rows, images):
-        known = [(v[0], v[1]) for v, keep in zip(rows, images) if keep and v is not None and v[0] >= 0]
-        undecided = [(a, b) for a, b in known if sign_test_p(a, b) >= UNDECIDED_P]
+        known = [c for c in (decision_counts(v) for v, keep in zip(rows, images) if keep) if c is not None]
+        undecided = [(a, b) for a, b in known if a <= b or sign_test_p(a, b) >= UNDECIDED_P]
         needed = [chains_to_decide(a, b, a + b if a + b else 1) for a, b in undecided]
         return {"images": len(known), "undecided": len(undecided),
                 "undecided_share": len(undecided) / len(known) if known else None,

@@ -35,6 +35,7 @@ from .modes import MODES
 from .pgd import random_start, to_signed_units
 
 NEVER = -1
+VOTES = 3  # the vote counts a record keeps per judgement (`vote_counts`)
 
 
 @dataclass
@@ -52,8 +53,10 @@ class ImageRecord:
     adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the iterate at the break, else the most adversarial one
     adv_loss: float  # the attack loss of adv_image's check output
     reeval_correct: list = field(default_factory=list)  # one flag per re-evaluation of adv_image
-    natural_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # top two vote counts of natural_defense_pred
-    final_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # ... of the judgement that gave final_pred
+    # chains voting for the prediction, for the label, for the strongest other class (`vote_counts`), in the
+    # judgement that gave natural_defense_pred and in the one that gave final_pred; -1 = no chain voted
+    natural_votes: list = field(default_factory=lambda: [NEVER] * VOTES)
+    final_votes: list = field(default_factory=lambda: [NEVER] * VOTES)
     adv_point: int = 0  # the evaluation point of adv_image (0 = the clean image)
     gradient_cosine: list = field(default_factory=lambda: [None, None])  # two EOT gradients: at clean, at adv; None = unchecked
 
@@ -85,11 +88,15 @@ class _Batch:
     adv_point: torch.Tensor
 
 
-def top_two(counts: torch.Tensor) -> torch.Tensor:
-    """N x 2: each row's two largest vote counts (the winner's first; 0 for a runner-up where there is one class)."""
-    if counts.shape[1] < 2:
-        return torch.cat([counts, torch.zeros_like(counts)], dim=1)
-    return counts.topk(2, dim=1).values
+def vote_counts(counts: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """N x 3 from the chains' N x C vote counts: the chains voting for the judgement's prediction `pred` (the argmax
+    of the averaged output, not necessarily the class most chains vote for), for the label, and for the strongest
+    class other than the prediction."""
+    rows = torch.arange(len(counts), device=counts.device)
+    others = counts.clone()
+    others[rows, pred] = -1
+    rival = others.max(dim=1).values.clamp(min=0) if counts.shape[1] > 1 else torch.zeros_like(pred)
+    return torch.stack([counts[rows, pred], counts[rows, labels], rival], dim=1)
 
 
 def evaluation_points(settings) -> int:
@@ -143,8 +150,8 @@ class Attack:
         return logits.detach(), grad
 
     def eot(self, x, rows, call, replicates, labels=None, *, exact=False, runs=1, confirm=False, votes=False):
-        """EOT logits (and the attack's gradient when labels are given; with `votes`, the top two counts of the
-        chains' own votes, N x 2) of the images at batch rows `rows`; charges the chains to them: `runs` passes of
+        """EOT logits (and the attack's gradient when labels are given; with `votes`, the N x C counts of the
+        chains' own votes) of the images at batch rows `rows`; charges the chains to them: `runs` passes of
         each chain (1, more for an exact gradient), also as confirmation steps when `confirm`."""
         steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         self.cost[rows] += replicates * steps
@@ -152,8 +159,7 @@ class Attack:
             self.confirm_cost[rows] += replicates * steps
         ids = self._ids[rows]
         if labels is None and votes:
-            logits, counts = self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates, votes=True)
-            return logits, top_two(counts)
+            return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates, votes=True)
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
@@ -163,15 +169,17 @@ class Attack:
     def _judge(self, point, x, labels, rows, check_logits=None, vote_all=False):
         """(broken mask, prediction, check logits, defense vote or None, votes) at a checked point, with the paper's
         confirmation by a defended mode; `vote_all`: confirm every image, not only wrong checks, and return the
-        confirmations as the defense's vote. `votes` (N x 2): the top two counts of the chains' own votes of each
-        image's deciding judgement (its confirmation where it had one, else the check it was judged by when that
-        check ran here; -1 where there was none: an undefended mode, or a check reused from the gradient pass).
+        confirmations as the defense's vote. `votes` (N x 3, `vote_counts`): the chains' votes for the prediction,
+        the label and the strongest other class in each image's deciding judgement (its confirmation where it had
+        one, else the check it was judged by when that check ran here; -1 where there was none: an undefended mode,
+        or a check reused from the gradient pass).
         `rows` are the images' batch rows (all on x's device)."""
         same_device(x=x, labels=labels, rows=rows)
         defended, h = self.mode.defended, self.s.eot_defense
-        votes = torch.full((len(x), 2), NEVER, dtype=torch.int64, device=x.device)
+        votes = torch.full((len(x), VOTES), NEVER, dtype=torch.int64, device=x.device)
         if check_logits is None and defended:
-            check_logits, votes = self.eot(x, rows, 2 * point, self.s.eot_attack, votes=True)
+            check_logits, counts = self.eot(x, rows, 2 * point, self.s.eot_attack, votes=True)
+            votes = vote_counts(counts, check_logits.argmax(1), labels)
         elif check_logits is None:
             check_logits = self.classifier(x)
         pred = check_logits.argmax(1)
@@ -179,9 +187,9 @@ class Attack:
         vote = None
         if defended and h > 0 and (vote_all or wrong.any()):
             sub = torch.arange(len(x), device=x.device) if vote_all else wrong.nonzero().flatten()
-            confirm, sub_votes = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True, votes=True)
+            confirm, sub_counts = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True, votes=True)
             confirm = confirm.argmax(1)
-            votes[sub] = sub_votes
+            votes[sub] = vote_counts(sub_counts, confirm, labels[sub])
             vote = confirm if vote_all else None
             confirm, sub = (confirm[wrong], sub[wrong]) if vote_all else (confirm, sub)
             pred[sub] = confirm
