@@ -42,3 +42,27 @@ def test_the_sign_test_is_two_sided_and_exact(a, b):
     if a + b:
         assert p == pytest.approx(binomtest(a, a + b, 0.5, alternative="two-sided").pvalue, rel=1e-12)
         assert p >= binomtest(max(a, b), a + b, 0.5, alternative="greater").pvalue  # never the one-sided p
+
+
+def test_the_worst_case_over_every_judgement_never_exceeds_robust_and_old_summaries_read_honestly():
+    """An image broken by the protocol whose final adversarial image is then judged right R times counts in the
+    re-judgements' figure but not in the worst case over every judgement; a summary written with the old
+    `worst_case_accuracy` (the re-judgements alone) is read as that, with no worst case over every judgement."""
+    from distributed_ebm.results.records import summarize
+    from distributed_ebm.results.report import format_table, upgrade_summary
+
+    broken_at = [3, 5, -1, -1, 0]
+    reeval = [[True, True], [True, True], [True, False], [True, True], [True, True]]
+    s = summarize([True] * 4 + [False], [True] * 5, broken_at, 12, reeval)
+    assert s["robust_accuracy"] == 2 / 5 and s["reeval_all_right_accuracy"] == 4 / 5  # above robust, as committed
+    assert s["worst_of_all_judgements_accuracy"] == 1 / 5 <= s["robust_accuracy"]
+    assert "worst_case_accuracy" not in s
+    old = {"worst_case_accuracy": 0.035, "worst_case_ci95": [0.017, 0.07], "reevaluations": 2}
+    assert upgrade_summary(old) and old == {"reeval_all_right_accuracy": 0.035, "reeval_all_right_ci95": [0.017, 0.07],
+                                            "reevaluations": 2}
+    import json
+    from .conftest import REPO
+    committed = json.loads((REPO / "results" / "defended_bpda_eot.json").read_text())
+    assert "worst_case_accuracy" in committed  # written before the two figures
+    line = format_table([committed]).splitlines()[2]
+    assert " 3.5 [" in line and line.count(" - ") >= 1  # its re-judgements' figure, and no worst case invented

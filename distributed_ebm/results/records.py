@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..store import provenance, storage
 from ..method.attacks import NEVER, ImageRecord, evaluation_points
 from ..errors import InputError
-from .report import attack_label, plot_curves
+from .report import attack_label, plot_curves, upgrade_summary
 from .stats import (LATE, UNDECIDED_P, chains_to_decide, convergence,  # noqa: F401  (their users import them here)
                     gradient_convergence, sign_test_p, wilson_interval)
 
@@ -188,7 +188,9 @@ Interval = tuple[float, float]
 
 class _Summary(_Part):
     """What `debm report` reads from a summary.json (extra keys are kept). A summary written before the two
-    natural figures has `natural_accuracy` (the protocol's) instead: it is read as that, the defense's unknown."""
+    natural figures has `natural_accuracy` (the protocol's) instead: it is read as that, the defense's unknown.
+    One written before the two re-evaluation worst cases has `worst_case_accuracy`, the re-judgements alone: it is
+    read as `reeval_all_right_accuracy`, the worst case over every judgement unknown (`upgrade_summary`)."""
 
     images: int
     natural_protocol_accuracy: float
@@ -201,8 +203,10 @@ class _Summary(_Part):
     config: _ConfigPart
     reevaluations: Optional[int] = None
     reeval_mean_accuracy: Optional[float] = None
-    worst_case_accuracy: Optional[float] = None
-    worst_case_ci95: Optional[Interval] = None
+    reeval_all_right_accuracy: Optional[float] = None
+    reeval_all_right_ci95: Optional[Interval] = None
+    worst_of_all_judgements_accuracy: Optional[float] = None
+    worst_of_all_judgements_ci95: Optional[Interval] = None
 
 
 def accuracy_curve(broken_at: list[int], points: int) -> list[float]:
@@ -217,8 +221,10 @@ def summarize(natural_protocol: list[bool], natural_defense: list[bool], broken_
               reeval_correct: list[list[bool]] | None = None) -> dict:
     """Both natural accuracies (the protocol's: not broken at the clean image; the defense's own: its
     eot_defense-chain vote on the clean image) and robust accuracy, with 95% Wilson intervals, and the
-    accuracy curve; with re-evaluations, also their mean accuracy, each one's accuracy, and the worst
-    case (images judged correctly every time)."""
+    accuracy curve; with re-evaluations, also their mean accuracy, each one's accuracy, the share of images whose
+    adversarial image is judged right every time (`reeval_all_right_*`, which may exceed robust: it looks at one
+    image) and the worst case over every judgement (robust under the protocol and right every time, never above
+    robust)."""
     n = len(broken_at)
     share = lambda k: k / n if n else float("nan")  # noqa: E731
     protocol = int(sum(bool(c) for c in natural_protocol))
@@ -233,13 +239,16 @@ def summarize(natural_protocol: list[bool], natural_defense: list[bool], broken_
     }
     if reeval_correct and n and len(reeval_correct[0]):
         flags = np.asarray(reeval_correct, dtype=bool)  # images x R
-        worst = int(flags.all(axis=1).sum())
+        all_right = flags.all(axis=1)
+        worst = int((all_right & (np.asarray(broken_at) == NEVER)).sum())  # robust, and right every re-judgement
         summary.update({
             "reevaluations": int(flags.shape[1]),
             "reeval_accuracies": flags.mean(axis=0).tolist(),
             "reeval_mean_accuracy": float(flags.mean()),
-            "worst_case_accuracy": worst / n,
-            "worst_case_ci95": wilson_interval(worst, n),
+            "reeval_all_right_accuracy": int(all_right.sum()) / n,
+            "reeval_all_right_ci95": wilson_interval(int(all_right.sum()), n),
+            "worst_of_all_judgements_accuracy": worst / n,
+            "worst_of_all_judgements_ci95": wilson_interval(worst, n),
         })
     return summary
 
@@ -282,6 +291,21 @@ def paired_comparison(output_a: str, output_b: str) -> dict | None:
             "robust_in_both": len(shared) - a_only - b_only - both, "sign_test_p": sign_test_p(a_only, b_only)}
 
 
+def worst_case_over_runs(outputs: list[str]) -> dict | None:
+    """Several runs against one defense, per image they all attacked: robust only if robust under every run (the
+    worst case over the runs, from their records); None when they share no image."""
+    robust = []
+    for url in outputs:
+        t = read_records(url, ["index", "broken_at"])
+        robust.append(dict(zip(t.column("index").to_pylist(), (b == NEVER for b in t.column("broken_at").to_pylist()))))
+    shared = sorted(set.intersection(*(set(r) for r in robust)))
+    if not shared:
+        return None
+    standing = sum(all(r[i] for r in robust) for i in shared)
+    return {"runs": len(outputs), "images": len(shared), "robust": standing,
+            "robust_accuracy": standing / len(shared), "robust_ci95": wilson_interval(standing, len(shared))}
+
+
 def load_summary(output: str) -> dict:
     """An attack folder's summary.json, checked: junk fails with one line naming the file and the key."""
     url = storage.join(output, SUMMARY)
@@ -292,9 +316,7 @@ def load_summary(output: str) -> dict:
         raise InputError(f"{url} is not valid JSON ({type(err).__name__})") from None
     if not isinstance(summary, dict):
         raise InputError(f"{url} holds a {type(summary).__name__}, not the summary object of an attack")
-    if "natural_accuracy" in summary and "natural_protocol_accuracy" not in summary:  # written before both figures
-        summary["natural_protocol_accuracy"] = summary.pop("natural_accuracy")
-        summary["natural_protocol_ci95"] = summary.pop("natural_ci95", None)
+    if upgrade_summary(summary):
         raw = json.dumps(summary)
     try:
         _Summary.model_validate_json(raw)  # JSON mode: lists are intervals, strings are not numbers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 from ..method.attacks.modes import MODES
 from ..store import storage
@@ -38,6 +39,20 @@ def attack_label(a: dict) -> str:
                                           extra=extra, kink=kink)
 
 
+def upgrade_summary(summary: dict) -> bool:
+    """Renames in place the keys of a summary written before today's names; True if any was renamed."""
+    renamed = False
+    if "natural_accuracy" in summary and "natural_protocol_accuracy" not in summary:  # written before both figures
+        summary["natural_protocol_accuracy"] = summary.pop("natural_accuracy")
+        summary["natural_protocol_ci95"] = summary.pop("natural_ci95", None)
+        renamed = True
+    if "worst_case_accuracy" in summary and "reeval_all_right_accuracy" not in summary:  # the re-judgements alone
+        summary["reeval_all_right_accuracy"] = summary.pop("worst_case_accuracy")
+        summary["reeval_all_right_ci95"] = summary.pop("worst_case_ci95", None)
+        renamed = True
+    return renamed
+
+
 def _pct(value: float, ci) -> str:
     return f"{100 * value:5.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
@@ -46,7 +61,8 @@ def format_table(summaries: list[dict]) -> str:
     """Both natural accuracies and robust accuracy, in percent with 95% Wilson intervals."""
     reeval = any("reevaluations" in s for s in summaries)
     rows = [("system", "images", "natural, protocol % [95% CI]", "natural, defense % [95% CI]", "robust % [95% CI]")
-            + (("R-eval mean %", "worst of R % [95% CI]") if reeval else ()) + ("attack",)]
+            + (("R-eval mean %", "R-eval all right % [95% CI]", "worst of all judgements % [95% CI]") if reeval else ())
+            + ("attack",)]
     for s in summaries:
         system, attack = system_and_attack_labels(s)
         robust = "-" if not MODES[s["config"]["attack"]["mode"]].moves else _pct(s["robust_accuracy"], s["robust_ci95"])
@@ -54,8 +70,12 @@ def format_table(summaries: list[dict]) -> str:
                    else _pct(s["natural_defense_accuracy"], s["natural_defense_ci95"]))
         row = (system, str(s["images"]), _pct(s["natural_protocol_accuracy"], s["natural_protocol_ci95"]), defense, robust)
         if reeval:
+            upgrade_summary(s)
+            worst = s.get("worst_of_all_judgements_accuracy")  # unknown in a summary written before it
             row += ((f"{100 * s['reeval_mean_accuracy']:5.1f} (R={s['reevaluations']})",
-                     _pct(s["worst_case_accuracy"], s["worst_case_ci95"])) if "reevaluations" in s else ("-", "-"))
+                     _pct(s["reeval_all_right_accuracy"], s["reeval_all_right_ci95"]),
+                     "-" if worst is None else _pct(worst, s["worst_of_all_judgements_ci95"]))
+                    if "reevaluations" in s else ("-", "-", "-"))
         rows.append(row + (attack,))
     tables = [_aligned(rows)] + [format_worst_case(s) for s in summaries if "ensemble" in s or "restarts" in s]
     notes = [format_convergence(s) for s in summaries if s.get("convergence")]
@@ -119,6 +139,22 @@ def format_paired(pairs: list[tuple[str, str, dict]]) -> str:
     return "paired comparison (the images both runs attacked):\n" + _aligned(rows)
 
 
+def defense_key(summary: dict) -> str:
+    """What identifies the defense a run attacked: its system label, the classifier and, when defended, the EBM."""
+    cfg, system = summary["config"], system_and_attack_labels(summary)[0]
+    ebm = None if system.endswith("undefended") else [cfg.get("ebm"), cfg.get("ebm_net")]
+    return json.dumps([system, cfg["classifier"], ebm], sort_keys=True, default=str)
+
+
+def format_worst_over_runs(groups: list[tuple[str, dict]]) -> str:
+    """One row per defense attacked by several runs: the images they all attacked and the robust accuracy of the
+    worst case over the runs (an image robust only if robust under every run)."""
+    rows = [("system", "runs", "shared images", "robust under every run % [95% CI]")]
+    for system, w in groups:
+        rows.append((system, str(w["runs"]), str(w["images"]), _pct(w["robust_accuracy"], w["robust_ci95"])))
+    return "worst case over the runs of each defense (per shared image):\n" + _aligned(rows)
+
+
 def _aligned(rows: list[tuple]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -175,7 +211,8 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
         for name in ("natural_protocol", "natural_defense", "robust"):
             metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0], f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
         if "reevaluations" in summary:
-            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "worst_case_accuracy")})
+            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "reeval_all_right_accuracy",
+                                                    "worst_of_all_judgements_accuracy")})
             for r, acc in enumerate(summary["reeval_accuracies"]):
                 mlflow.log_metric("reeval_accuracy", acc, step=r)
         if summary.get("image_steps_per_second") is not None:
