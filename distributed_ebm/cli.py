@@ -241,13 +241,22 @@ def main(argv: list[str] | None = None) -> int:
         return import_command(args)
     if args.command == "report":
         from .store import storage
-        from .results.report import format_paired, format_table, plot_curves
-        from .results.records import load_summary, paired_comparison
+        from .results.report import (defense_key, format_paired, format_table, format_worst_over_runs, plot_curves,
+                                     system_and_attack_labels)
+        from .results.records import load_summary, paired_comparison, worst_case_over_runs
         try:
             if args.plot:
                 storage.check_destination(args.plot, "--plot")
             summaries = [load_summary(url) for url in args.urls]
             print(format_table(summaries))
+            by_defense: dict[str, list[tuple[str, dict]]] = {}
+            for url, summary in zip(args.urls, summaries):
+                by_defense.setdefault(defense_key(summary), []).append((url, summary))
+            worst = [(system_and_attack_labels(runs[0][1])[0], worst_case_over_runs([url for url, _ in runs]))
+                     for runs in by_defense.values() if len(runs) > 1]
+            worst = [w for w in worst if w[1] is not None]
+            if worst:
+                print("\n" + format_worst_over_runs(worst))
             pairs = [(a, b, paired_comparison(a, b)) for k, a in enumerate(args.urls) for b in args.urls[k + 1:]]
             pairs = [p for p in pairs if p[2] is not None]
             if pairs:

@@ -129,6 +129,11 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
     assert main(["report", outs["weak"], outs["strong"]]) == 0
     printed = capsys.readouterr().out
     assert "paired comparison (the images both runs attacked)" in printed
+    # one defense (the undefended ResNet-20) under two runs: per shared image, robust only if robust under both
+    worst = printed.split("worst case over the runs of each defense (per shared image):\n")[1].splitlines()[2]
+    standing = sum(weak[i] == -1 and strong[i] == -1 for i in shared)
+    assert d["robust_in_both"] == standing
+    assert worst.split()[:5] == ["resnet20", "undefended", "2", "6", f"{100 * standing / 6:.1f}"]
     row = printed.splitlines()[-1].split()
     assert row[:6] == [outs["weak"], outs["strong"], "6", str(d["broken_by_a_only"]), str(d["broken_by_b_only"]),
                        str(d["broken_by_both"])]

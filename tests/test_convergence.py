@@ -1,10 +1,11 @@
-"""Has the evaluation converged? The defense's vote (decided at 95% by a sign test between its top two classes,
-and how many chains would decide it) and the attack's steps (breaks in the last 20% of them), checked against
+"""Has the evaluation converged? The defense's vote (decided at 95% by a sign test between its prediction and its
+rival, and how many chains would decide it) and the attack's steps (breaks in the last 20% of them), checked against
 cases with a known answer, in one process; the Ray engine gives the same figures (tests/test_ray_evaluate.py)."""
 import math
 import time
 
 import pytest
+import torch
 
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import OneProcess
@@ -127,3 +128,42 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     assert main(["report", str(tmp_path / "out"), "--gallery", "3"]) == 0
     assert f"gallery: {tmp_path}/out/gallery.png" in capsys.readouterr().out
     assert (tmp_path / "out" / "gallery.png").read_bytes() == before
+
+
+def test_vote_counts_belong_to_the_averaged_prediction_not_to_the_most_voted_class():
+    """Three chains vote class 0 by a hair, two vote class 1 by a mile: the averaged logits predict 1. The counts a
+    record keeps are those of the prediction (1), of the label, and of the strongest other class (0)."""
+    from distributed_ebm.method.attacks.engine import vote_counts
+
+    per_chain = torch.tensor([[1.0, 0.9, 0], [1.0, 0.9, 0], [1.0, 0.9, 0], [0, 9.0, 0], [0, 9.0, 0]])
+    counts = torch.nn.functional.one_hot(per_chain.argmax(1), 3).sum(0, keepdim=True)  # [[3, 2, 0]]
+    pred = per_chain.mean(0, keepdim=True).argmax(1)
+    assert pred.item() == 1
+    assert vote_counts(counts, pred, torch.tensor([2])).tolist() == [[2, 0, 3]]
+    assert vote_counts(counts, pred, torch.tensor([1])).tolist() == [[2, 2, 3]]
+    # the averaged decision is not decided by chains that mostly vote for another class, however many
+    assert convergence([[20, 20, 30]], [None], [-1], 1, 50)["natural_vote"]["undecided"] == 1
+    assert convergence([[30, 30, 2]], [None], [-1], 1, 32)["natural_vote"]["undecided"] == 0  # right, decided
+    # wrong predictions are weighed against the label: 14 for the prediction against 2 for the label is decided
+    assert convergence([[14, 2, 2]], [None], [-1], 1, 16)["natural_vote"]["undecided"] == 0
+
+
+def test_an_attacks_vote_shares_are_the_chains_voting_for_its_prediction(tmp_path):
+    """The records' counts, checked against the defense's own chains (the same keys, counted here): the clean image's
+    vote is its confirmation call (1), with `eot_defense` chains."""
+    from distributed_ebm.config import AttackSettings
+    from distributed_ebm.method.attacks import Attack
+    from distributed_ebm.method.defense import Purifier
+
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    images, labels, ids = torch.rand(6, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(6) + 10
+    attack = Attack(clf, Purifier(tiny_ebm(), 2, 0.0, 0.5), AttackSettings(mode="defense", eot_attack=4, eot_defense=9),
+                    seed=3)
+    records = attack(images, labels, ids)
+    logits, counts = attack.defense.logits(images, ids, seed=3, call=1, replicates=9, votes=True)
+    assert counts.min() >= 0 and (counts.max(1).values < 9).any()  # the chains disagree: the test can tell
+    for r, z, c, y in zip(records, logits, counts, labels.tolist()):
+        pred = int(z.argmax())
+        assert r.natural_defense_pred == pred
+        assert r.natural_votes == [int(c[pred]), int(c[y]), int(max(c[k] for k in range(4) if k != pred))]

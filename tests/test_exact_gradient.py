@@ -175,3 +175,28 @@ def test_a_recomputation_that_leaves_the_judged_chain_fails_in_one_line():
     out = differentiable_langevin(Drifting(), x, ChainKeys.replicated(0, torch.tensor([1]), 1), 4, 0.1, 0.01, 2)
     with pytest.raises(ChainMismatch, match=r"recomputed chain left the judged one in steps 2\.\.3"):
         out.sum().backward()
+
+
+def test_a_differentiated_chain_that_is_not_the_judged_one_fails_in_one_line(setup):
+    """The chain the defense judged (its first pass) and the chain the gradient goes through (the second) must be one
+    chain: a purifier whose judged pass differs in the last bit (as TF32 or a non-deterministic kernel would make it)
+    fails the exact gradient instead of differentiating the other chain."""
+    from distributed_ebm.method.defense import EOTDefense, Purifier
+    from distributed_ebm.method.exact_chain import ChainMismatch
+    ebm, x, keys, _ = setup
+    out = langevin(ebm, x, keys, 4)
+    assert torch.equal(differentiable_langevin(ebm, x, keys, 4, segment=2, judged=out).detach(), out)
+    with pytest.raises(ChainMismatch, match="differentiated chain is not the judged one"):
+        differentiable_langevin(ebm, x, keys, 4, segment=2, judged=out.nextafter(out + 1))
+
+    class OffByOneBit(Purifier):  # the judged pass: the sampler's chain, one ulp off
+        def __call__(self, x, keys):
+            out = super().__call__(x, keys)
+            return out.nextafter(out + 1)
+
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).double()
+    y, ids = torch.tensor([1, 3]), torch.tensor([4, 7])
+    kw = dict(seed=9, call=5, replicates=2, exact=True, segment=2)
+    EOTDefense(clf, Purifier(ebm, 4, 1.0, 0.01), chunk_size=3).logits_and_grad(x, y, ids, **kw)  # the same chain: fine
+    with pytest.raises(ChainMismatch, match="differentiated chain is not the judged one"):
+        EOTDefense(clf, OffByOneBit(ebm, 4, 1.0, 0.01), chunk_size=3).logits_and_grad(x, y, ids, **kw)

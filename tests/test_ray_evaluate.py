@@ -70,7 +70,8 @@ def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url,
     keys = ["natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy", "accuracy_curve", "image_steps",
             "convergence"]  # the vote and steps figures too: the same records give the same convergence
     if settings:
-        keys += ["reeval_accuracies", "reeval_mean_accuracy", "worst_case_accuracy"]
+        keys += ["reeval_accuracies", "reeval_mean_accuracy", "reeval_all_right_accuracy",
+                 "worst_of_all_judgements_accuracy"]
         assert piped["reevaluations"] == 2
     for k in keys:
         assert piped[k] == single[k]

@@ -75,8 +75,12 @@ def test_reevaluations_report_mean_and_worst_case_whatever_the_batching(defended
     assert [r.reeval_correct for r in _run(Attack(clf, purifier, s, seed=3), data, 2)] == [r.reeval_correct for r in one]
     flags = [r.reeval_correct for r in one]
     summary = summarize_records(one, 4)
-    assert summary["worst_case_accuracy"] == sum(all(f) for f in flags) / len(flags)
-    assert summary["worst_case_accuracy"] <= summary["reeval_mean_accuracy"] <= max(summary["reeval_accuracies"])
+    assert summary["reeval_all_right_accuracy"] == sum(all(f) for f in flags) / len(flags)
+    assert summary["reeval_all_right_accuracy"] <= summary["reeval_mean_accuracy"] <= max(summary["reeval_accuracies"])
+    # the worst case over every judgement: robust under the protocol and right in all R re-judgements
+    assert summary["worst_of_all_judgements_accuracy"] == sum(all(r.reeval_correct) and r.robust for r in one) / 6
+    assert summary["worst_of_all_judgements_accuracy"] <= min(summary["robust_accuracy"],
+                                                              summary["reeval_all_right_accuracy"])
     assert len({tuple(f) for f in flags}) > 1 or len(set(flags[0])) > 1, "fresh chains should disagree somewhere"
     # mode defense: the clean image re-judged R times
     nat = Attack(clf, purifier, AttackSettings(mode="defense", eot_attack=2, eot_defense=1, reevaluations=2), seed=3)

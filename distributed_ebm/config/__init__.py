@@ -4,7 +4,7 @@ from ..errors import ConfigError, InputError, JobFailed, run_job
 from .attack import AttackConfig, AttackSettings, ReportConfig
 from .common import (URL, Budget, ClassifierConfig, DataConfig, EBMConfig, EBMNetConfig, EBMRayConfig, LangevinConfig,
                      MLflowConfig, RayConfig, Section, TrainRayConfig, shared)
-from .load import build, describe, load_config, to_yaml
+from .load import build, validation_message, load_config, to_yaml
 from .quickstart import QuickstartConfig
 from .train import StandaloneTrainConfig, TrainClassifierConfig, TrainEBMConfig
 from .tune import PURIFY_PARAMS, SearchConfig, SearchRange, TunePurificationConfig, TuneTrainingConfig

@@ -10,7 +10,7 @@ from ..method.defense import LOSSES
 from ..method.nets.formats import format_names
 from .common import (URL, Budget, ClassifierConfig, DataConfig, EBMNetConfig, LangevinConfig, MLflowConfig, Output,
                      Precision, RayConfig, Section, Seed)
-from .load import describe
+from .load import validation_message
 
 
 class PurifyConfig(LangevinConfig):
@@ -114,7 +114,7 @@ class AttackSettings(Section):
             try:
                 member = AttackSettings.model_validate({**base, **entry})
             except ValidationError as err:
-                raise ValueError(f"attack.ensemble[{k}]: {describe(err)}") from None
+                raise ValueError(f"attack.ensemble[{k}]: {validation_message(err)}") from None
             if not MODES[member.mode].moves:
                 raise ValueError(f"attack.ensemble[{k}]: mode {member.mode} does not attack")
             out.append(member)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ConfigError
 
 
-def describe(err: ValidationError) -> str:
+def validation_message(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -47,7 +47,7 @@ def _validated(cls: type[BaseModel], layers: list, where: str) -> BaseModel:
     try:
         return cls.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"config error: {describe(err)}") from None
+        raise ConfigError(f"config error: {validation_message(err)}") from None
 
 
 def _omegaconf_error(err: Exception, where: str) -> ConfigError:

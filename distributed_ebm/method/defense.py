@@ -3,8 +3,8 @@
 Replicate chains of an image are folded into the batch dimension (image-major: chain k is
 replicate k % R of image k // R) and processed in chunks of at most `chunk_size` chains; each
 chunk's outputs are added into running per-image sums and dropped, so the work's memory is
-bounded by `chunk_size` chains whatever the number of replicates R. (BPDA's gradient alone also
-keeps the purified images, R per image, between its two passes.) Chains are keyed (`ChainKeys`),
+bounded by `chunk_size` chains whatever the number of replicates R. (A gradient also keeps the purified
+images, R per image, between its two passes.) Chains are keyed (`ChainKeys`),
 and each image's sum adds its replicates one by one in replicate order, with no scatter or atomic
 add, so chunking and batching never change the sum and it is deterministic on CUDA as on the CPU.
 
@@ -140,16 +140,16 @@ class EOTDefense:
         keyed noise, checkpointed every `segment` steps (`exact_chain`); surrogate_temperature T
         differentiates each step through the EBM's smooth surrogate (`EBM.smooth_surrogate`: LeakyReLU
         becomes b x + (1 - b) T softplus(x / T); a smooth EBM has none and is unchanged). Two passes
-        over the chunks (outputs, then vector-Jacobian products): the exact one runs each chunk's chains
-        again, so its memory stays bounded by `chunk_size` chains; BPDA keeps the purified images between
-        the passes (R images per image), and its chain work is bounded by `chunk_size` chains.
+        over the chunks (outputs, then vector-Jacobian products), keeping the purified images between the passes
+        (R images per image): BPDA starts its second pass from them; the exact one runs each chunk's chains again
+        and checks them against these, the judged chains, bit for bit (`ChainMismatch`), and its graph memory
+        stays bounded by `chunk_size` chains.
         """
         same_device(x=x, labels=labels, ids=ids)
         p = self.purifier
         through_chain = exact and not p.is_identity and p.ebm is not None and p.step_size != 0
-        chunks = self._purified_chunks(x, ids, seed, call, replicates)
-        if not through_chain:  # BPDA's second pass starts from the purified images: keep them
-            chunks = list(chunks)
+        # kept for the second pass: BPDA starts from them, the exact gradient checks its chains are these
+        chunks = list(self._purified_chunks(x, ids, seed, call, replicates))
         mean, _ = self._mean_outputs(chunks, x.shape[0], replicates)
         with torch.enable_grad():
             m = mean.detach().requires_grad_(True)
@@ -160,14 +160,15 @@ class EOTDefense:
                   else None)
         if through_chain:  # run each chunk's chains again, now differentiably
             keys = ChainKeys.replicated(seed, ids, replicates, call)
-            chunks = ((a, _rows(x, a, b, replicates), keys[a:b]) for a, b in self._chunks(x.shape[0], replicates))
+            chunks = ((a, _rows(x, a, a + len(judged), replicates), keys[a:a + len(judged)], judged)
+                      for a, judged in chunks)
         else:  # the noise-only chain's Jacobian is the identity: BPDA is exact there
-            chunks = ((a, xp, None) for a, xp in chunks)
+            chunks = ((a, xp, None, None) for a, xp in chunks)
         with torch.enable_grad():
-            for a, x0, chunk_keys in chunks:
+            for a, x0, chunk_keys, judged in chunks:
                 x0 = x0.detach().requires_grad_(True)
                 xp = (differentiable_langevin(p.ebm, p.kick(x0, chunk_keys), chunk_keys, p.steps, p.step_size, p.noise,
-                                              segment, smooth, p.amp)
+                                              segment, smooth, p.amp, judged=judged)
                       if through_chain else x0)
                 v = _rows(g_mean, a, a + x0.shape[0], replicates)
                 surrogate = (self._per_replicate(self.classifier(xp)) * v).sum() / replicates

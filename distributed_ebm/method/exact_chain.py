@@ -13,9 +13,11 @@ segment's graph: with segment ~ sqrt(steps), it grows with sqrt(steps), not with
 The gradient is that of the chain that is judged. The forward pass is the purifier's own sampler
 (`langevin`: its layout, its CUDA graph, its autocast), and the recomputation repeats its arithmetic
 op for op (channels-last states, the same fused subtract and add, the same autocast), so it rebuilds
-the same states bit for bit; every recomputed segment is compared with the state the forward pass
-stored, and a difference (kernels that are not deterministic on a device) fails the gradient with
-one line (`ChainMismatch`) instead of differentiating another chain.
+the same states bit for bit. Two comparisons tie the differentiated chain to the judged one: the forward
+pass's last state with the judged chain's (`judged`, the purified images the defense classified), and every
+recomputed segment with the state the forward pass stored. A difference (TF32 or kernels that are not
+deterministic on a device) fails the gradient with one line (`ChainMismatch`) instead of differentiating
+another chain.
 
 Kink-aware gradients (`surrogate`): for a piecewise-linear EBM (the paper's LeakyReLU) Hess f is
 zero almost everywhere, so the pathwise gradient equals BPDA's and misses how the noise smooths the
@@ -75,12 +77,17 @@ def _steps(energy: nn.Module, x: torch.Tensor, keys: ChainKeys, start: int, coun
 
 class _CheckpointedChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, energy, keys, steps, step_size, noise, segment, surrogate, amp):
+    def forward(ctx, x, energy, keys, steps, step_size, noise, segment, surrogate, amp, judged):
         starts = list(range(0, steps, segment))
         boundaries = [x.detach().contiguous(memory_format=torch.channels_last)]
         for start in starts:  # the purifier's sampler, segment by segment (the same chain as in one piece)
             boundaries.append(langevin(energy, boundaries[-1], keys, min(segment, steps - start), step_size, noise,
                                        start_step=start, amp=amp))
+        if judged is not None and not torch.equal(boundaries[-1], judged):
+            diff = (boundaries[-1] - judged).abs().max().item()
+            raise ChainMismatch(f"exact gradient: the differentiated chain is not the judged one after {steps} steps "
+                                f"(max |difference| {diff:.3g}); this device's kernels do not repeat bit for bit, "
+                                "so the gradient would be another chain's")
         ctx.save_for_backward(*boundaries)
         ctx.setup = (energy, keys, steps, step_size, noise, segment, starts, surrogate, amp)
         return boundaries[-1].clone()
@@ -100,7 +107,7 @@ class _CheckpointedChain(torch.autograd.Function):
                                         f"{start}..{start + count - 1} (max |difference| {diff:.3g}); this device's "
                                         "kernels do not repeat bit for bit, so the gradient would be another chain's")
                 (v,) = torch.autograd.grad(x1, x0, v)
-        return v, None, None, None, None, None, None, None, None
+        return v, None, None, None, None, None, None, None, None, None
 
 
 def default_segment(steps: int) -> int:
@@ -110,13 +117,16 @@ def default_segment(steps: int) -> int:
 
 def differentiable_langevin(energy: nn.Module, x: torch.Tensor, keys: ChainKeys, steps: int, step_size: float = 1.0,
                             noise: float = 0.01, segment: int | None = None,
-                            surrogate: nn.Module | None = None, amp: torch.dtype | None = None) -> torch.Tensor:
+                            surrogate: nn.Module | None = None, amp: torch.dtype | None = None,
+                            judged: torch.Tensor | None = None) -> torch.Tensor:
     """The purifier's chain from x (`langevin`'s states, bit for bit), differentiable with respect to x
     (not to the EBM's parameters).
 
     segment: Langevin steps per checkpointed segment; None = `default_segment(steps)`; segment >= steps
     recomputes the whole chain in one graph. surrogate: an energy whose Hessian replaces the energy's in the
     backward pass (module docstring); None = the exact pathwise gradient. amp: the purifier's autocast dtype.
+    judged: the chains' final states as the judged pass produced them; the forward pass must equal them bit for bit
+    (else `ChainMismatch`). None = no judged pass to compare with.
     """
     if len(keys) != x.shape[0]:
         raise ValueError(f"{len(keys)} chain keys for {x.shape[0]} chains")
@@ -126,4 +136,4 @@ def differentiable_langevin(energy: nn.Module, x: torch.Tensor, keys: ChainKeys,
         raise ValueError(f"segment must be at least 1 (got {segment})")
     with frozen(energy):
         return _CheckpointedChain.apply(x, energy, keys, steps, step_size, noise, min(segment, max(steps, 1)),
-                                        surrogate, amp)
+                                        surrogate, amp, None if judged is None else judged.detach())

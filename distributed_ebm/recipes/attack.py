@@ -32,7 +32,7 @@ from ..store.provenance import attack_settings
 from ..progress import Progress
 from ..results import records as results
 from ..results.gallery import GalleryRow, write_gallery
-from ..results.report import describe, log_attack
+from ..results.report import log_attack, system_and_attack_labels
 
 
 class Rerun(Exception):
@@ -162,7 +162,7 @@ def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
     """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing.
     `attack`: the run's own, when the caller holds it (else built here, as the config says)."""
     rows = gallery_rows(cfg, data, device, attack) if cfg.report.gallery else []
-    system, attack_label = describe({"config": cfg.model_dump(mode="json")})
+    system, attack_label = system_and_attack_labels({"config": cfg.model_dump(mode="json")})
     return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
 
 

@@ -8,15 +8,14 @@ batches in flight, and a rerun skips every image that has a record (`done_ids`).
 the settings that wrote it (store/provenance.py) in its parquet metadata; `check_settings` refuses a rerun
 with other settings before any work.
 
-The statistics of the records live here too, in one implementation: 95% Wilson intervals, the
-accuracy curve, the summary (`summarize`) and the ensemble's per-attack columns.
+The summary of the records lives here too (`summarize`: the accuracies, the accuracy curve, the ensemble's
+per-attack columns); the binomial statistics it uses are in stats.py.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import math
 from typing import Optional
 
 import numpy as np
@@ -28,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..store import provenance, storage
 from ..method.attacks import NEVER, ImageRecord, evaluation_points
 from ..errors import InputError
-from .report import describe_attack, plot_curves
+from .report import attack_label, plot_curves, upgrade_summary
+from .stats import (LATE, UNDECIDED_P, chains_to_decide, convergence,  # noqa: F401  (their users import them here)
+                    gradient_convergence, sign_test_p, wilson_interval)
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
 
@@ -187,7 +188,9 @@ Interval = tuple[float, float]
 
 class _Summary(_Part):
     """What `debm report` reads from a summary.json (extra keys are kept). A summary written before the two
-    natural figures has `natural_accuracy` (the protocol's) instead: it is read as that, the defense's unknown."""
+    natural figures has `natural_accuracy` (the protocol's) instead: it is read as that, the defense's unknown.
+    One written before the two re-evaluation worst cases has `worst_case_accuracy`, the re-judgements alone: it is
+    read as `reeval_all_right_accuracy`, the worst case over every judgement unknown (`upgrade_summary`)."""
 
     images: int
     natural_protocol_accuracy: float
@@ -200,8 +203,10 @@ class _Summary(_Part):
     config: _ConfigPart
     reevaluations: Optional[int] = None
     reeval_mean_accuracy: Optional[float] = None
-    worst_case_accuracy: Optional[float] = None
-    worst_case_ci95: Optional[Interval] = None
+    reeval_all_right_accuracy: Optional[float] = None
+    reeval_all_right_ci95: Optional[Interval] = None
+    worst_of_all_judgements_accuracy: Optional[float] = None
+    worst_of_all_judgements_ci95: Optional[Interval] = None
 
 
 def accuracy_curve(broken_at: list[int], points: int) -> list[float]:
@@ -212,22 +217,14 @@ def accuracy_curve(broken_at: list[int], points: int) -> list[float]:
     return [float(np.mean((b == NEVER) | (b > p))) for p in range(points)]
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def summarize(natural_protocol: list[bool], natural_defense: list[bool], broken_at: list[int], points: int,
               reeval_correct: list[list[bool]] | None = None) -> dict:
     """Both natural accuracies (the protocol's: not broken at the clean image; the defense's own: its
     eot_defense-chain vote on the clean image) and robust accuracy, with 95% Wilson intervals, and the
-    accuracy curve; with re-evaluations, also their mean accuracy, each one's accuracy, and the worst
-    case (images judged correctly every time)."""
+    accuracy curve; with re-evaluations, also their mean accuracy, each one's accuracy, the share of images whose
+    adversarial image is judged right every time (`reeval_all_right_*`, which may exceed robust: it looks at one
+    image) and the worst case over every judgement (robust under the protocol and right every time, never above
+    robust)."""
     n = len(broken_at)
     share = lambda k: k / n if n else float("nan")  # noqa: E731
     protocol = int(sum(bool(c) for c in natural_protocol))
@@ -242,13 +239,16 @@ def summarize(natural_protocol: list[bool], natural_defense: list[bool], broken_
     }
     if reeval_correct and n and len(reeval_correct[0]):
         flags = np.asarray(reeval_correct, dtype=bool)  # images x R
-        worst = int(flags.all(axis=1).sum())
+        all_right = flags.all(axis=1)
+        worst = int((all_right & (np.asarray(broken_at) == NEVER)).sum())  # robust, and right every re-judgement
         summary.update({
             "reevaluations": int(flags.shape[1]),
             "reeval_accuracies": flags.mean(axis=0).tolist(),
             "reeval_mean_accuracy": float(flags.mean()),
-            "worst_case_accuracy": worst / n,
-            "worst_case_ci95": wilson_interval(worst, n),
+            "reeval_all_right_accuracy": int(all_right.sum()) / n,
+            "reeval_all_right_ci95": wilson_interval(int(all_right.sum()), n),
+            "worst_of_all_judgements_accuracy": worst / n,
+            "worst_of_all_judgements_ci95": wilson_interval(worst, n),
         })
     return summary
 
@@ -268,97 +268,10 @@ def worst_case_summary(settings, broken_by: list[int], broken_restart: list[int]
         broke = sum(b == k for b in broken_by)
         standing -= broke
         per_restart = [sum(b == k and r == j for b, r in zip(broken_by, broken_restart)) for j in range(settings.restarts)]
-        out.append({"attack": describe_attack(member.model_dump(mode="json")), "broken": broke,
+        out.append({"attack": attack_label(member.model_dump(mode="json")), "broken": broke,
                     "broken_per_restart": per_restart,
                     "robust_accuracy": standing / n if n else float("nan"), "robust_ci95": wilson_interval(standing, n)})
     return out
-
-
-UNDECIDED_P = 0.05  # a vote whose top two classes a two-sided sign test cannot tell apart at 95% is undecided
-EXACT_UP_TO = 1_000  # sign tests on more pairs sum floats: big-integer sums over a million chains take minutes
-LATE = 0.2  # a break in the last 20% of the attack's steps says the attack had not finished
-
-
-def chains_to_decide(top: int, second: int, chains: int, most: int = 1_000_000) -> int | None:
-    """How many chains would decide a vote split `top` : `second` of `chains` (the same shares, rounded), by the sign
-    test at 95%; None for an even split (no number of chains decides it) or beyond `most`."""
-    if top <= second:
-        return None
-    n = chains
-    while n <= most:
-        a, b = round(n * top / chains), round(n * second / chains)
-        if sign_test_p(a, b) < UNDECIDED_P:
-            lo = n // 2  # the first decided size lies in (lo, n]: bisect
-            while n - lo > 1:
-                mid = (lo + n) // 2
-                if sign_test_p(round(mid * top / chains), round(mid * second / chains)) < UNDECIDED_P:
-                    n = mid
-                else:
-                    lo = mid
-            return n
-        n *= 2
-    return None
-
-
-def gradient_convergence(cosines: list, chains: int, target: float = 0.9) -> dict | None:
-    """The cosine similarity of two independent EOT gradient estimates of the same point (median over the checked
-    images, at the clean and at the adversarial image), and the chains per estimate at which it would reach
-    `target`: an average of n chains' gradients, mean g and per-chain noise of variance s2, has an expected
-    cosine r n / (r n + 1) with r = |g|^2 / s2, so the measured c at n chains gives r and then n = t / ((1 - t) r).
-    None when no image was checked."""
-    known = lambda v: v is not None and v == v  # noqa: E731 - None (NaN in old files): not checked
-    pairs = [c for c in cosines if c is not None and (known(c[0]) or known(c[1]))]
-    clean = [c[0] for c in pairs if known(c[0])]
-    adv = [c[1] for c in pairs if known(c[1])]
-    if not clean and not adv:
-        return None
-    c = float(np.median(clean + adv))
-    needed = 1 if c >= 1 else None if c <= 0 else max(1, math.ceil(target / (1 - target) * chains * (1 - c) / c - 1e-9))
-    return {"images": len(pairs), "chains": chains, "cosine_median": c,
-            "cosine_median_clean": float(np.median(clean)) if clean else None,
-            "cosine_median_adversarial": float(np.median(adv)) if adv else None,
-            f"chains_for_{target:g}": needed}
-
-
-def convergence(natural_votes: list, final_votes: list, broken_at: list[int], points: int, chains: int) -> dict:
-    """Has the evaluation converged? The defense's vote: the share of clean images whose defended prediction the
-    chains do not decide at 95% (sign test between the two classes with most votes) and how many chains would
-    decide them all; the same for the breaks' confirmations. The attack's steps: the last point that broke an image
-    and how many broke in the last 20% of the steps (then: increase attack.steps)."""
-    def votes(rows, images):
-        known = [(v[0], v[1]) for v, keep in zip(rows, images) if keep and v is not None and v[0] >= 0]
-        undecided = [(a, b) for a, b in known if sign_test_p(a, b) >= UNDECIDED_P]
-        needed = [chains_to_decide(a, b, a + b if a + b else 1) for a, b in undecided]
-        return {"images": len(known), "undecided": len(undecided),
-                "undecided_share": len(undecided) / len(known) if known else None,
-                "chains_to_decide_all": None if None in needed else max(
-                    (round(n * chains / max(a + b, 1)) for n, (a, b) in zip(needed, undecided)), default=chains)}
-    attack_breaks = [p for p in broken_at if p > 0]
-    steps = points - 2  # point t + 1 is iterate t, reached after step t: the last 20% of the steps end at points
-    late_from = 2 + math.floor((1 - LATE) * steps) if steps > 0 else points  # from here to the last one
-    late = sum(1 for p in attack_breaks if p >= late_from)
-    return {"chains": chains, "natural_vote": votes(natural_votes, [True] * len(broken_at)),
-            "break_confirmation": votes(final_votes, [p > 0 for p in broken_at]),
-            "last_break_point": max(attack_breaks, default=None), "late_breaks": late,
-            "late_from_point": late_from, "increase_steps": late > 0}
-
-
-def sign_test_p(a_only: int, b_only: int) -> float:
-    """Two-sided exact sign test (binomial, p = 1/2) on the discordant pairs: the chance of a split at least
-    this uneven if neither run breaks more images than the other."""
-    n, k = a_only + b_only, min(a_only, b_only)
-    if n == 0:
-        return 1.0
-    if n <= EXACT_UP_TO:
-        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    else:  # the same sum in floats, from its largest term down until the terms no longer count
-        term = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2))
-        tail, i = 0.0, k
-        while i >= 0 and term >= 1e-17 * tail:
-            tail += term
-            term *= i / (n - i + 1)  # C(n, i-1) / C(n, i)
-            i -= 1
-    return min(1.0, 2 * tail)
 
 
 def paired_comparison(output_a: str, output_b: str) -> dict | None:
@@ -378,6 +291,21 @@ def paired_comparison(output_a: str, output_b: str) -> dict | None:
             "robust_in_both": len(shared) - a_only - b_only - both, "sign_test_p": sign_test_p(a_only, b_only)}
 
 
+def worst_case_over_runs(outputs: list[str]) -> dict | None:
+    """Several runs against one defense, per image they all attacked: robust only if robust under every run (the
+    worst case over the runs, from their records); None when they share no image."""
+    robust = []
+    for url in outputs:
+        t = read_records(url, ["index", "broken_at"])
+        robust.append(dict(zip(t.column("index").to_pylist(), (b == NEVER for b in t.column("broken_at").to_pylist()))))
+    shared = sorted(set.intersection(*(set(r) for r in robust)))
+    if not shared:
+        return None
+    standing = sum(all(r[i] for r in robust) for i in shared)
+    return {"runs": len(outputs), "images": len(shared), "robust": standing,
+            "robust_accuracy": standing / len(shared), "robust_ci95": wilson_interval(standing, len(shared))}
+
+
 def load_summary(output: str) -> dict:
     """An attack folder's summary.json, checked: junk fails with one line naming the file and the key."""
     url = storage.join(output, SUMMARY)
@@ -388,9 +316,7 @@ def load_summary(output: str) -> dict:
         raise InputError(f"{url} is not valid JSON ({type(err).__name__})") from None
     if not isinstance(summary, dict):
         raise InputError(f"{url} holds a {type(summary).__name__}, not the summary object of an attack")
-    if "natural_accuracy" in summary and "natural_protocol_accuracy" not in summary:  # written before both figures
-        summary["natural_protocol_accuracy"] = summary.pop("natural_accuracy")
-        summary["natural_protocol_ci95"] = summary.pop("natural_ci95", None)
+    if upgrade_summary(summary):
         raw = json.dumps(summary)
     try:
         _Summary.model_validate_json(raw)  # JSON mode: lists are intervals, strings are not numbers

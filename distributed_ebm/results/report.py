@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import io
+import json
 
 from ..method.attacks.modes import MODES
 from ..store import storage
 from ..store.tracking import log_url_artifacts, mlflow_run
 
 
-def describe(summary: dict) -> tuple[str, str]:
+def system_and_attack_labels(summary: dict) -> tuple[str, str]:
     """(system, attack) labels from a summary's config."""
     cfg = summary["config"]
     a, p, clf = cfg["attack"], cfg["purify"], cfg["classifier"]["arch"]
@@ -23,10 +24,10 @@ def describe(summary: dict) -> tuple[str, str]:
     if a.get("ensemble") is not None:
         return system, f"ensemble of {len(a['ensemble'])}: worst case over the attacks (debm report shows each)"
     restarts = a.get("restarts", 1)
-    return system, describe_attack(a) + (f", worst of {restarts} restarts" if restarts > 1 else "")
+    return system, attack_label(a) + (f", worst of {restarts} restarts" if restarts > 1 else "")
 
 
-def describe_attack(a: dict) -> str:
+def attack_label(a: dict) -> str:
     """The label of one attack's settings (an `AttackSettings` dump)."""
     budget = f"{a['norm']} eps={a['eps'] * 255:.3g}/255" if a["norm"] == "linf" else f"l2 eps={a['eps']:g}"
     apgd = a.get("optimizer") == "apgd"
@@ -38,6 +39,20 @@ def describe_attack(a: dict) -> str:
                                           extra=extra, kink=kink)
 
 
+def upgrade_summary(summary: dict) -> bool:
+    """Renames in place the keys of a summary written before today's names; True if any was renamed."""
+    renamed = False
+    if "natural_accuracy" in summary and "natural_protocol_accuracy" not in summary:  # written before both figures
+        summary["natural_protocol_accuracy"] = summary.pop("natural_accuracy")
+        summary["natural_protocol_ci95"] = summary.pop("natural_ci95", None)
+        renamed = True
+    if "worst_case_accuracy" in summary and "reeval_all_right_accuracy" not in summary:  # the re-judgements alone
+        summary["reeval_all_right_accuracy"] = summary.pop("worst_case_accuracy")
+        summary["reeval_all_right_ci95"] = summary.pop("worst_case_ci95", None)
+        renamed = True
+    return renamed
+
+
 def _pct(value: float, ci) -> str:
     return f"{100 * value:5.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
@@ -46,16 +61,21 @@ def format_table(summaries: list[dict]) -> str:
     """Both natural accuracies and robust accuracy, in percent with 95% Wilson intervals."""
     reeval = any("reevaluations" in s for s in summaries)
     rows = [("system", "images", "natural, protocol % [95% CI]", "natural, defense % [95% CI]", "robust % [95% CI]")
-            + (("R-eval mean %", "worst of R % [95% CI]") if reeval else ()) + ("attack",)]
+            + (("R-eval mean %", "R-eval all right % [95% CI]", "worst of all judgements % [95% CI]") if reeval else ())
+            + ("attack",)]
     for s in summaries:
-        system, attack = describe(s)
+        system, attack = system_and_attack_labels(s)
         robust = "-" if not MODES[s["config"]["attack"]["mode"]].moves else _pct(s["robust_accuracy"], s["robust_ci95"])
         defense = ("-" if s.get("natural_defense_accuracy") is None
                    else _pct(s["natural_defense_accuracy"], s["natural_defense_ci95"]))
         row = (system, str(s["images"]), _pct(s["natural_protocol_accuracy"], s["natural_protocol_ci95"]), defense, robust)
         if reeval:
+            upgrade_summary(s)
+            worst = s.get("worst_of_all_judgements_accuracy")  # unknown in a summary written before it
             row += ((f"{100 * s['reeval_mean_accuracy']:5.1f} (R={s['reevaluations']})",
-                     _pct(s["worst_case_accuracy"], s["worst_case_ci95"])) if "reevaluations" in s else ("-", "-"))
+                     _pct(s["reeval_all_right_accuracy"], s["reeval_all_right_ci95"]),
+                     "-" if worst is None else _pct(worst, s["worst_of_all_judgements_ci95"]))
+                    if "reevaluations" in s else ("-", "-", "-"))
         rows.append(row + (attack,))
     tables = [_aligned(rows)] + [format_worst_case(s) for s in summaries if "ensemble" in s or "restarts" in s]
     notes = [format_convergence(s) for s in summaries if s.get("convergence")]
@@ -81,8 +101,8 @@ def format_convergence(summary: dict) -> str:
                              f"estimates on {g['images']} images, " + (f"about {g['chains_for_0.9']:,} chains for 0.9"
                                                                        if g["chains_for_0.9"] else "no signal"))
     if not (c["natural_vote"]["images"] or c["break_confirmation"]["images"]):  # undefended: no chain ever voted
-        return f"{describe(summary)[0]}, convergence: no chains vote; {steps}{grad}"
-    return (f"{describe(summary)[0]}, convergence ({c['chains']} chains per vote): "
+        return f"{system_and_attack_labels(summary)[0]}, convergence: no chains vote; {steps}{grad}"
+    return (f"{system_and_attack_labels(summary)[0]}, convergence ({c['chains']} chains per vote): "
             f"{vote(c['natural_vote'], 'clean images')}; {vote(c['break_confirmation'], 'breaks')}; {steps}{grad}")
 
 
@@ -106,7 +126,7 @@ def format_worst_case(summary: dict) -> str:
                  _pct(summary["robust_accuracy"], summary["robust_ci95"])))
     keys = summary["config"]["attack"].get("ensemble_keys", "paired")
     what = f"{restarts} restart(s) each" + (f", {keys} keys" if "ensemble" in summary else "")
-    return f"{describe(summary)[0]}, {summary['images']} images, {what}:\n" + _aligned(rows)
+    return f"{system_and_attack_labels(summary)[0]}, {summary['images']} images, {what}:\n" + _aligned(rows)
 
 
 def format_paired(pairs: list[tuple[str, str, dict]]) -> str:
@@ -117,6 +137,22 @@ def format_paired(pairs: list[tuple[str, str, dict]]) -> str:
         rows.append((a, b, str(d["images"]), str(d["broken_by_a_only"]), str(d["broken_by_b_only"]),
                      str(d["broken_by_both"]), str(d["robust_in_both"]), f"{d['sign_test_p']:.3g}"))
     return "paired comparison (the images both runs attacked):\n" + _aligned(rows)
+
+
+def defense_key(summary: dict) -> str:
+    """What identifies the defense a run attacked: its system label, the classifier and, when defended, the EBM."""
+    cfg, system = summary["config"], system_and_attack_labels(summary)[0]
+    ebm = None if system.endswith("undefended") else [cfg.get("ebm"), cfg.get("ebm_net")]
+    return json.dumps([system, cfg["classifier"], ebm], sort_keys=True, default=str)
+
+
+def format_worst_over_runs(groups: list[tuple[str, dict]]) -> str:
+    """One row per defense attacked by several runs: the images they all attacked and the robust accuracy of the
+    worst case over the runs (an image robust only if robust under every run)."""
+    rows = [("system", "runs", "shared images", "robust under every run % [95% CI]")]
+    for system, w in groups:
+        rows.append((system, str(w["runs"]), str(w["images"]), _pct(w["robust_accuracy"], w["robust_ci95"])))
+    return "worst case over the runs of each defense (per shared image):\n" + _aligned(rows)
 
 
 def _aligned(rows: list[tuple]) -> str:
@@ -149,7 +185,7 @@ def plot_curves(summaries: list[dict], url: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for s in summaries:
         curve = s["accuracy_curve"]
-        label = " / ".join(describe(s))
+        label = " / ".join(system_and_attack_labels(s))
         ax.plot(range(-1, len(curve) - 1), [100 * v for v in curve], marker="." if len(curve) < 30 else None, label=label)
     ax.set_xlabel("attack step (-1 = clean image)")
     ax.set_ylabel("accuracy (%)")
@@ -167,7 +203,7 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
     """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
     if not cfg.mlflow.enabled:
         return None
-    system, attack = describe(summary)
+    system, attack = system_and_attack_labels(summary)
     with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
                     tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
         metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
@@ -175,7 +211,8 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
         for name in ("natural_protocol", "natural_defense", "robust"):
             metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0], f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
         if "reevaluations" in summary:
-            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "worst_case_accuracy")})
+            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "reeval_all_right_accuracy",
+                                                    "worst_of_all_judgements_accuracy")})
             for r, acc in enumerate(summary["reeval_accuracies"]):
                 mlflow.log_metric("reeval_accuracy", acc, step=r)
         if summary.get("image_steps_per_second") is not None:

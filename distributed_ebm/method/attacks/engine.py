@@ -1,9 +1,7 @@
 """One attack loop and one counting protocol for every mode (Hill, Mitchell, Zhu 2021: BPDA+EOT with the paper's counting).
 
-Evaluation points: point 0 is the clean image, point t + 1 is PGD iterate t (t = 0 is the
-random start, t = steps the last iterate), so `steps` PGD steps give steps + 2 points.
-At a checked point an image is *broken* when its check prediction is wrong and a fresh
-confirmation prediction is wrong too; once broken it stays broken and leaves the batch.
+What is counted (evaluation points, checks and confirmations, breaks, both natural figures, the adversarial
+image, re-evaluation) is defined once, in the README's table "What each reported number means".
 
 What differs between attacks lives in their mode class (`modes.MODES[attack.mode]`: pgd,
 bpda_eot, exact_eot, transfer, defense): what is differentiated, who judges, which points are
@@ -11,22 +9,6 @@ checked. The judge of a defended mode is the defense: `eot_attack` purified repl
 `eot_defense` fresh ones confirm a wrong check; an undefended one's is the classifier alone.
 The iterates move by fixed-step PGD or by APGD (`attack.optimizer`, `apgd.UPDATERS`), ascending
 the cross-entropy or the DLR loss (`loss`) of the (EOT-averaged) output.
-
-Two natural figures. The protocol's (`natural_protocol_*`): the clean image is not broken at point
-0, i.e. its check is right OR its confirmation is right (the authors' released protocol, the figure
-to set beside the paper's). The defense's own (`natural_defense_*`): the prediction a deployed EOT
-defense makes on the clean image, its `eot_defense`-chain vote (the check's `eot_attack` chains when
-eot_defense = 0; the classifier itself when undefended). Point 0's confirmation chains are that
-vote: they run for every clean image, and the protocol uses them only where the check is wrong, so
-the protocol's records are what they were when only wrong checks were confirmed.
-
-The adversarial image of a record (`adv_image`, its loss `adv_loss`): the iterate at the break, or,
-for an image never broken, its most adversarial checked iterate, the one whose check output had
-the highest attack loss (the clean image for an image broken at point 0 or a mode that does not move).
-Stochastic-defense reporting (`reevaluations` = R > 0): after the attack, each record's adversarial
-image is judged R more times by the defense with fresh chains (`eot_defense` each); the summary
-gives the mean accuracy over the R judgements and the worst case (the share of images judged
-correctly all R times) beside the protocol's figure.
 
 Randomness is keyed by (seed, image id, call), with call = 2 * point for a check, 2 * point + 1
 for its confirmation and 2 * points + r for re-evaluation r, so an image's result does not
@@ -53,6 +35,7 @@ from .modes import MODES
 from .pgd import random_start, to_signed_units
 
 NEVER = -1
+VOTES = 3  # the vote counts a record keeps per judgement (`vote_counts`)
 
 
 @dataclass
@@ -70,8 +53,10 @@ class ImageRecord:
     adv_image: np.ndarray  # C x H x W float32 in [-1, 1]: the iterate at the break, else the most adversarial one
     adv_loss: float  # the attack loss of adv_image's check output
     reeval_correct: list = field(default_factory=list)  # one flag per re-evaluation of adv_image
-    natural_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # top two vote counts of natural_defense_pred
-    final_votes: list = field(default_factory=lambda: [NEVER, NEVER])  # ... of the judgement that gave final_pred
+    # chains voting for the prediction, for the label, for the strongest other class (`vote_counts`), in the
+    # judgement that gave natural_defense_pred and in the one that gave final_pred; -1 = no chain voted
+    natural_votes: list = field(default_factory=lambda: [NEVER] * VOTES)
+    final_votes: list = field(default_factory=lambda: [NEVER] * VOTES)
     adv_point: int = 0  # the evaluation point of adv_image (0 = the clean image)
     gradient_cosine: list = field(default_factory=lambda: [None, None])  # two EOT gradients: at clean, at adv; None = unchecked
 
@@ -86,11 +71,32 @@ class ImageRecord:
         return row
 
 
-def top_two(counts: torch.Tensor) -> torch.Tensor:
-    """N x 2: each row's two largest vote counts (the winner's first; 0 for a runner-up where there is one class)."""
-    if counts.shape[1] < 2:
-        return torch.cat([counts, torch.zeros_like(counts)], dim=1)
-    return counts.topk(2, dim=1).values
+@dataclass
+class _Batch:
+    """The per-image state of one call, every tensor on the images' device: `rows` the batch rows, `active` those
+    not yet broken; what each record will hold (`natural_*`, `broken_at`, `final_*`, `adv*`) as it is known."""
+    rows: torch.Tensor
+    active: torch.Tensor
+    broken_at: torch.Tensor
+    natural_pred: torch.Tensor
+    natural_vote: torch.Tensor
+    natural_votes: torch.Tensor
+    final_pred: torch.Tensor
+    final_votes: torch.Tensor
+    adv: torch.Tensor
+    adv_loss: torch.Tensor
+    adv_point: torch.Tensor
+
+
+def vote_counts(counts: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """N x 3 from the chains' N x C vote counts: the chains voting for the judgement's prediction `pred` (the argmax
+    of the averaged output, not necessarily the class most chains vote for), for the label, and for the strongest
+    class other than the prediction."""
+    rows = torch.arange(len(counts), device=counts.device)
+    others = counts.clone()
+    others[rows, pred] = -1
+    rival = others.max(dim=1).values.clamp(min=0) if counts.shape[1] > 1 else torch.zeros_like(pred)
+    return torch.stack([counts[rows, pred], counts[rows, labels], rival], dim=1)
 
 
 def evaluation_points(settings) -> int:
@@ -144,8 +150,8 @@ class Attack:
         return logits.detach(), grad
 
     def eot(self, x, rows, call, replicates, labels=None, *, exact=False, runs=1, confirm=False, votes=False):
-        """EOT logits (and the attack's gradient when labels are given; with `votes`, the top two counts of the
-        chains' own votes, N x 2) of the images at batch rows `rows`; charges the chains to them: `runs` passes of
+        """EOT logits (and the attack's gradient when labels are given; with `votes`, the N x C counts of the
+        chains' own votes) of the images at batch rows `rows`; charges the chains to them: `runs` passes of
         each chain (1, more for an exact gradient), also as confirmation steps when `confirm`."""
         steps = 0 if self.defense.purifier.is_identity else self.defense.purifier.steps * runs
         self.cost[rows] += replicates * steps
@@ -153,8 +159,7 @@ class Attack:
             self.confirm_cost[rows] += replicates * steps
         ids = self._ids[rows]
         if labels is None and votes:
-            logits, counts = self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates, votes=True)
-            return logits, top_two(counts)
+            return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates, votes=True)
         if labels is None:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
@@ -164,15 +169,17 @@ class Attack:
     def _judge(self, point, x, labels, rows, check_logits=None, vote_all=False):
         """(broken mask, prediction, check logits, defense vote or None, votes) at a checked point, with the paper's
         confirmation by a defended mode; `vote_all`: confirm every image, not only wrong checks, and return the
-        confirmations as the defense's vote. `votes` (N x 2): the top two counts of the chains' own votes of each
-        image's deciding judgement (its confirmation where it had one, else the check it was judged by when that
-        check ran here; -1 where there was none: an undefended mode, or a check reused from the gradient pass).
+        confirmations as the defense's vote. `votes` (N x 3, `vote_counts`): the chains' votes for the prediction,
+        the label and the strongest other class in each image's deciding judgement (its confirmation where it had
+        one, else the check it was judged by when that check ran here; -1 where there was none: an undefended mode,
+        or a check reused from the gradient pass).
         `rows` are the images' batch rows (all on x's device)."""
         same_device(x=x, labels=labels, rows=rows)
         defended, h = self.mode.defended, self.s.eot_defense
-        votes = torch.full((len(x), 2), NEVER, dtype=torch.int64, device=x.device)
+        votes = torch.full((len(x), VOTES), NEVER, dtype=torch.int64, device=x.device)
         if check_logits is None and defended:
-            check_logits, votes = self.eot(x, rows, 2 * point, self.s.eot_attack, votes=True)
+            check_logits, counts = self.eot(x, rows, 2 * point, self.s.eot_attack, votes=True)
+            votes = vote_counts(counts, check_logits.argmax(1), labels)
         elif check_logits is None:
             check_logits = self.classifier(x)
         pred = check_logits.argmax(1)
@@ -180,9 +187,9 @@ class Attack:
         vote = None
         if defended and h > 0 and (vote_all or wrong.any()):
             sub = torch.arange(len(x), device=x.device) if vote_all else wrong.nonzero().flatten()
-            confirm, sub_votes = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True, votes=True)
+            confirm, sub_counts = self.eot(x[sub], rows[sub], 2 * point + 1, h, confirm=True, votes=True)
             confirm = confirm.argmax(1)
-            votes[sub] = sub_votes
+            votes[sub] = vote_counts(sub_counts, confirm, labels[sub])
             vote = confirm if vote_all else None
             confirm, sub = (confirm[wrong], sub[wrong]) if vote_all else (confirm, sub)
             pred[sub] = confirm
@@ -200,68 +207,87 @@ class Attack:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> list[ImageRecord]:
         """Attack N images (N x C x H x W); labels and ids (N,) may come on any device (see the module doc)."""
-        n, device, mode = images.shape[0], images.device, self.mode
+        device = images.device
         labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self._ids = torch.as_tensor(ids, dtype=torch.int64).to(device)
-        rows = torch.arange(n, device=device)
-        broken_at = torch.full((n,), NEVER, dtype=torch.int64, device=device)
-        self.cost = torch.zeros(n, dtype=torch.int64, device=device)
-        self.confirm_cost = torch.zeros(n, dtype=torch.int64, device=device)
-        adv = images.detach().clone()
+        self.cost = torch.zeros(len(images), dtype=torch.int64, device=device)
+        self.confirm_cost = torch.zeros(len(images), dtype=torch.int64, device=device)
+        batch = self._judge_clean(images, labels)
+        self._report(0)
+        if self.mode.moves and len(batch.active):
+            self._run_iterates(images, labels, batch)
+        reeval = self._reevaluate(batch.adv, labels, batch.rows) if self.s.reevaluations else [[] for _ in batch.rows]
+        cosine = self._gradient_check(images, batch.adv, labels, batch.rows)
+        self._report(self.points - 1)
+        return self._records(labels, batch, reeval, cosine)
 
+    def _judge_clean(self, images: torch.Tensor, labels: torch.Tensor) -> _Batch:
+        """Point 0: judge the clean images (with the defense's own vote when `natural_defense`); the images broken
+        there leave, the clean image is every record's adversarial image until an iterate is checked."""
+        n, device = images.shape[0], images.device
+        rows = torch.arange(n, device=device)
         wrong, natural_pred, logits, vote, natural_votes = self._judge(0, images, labels, rows,
                                                                        vote_all=self.natural_defense)
-        natural_vote = vote if vote is not None else torch.full_like(natural_pred, NEVER)
-        adv_loss = self.loss(logits, labels).to(torch.float64)  # the clean image's, until an iterate is checked
-        adv_point = torch.zeros(n, dtype=torch.int64, device=device)
-        final_pred, final_votes = natural_pred.clone(), natural_votes.clone()
+        broken_at = torch.full((n,), NEVER, dtype=torch.int64, device=device)
         broken_at[wrong] = 0
-        active = rows[~wrong]
-        self._report(0)
+        return _Batch(rows=rows, active=rows[~wrong], broken_at=broken_at, natural_pred=natural_pred,
+                      natural_vote=vote if vote is not None else torch.full_like(natural_pred, NEVER),
+                      natural_votes=natural_votes, final_pred=natural_pred.clone(), final_votes=natural_votes.clone(),
+                      adv=images.detach().clone(), adv_loss=self.loss(logits, labels).to(torch.float64),
+                      adv_point=torch.zeros(n, dtype=torch.int64, device=device))
 
-        if mode.moves and len(active):
-            x_nat = images[active]
-            x = (random_start(x_nat, self._ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start
-                 else x_nat.clone())
-            update = UPDATERS[self.s.optimizer].for_settings(x_nat, self.s)
-            for t in range(self.s.steps + 1):
-                point, last = t + 1, t == self.s.steps
-                y = labels[active]
-                logits, grad = (mode.output(x, active, point), None) if last else mode.gradient(x, y, active, point)
-                loss = self.loss(logits, y) if grad is not None else None
-                if mode.checked(point, self.points):
-                    wrong, pred, checked, _, votes = self._judge(point, x, y, active,
-                                                                 logits if mode.check_from_gradient else None)
-                    check_loss = self.loss(checked, y).to(torch.float64)
-                    # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
-                    better = wrong | (check_loss > adv_loss[active]) | (point == self._first_checked())
-                    adv[active[better]], adv_loss[active[better]] = x[better], check_loss[better]
-                    adv_point[active[better]] = point
-                    broken_at[active[wrong]] = point
-                    final_pred[active], final_votes[active] = pred, votes
-                    keep = ~wrong
-                    active, x = active[keep], x[keep]
-                    update.keep(keep)
-                    grad, loss = (grad[keep], loss[keep]) if grad is not None else (None, None)
-                if not len(active):
-                    break
-                if grad is not None:
-                    x = update.step(x, grad, loss)
-                self._report(point)
-        reeval = self._reevaluate(adv, labels, rows) if self.s.reevaluations else [[] for _ in range(n)]
-        cosine = self._gradient_check(images, adv, labels, rows)
-        self._report(self.points - 1)
+    def _run_iterates(self, images: torch.Tensor, labels: torch.Tensor, b: _Batch) -> None:
+        """The attack's iterates from the random start: at each checked point judge the active images, record the
+        breaks and the most adversarial iterate so far, drop the broken images, then step the rest."""
+        mode, active = self.mode, b.active
+        x_nat = images[active]
+        x = (random_start(x_nat, self._ids[active], self.seed, self.s.norm, self.eps) if self.s.random_start
+             else x_nat.clone())
+        update = UPDATERS[self.s.optimizer].for_settings(x_nat, self.s)
+        for t in range(self.s.steps + 1):
+            point, last = t + 1, t == self.s.steps
+            y = labels[active]
+            logits, grad = (mode.output(x, active, point), None) if last else mode.gradient(x, y, active, point)
+            loss = self.loss(logits, y) if grad is not None else None
+            if mode.checked(point, self.points):
+                wrong, pred, checked, _, votes = self._judge(point, x, y, active,
+                                                             logits if mode.check_from_gradient else None)
+                check_loss = self.loss(checked, y).to(torch.float64)
+                # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
+                better = wrong | (check_loss > b.adv_loss[active]) | (point == self._first_checked())
+                b.adv[active[better]], b.adv_loss[active[better]] = x[better], check_loss[better]
+                b.adv_point[active[better]] = point
+                b.broken_at[active[wrong]] = point
+                b.final_pred[active], b.final_votes[active] = pred, votes
+                keep = ~wrong
+                active, x = active[keep], x[keep]
+                update.keep(keep)
+                grad, loss = (grad[keep], loss[keep]) if grad is not None else (None, None)
+            if not len(active):
+                break
+            if grad is not None:
+                x = update.step(x, grad, loss)
+            self._report(point)
+        b.active = active
 
+    def _records(self, labels: torch.Tensor, b: _Batch, reeval: list, cosine: torch.Tensor) -> list[ImageRecord]:
+        """One record per image, built on the CPU (one transfer per field)."""
         ids, labels = self._ids.tolist(), labels.tolist()
-        natural_pred, natural_vote = natural_pred.tolist(), natural_vote.tolist()
-        broken_at, final_pred, adv_loss = broken_at.tolist(), final_pred.tolist(), adv_loss.tolist()
-        cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), adv.float().cpu().numpy()
-        natural_votes, final_votes, adv_point = natural_votes.tolist(), final_votes.tolist(), adv_point.tolist()
+        natural_pred, natural_vote = b.natural_pred.tolist(), b.natural_vote.tolist()
+        broken_at, final_pred, adv_loss = b.broken_at.tolist(), b.final_pred.tolist(), b.adv_loss.tolist()
+        cost, confirm_cost, adv = self.cost.tolist(), self.confirm_cost.tolist(), b.adv.float().cpu().numpy()
+        natural_votes, final_votes, adv_point = b.natural_votes.tolist(), b.final_votes.tolist(), b.adv_point.tolist()
         cosine = [[None if v != v else v for v in pair] for pair in cosine.tolist()]  # null: not checked
-        return [ImageRecord(ids[k], labels[k], natural_pred[k], natural_pred[k] == labels[k], natural_vote[k],
-                            natural_vote[k] == labels[k], broken_at[k], final_pred[k], cost[k], confirm_cost[k], adv[k],
-                            adv_loss[k], reeval[k], natural_votes[k], final_votes[k], adv_point[k], cosine[k])
-                for k in range(n)]
+        return [ImageRecord(index=ids[k], label=labels[k],
+                            natural_protocol_pred=natural_pred[k],
+                            natural_protocol_correct=natural_pred[k] == labels[k],
+                            natural_defense_pred=natural_vote[k], natural_defense_correct=natural_vote[k] == labels[k],
+                            broken_at=broken_at[k], final_pred=final_pred[k],
+                            image_steps=cost[k], confirm_image_steps=confirm_cost[k],
+                            adv_image=adv[k], adv_loss=adv_loss[k], reeval_correct=reeval[k],
+                            natural_votes=natural_votes[k], final_votes=final_votes[k], adv_point=adv_point[k],
+                            gradient_cosine=cosine[k])
+                for k in range(len(ids))]
 
     def _gradient_check(self, images, adv, labels, rows) -> torch.Tensor:
         """N x 2 cosine similarities of two more EOT gradient estimates, with chains of their own (calls no other

@@ -25,7 +25,7 @@ class Mode:
     `output` the same logits at the last iterate, where no gradient is taken."""
 
     name: ClassVar[str]
-    label: ClassVar[str]  # debm report's description: a format string over report.describe_attack's parts
+    label: ClassVar[str]  # debm report's description: a format string over report.attack_label's parts
     defended: ClassVar[bool] = True  # through the purifier: the defense judges (check, then confirmation)
     moves: ClassVar[bool] = True  # takes PGD steps (False: only the clean image is judged)
     exact: ClassVar[bool] = False  # differentiates through the chain: memory grows with it; attack.surrogate applies
