@@ -182,12 +182,14 @@ def test_a_differentiated_chain_that_is_not_the_judged_one_fails_in_one_line(set
     chain: a purifier whose judged pass differs in the last bit (as TF32 or a non-deterministic kernel would make it)
     fails the exact gradient instead of differentiating the other chain."""
     from distributed_ebm.method.defense import EOTDefense, Purifier
-    from distributed_ebm.method.exact_chain import ChainMismatch
+    from distributed_ebm.method.exact_chain import ChainMismatch, chain_digest
     ebm, x, keys, _ = setup
     out = langevin(ebm, x, keys, 4)
-    assert torch.equal(differentiable_langevin(ebm, x, keys, 4, segment=2, judged=out).detach(), out)
-    with pytest.raises(ChainMismatch, match="differentiated chain is not the judged one"):
-        differentiable_langevin(ebm, x, keys, 4, segment=2, judged=out.nextafter(out + 1))
+    assert torch.equal(differentiable_langevin(ebm, x, keys, 4, segment=2, judged=chain_digest(out)).detach(), out)
+    one_value_off = out.clone()
+    one_value_off[1, 2, 3, 4] = one_value_off[1, 2, 3, 4].nextafter(one_value_off[1, 2, 3, 4] + 1)
+    with pytest.raises(ChainMismatch, match=r"differentiated chain is not the judged one after 4 steps \(1 of 2"):
+        differentiable_langevin(ebm, x, keys, 4, segment=2, judged=chain_digest(one_value_off))
 
     class OffByOneBit(Purifier):  # the judged pass: the sampler's chain, one ulp off
         def __call__(self, x, keys):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .exact_chain import differentiable_langevin
+from .exact_chain import chain_digest, differentiable_langevin
 from .langevin import langevin, prepare_energy
 from .noise import ChainKeys
 
@@ -140,16 +140,19 @@ class EOTDefense:
         keyed noise, checkpointed every `segment` steps (`exact_chain`); surrogate_temperature T
         differentiates each step through the EBM's smooth surrogate (`EBM.smooth_surrogate`: LeakyReLU
         becomes b x + (1 - b) T softplus(x / T); a smooth EBM has none and is unchanged). Two passes
-        over the chunks (outputs, then vector-Jacobian products), keeping the purified images between the passes
-        (R images per image): BPDA starts its second pass from them; the exact one runs each chunk's chains again
-        and checks them against these, the judged chains, bit for bit (`ChainMismatch`), and its graph memory
-        stays bounded by `chunk_size` chains.
+        over the chunks (outputs, then vector-Jacobian products). BPDA keeps the purified images between the passes
+        (R images per image) and starts its second pass from them; the exact one keeps only their digests
+        (`chain_digest`), runs each chunk's chains again and checks them against the judged chains bit for bit
+        (`ChainMismatch`), so its memory stays bounded by `chunk_size` chains.
         """
         same_device(x=x, labels=labels, ids=ids)
         p = self.purifier
         through_chain = exact and not p.is_identity and p.ebm is not None and p.step_size != 0
-        # kept for the second pass: BPDA starts from them, the exact gradient checks its chains are these
-        chunks = list(self._purified_chunks(x, ids, seed, call, replicates))
+        # kept for the second pass: BPDA starts from the purified images, the exact gradient checks its chains
+        # against their digests
+        judged = []
+        chunks = self._purified_chunks(x, ids, seed, call, replicates)
+        chunks = _digested(chunks, judged) if through_chain else list(chunks)
         mean, _ = self._mean_outputs(chunks, x.shape[0], replicates)
         with torch.enable_grad():
             m = mean.detach().requires_grad_(True)
@@ -160,8 +163,8 @@ class EOTDefense:
                   else None)
         if through_chain:  # run each chunk's chains again, now differentiably
             keys = ChainKeys.replicated(seed, ids, replicates, call)
-            chunks = ((a, _rows(x, a, a + len(judged), replicates), keys[a:a + len(judged)], judged)
-                      for a, judged in chunks)
+            chunks = ((a, _rows(x, a, a + len(digest), replicates), keys[a:a + len(digest)], digest)
+                      for a, digest in judged)
         else:  # the noise-only chain's Jacobian is the identity: BPDA is exact there
             chunks = ((a, xp, None, None) for a, xp in chunks)
         with torch.enable_grad():
@@ -175,6 +178,13 @@ class EOTDefense:
                 (g,) = torch.autograd.grad(surrogate, x0)
                 fold_replicates(grad, g.to(grad.dtype), a, replicates)
         return self._aggregate(mean), grad
+
+
+def _digested(chunks, digests: list):
+    """Pass (first chain, purified chains) on, keeping (first chain, their `chain_digest`) in `digests`."""
+    for a, xp in chunks:
+        digests.append((a, chain_digest(xp)))
+        yield a, xp
 
 
 def same_device(**tensors: torch.Tensor) -> None:

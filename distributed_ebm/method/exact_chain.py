@@ -75,6 +75,18 @@ def _steps(energy: nn.Module, x: torch.Tensor, keys: ChainKeys, start: int, coun
     return x
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def chain_digest(states: torch.Tensor) -> torch.Tensor:
+    """Per chain, two int64 sums of its bit patterns (plain and position-weighted): equal states give equal digests,
+    and a chain that differs in any one bit of one value gives another. What the exact gradient keeps of the judged
+    chains between its two passes, so that its memory stays bounded by `chunk_size` chains."""
+    bits = states.detach().contiguous().view(_BITS[states.element_size()]).flatten(1).long()
+    weights = torch.arange(bits.shape[1], device=bits.device) % 65521 + 1
+    return torch.stack([bits.sum(1), (bits * weights).sum(1)], 1)
+
+
 class _CheckpointedChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, energy, keys, steps, step_size, noise, segment, surrogate, amp, judged):
@@ -83,11 +95,11 @@ class _CheckpointedChain(torch.autograd.Function):
         for start in starts:  # the purifier's sampler, segment by segment (the same chain as in one piece)
             boundaries.append(langevin(energy, boundaries[-1], keys, min(segment, steps - start), step_size, noise,
                                        start_step=start, amp=amp))
-        if judged is not None and not torch.equal(boundaries[-1], judged):
-            diff = (boundaries[-1] - judged).abs().max().item()
+        if judged is not None and not torch.equal(chain_digest(boundaries[-1]), judged):
+            chains = int((chain_digest(boundaries[-1]) != judged).any(1).sum())
             raise ChainMismatch(f"exact gradient: the differentiated chain is not the judged one after {steps} steps "
-                                f"(max |difference| {diff:.3g}); this device's kernels do not repeat bit for bit, "
-                                "so the gradient would be another chain's")
+                                f"({chains} of {len(judged)} chains differ); this device's kernels do not repeat bit "
+                                "for bit, so the gradient would be another chain's")
         ctx.save_for_backward(*boundaries)
         ctx.setup = (energy, keys, steps, step_size, noise, segment, starts, surrogate, amp)
         return boundaries[-1].clone()
@@ -125,8 +137,8 @@ def differentiable_langevin(energy: nn.Module, x: torch.Tensor, keys: ChainKeys,
     segment: Langevin steps per checkpointed segment; None = `default_segment(steps)`; segment >= steps
     recomputes the whole chain in one graph. surrogate: an energy whose Hessian replaces the energy's in the
     backward pass (module docstring); None = the exact pathwise gradient. amp: the purifier's autocast dtype.
-    judged: the chains' final states as the judged pass produced them; the forward pass must equal them bit for bit
-    (else `ChainMismatch`). None = no judged pass to compare with.
+    judged: `chain_digest` of the chains' final states as the judged pass produced them; the forward pass must equal
+    them bit for bit (else `ChainMismatch`). None = no judged pass to compare with.
     """
     if len(keys) != x.shape[0]:
         raise ValueError(f"{len(keys)} chain keys for {x.shape[0]} chains")
