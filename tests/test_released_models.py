@@ -432,3 +432,41 @@ def test_an_activation_named_for_another_network_is_refused(tmp_path):
     with pytest.raises(InputError) as err:
         load_ebm_as(url, activation="soft_lrelu")
     assert "ebm_net.activation=soft_lrelu" in _one_line(err) and "jem" in str(err.value)
+
+
+def test_training_fine_tunes_a_released_ebm_from_its_own_file(tmp_path, exact_test):
+    """train-ebm's init_ebm: iteration 0 starts from the released weights (not the seed's), in every format of the
+    convnet; a width that does not fit, another network (JEM) or MEFA's file without its activation: one line."""
+    from distributed_ebm.config import TrainEBMConfig, build
+    from distributed_ebm.errors import InputError
+    from distributed_ebm.local.train import LocalTraining
+    from distributed_ebm.recipes.training import initial_ebm
+    from distributed_ebm.store.data import subset
+
+    state = ss_ebm_state(width=4)
+    url = save_legacy(state, tmp_path / "ebm.pth")
+    tree = {"ebm": {"width": 4}, "langevin": {"steps": 2}, "iterations": 2, "batch_size": 8, "bank_size": 16,
+            "checkpoint_every": 2, "init_ebm": url, "init_ebm_format": "stochastic_security",
+            "output": str(tmp_path / "run")}
+    cfg = build(TrainEBMConfig, tree)
+    ours = {f"net.{k[2:]}": v for k, v in state.items()}  # their f.i is our net.i
+    start = initial_ebm(cfg)
+    for k, v in ours.items():
+        assert torch.equal(start.state_dict()[k], v), k
+    run = LocalTraining(cfg, subset(exact_test, count=16))
+    assert torch.equal(run.ebm.state_dict()["net.0.weight"], ours["net.0.weight"])
+    run.step()
+    assert not torch.equal(run.ebm.state_dict()["net.0.weight"], ours["net.0.weight"])  # and it trains from there
+    with pytest.raises(InputError, match=r"init_ebm .* does not fit ebm \(width 8\): size mismatch for net\.0\.weight"):
+        initial_ebm(build(TrainEBMConfig, {**tree, "ebm": {"width": 8}}))
+    with pytest.raises(InputError, match="ebm_format=mefa: set ebm_net.activation"):
+        initial_ebm(build(TrainEBMConfig, {**tree, "init_ebm_format": "mefa"}))  # ebm.activation: lrelu
+    with pytest.raises(InputError, match=r"has activation lrelu \(slope=0.05\), the config asks for silu"):
+        initial_ebm(build(TrainEBMConfig, {**tree, "ebm": {"width": 4, "activation": "silu"}}))
+    mefa = build(TrainEBMConfig, {**tree, "init_ebm_format": "mefa", "ebm": {"width": 4, "activation": "soft_lrelu"}})
+    assert torch.equal(initial_ebm(mefa).state_dict()["net.8.weight"], ours["net.8.weight"])
+    torch.save(jem_file(), str(tmp_path / "jem.pt"))
+    with pytest.raises(InputError, match="holds another network than the convnet EBM"):
+        initial_ebm(build(TrainEBMConfig, {**tree, "init_ebm": str(tmp_path / "jem.pt"), "init_ebm_format": "jem"}))
+    with pytest.raises(InputError, match="holds another network than the convnet EBM"):
+        initial_ebm(build(TrainEBMConfig, {**tree, "init_ebm": str(tmp_path / "jem.pt"), "init_ebm_format": "auto"}))

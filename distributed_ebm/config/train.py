@@ -5,13 +5,21 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .common import (Output, RunName, Seed, TrainingPrecision, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig,
-                     MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared)
+from ..method.nets.formats import format_names
+from .common import (URL, Output, RunName, Seed, TrainingPrecision, DataConfig, EBMConfig, EBMRayConfig,
+                     LangevinConfig, MLflowConfig, ClassifierConfig, Section, TrainRayConfig, shared)
 
 
 class TrainEBMConfig(Section):
     data: DataConfig = Field(default_factory=lambda: DataConfig(path=shared("datasets/cifar10/train.parquet"), split="train"))
     ebm: EBMConfig = Field(default_factory=lambda: EBMConfig())
+    init_ebm: Optional[URL] = Field(None, description="fine-tune: the EBM whose weights iteration 0 starts from (a "
+                                    "released file or this project's checkpoint of the network `ebm` describes); "
+                                    "null = new weights drawn from seed")
+    init_ebm_format: Literal[("auto", *format_names("ebm"))] = Field(
+        "auto", description="how init_ebm is read (method/nets/formats.py FORMATS): auto, debm, stochastic_security, "
+        "mefa (with ebm.activation soft_lrelu or silu); jem and export hold other networks, which training does not "
+        "build")
     langevin: LangevinConfig = Field(default_factory=lambda: LangevinConfig())
     iterations: int = Field(250_000, ge=1, description="training iterations (the paper: 250,000)")
     batch_size: int = Field(100, ge=1, le=100_000, description="training images and bank chains per iteration")

@@ -23,10 +23,10 @@ import ray
 import torch
 
 from ..config import TrainEBMConfig, to_yaml
-from ..recipes.training import preflight_ebm
+from ..recipes.training import initial_ebm, preflight_ebm
 from ..method.precision import set_arithmetic
 from ..method.pixels import unit_range
-from ..method.training import METRICS, EBMIteration, TrainingDiverged, new_ebm, run_ebm, time_split
+from ..method.training import METRICS, EBMIteration, TrainingDiverged, run_ebm, time_split
 from ..results.report import image_grid_png
 from ..store import storage
 from ..store.checkpoints import (CKPT, check_fingerprint, data_fingerprint, load_checkpoint, load_ebm, save_checkpoint,
@@ -55,7 +55,7 @@ def train_loop(config: dict) -> None:
     bank = ShardedBank(config["shards"], config["bounds"])
     shape = (pixels.shape[3], pixels.shape[1], pixels.shape[2])
 
-    ebm = new_ebm(cfg).to(device)
+    ebm = initial_ebm(cfg).to(device)
     state, folder = None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # read from storage directly: the bank parts in the folder are the shards' business

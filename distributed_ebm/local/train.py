@@ -25,10 +25,10 @@ from ..errors import InputError
 from ..method.bank import ImageBank, energy_stats, reburn
 from ..method.precision import set_arithmetic
 from ..method.training import (METRICS, EBMIteration, LocalBank, check_sizes, classifier_optimizer,
-                               new_classifier, new_ebm, run_classifier, run_ebm, time_split)
+                               new_classifier, run_classifier, run_ebm, time_split)
 from ..results.card import write_card
 from ..results.report import image_grid_png
-from ..recipes.training import preflight_classifier, preflight_ebm
+from ..recipes.training import initial_ebm, preflight_classifier, preflight_ebm
 from ..store import storage
 from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, load_bank, load_checkpoint,
                                  load_classifier_training, save_bank, save_checkpoint, save_classifier,
@@ -62,7 +62,7 @@ class LocalTraining:
         self.keep_bank, self.card = keep_bank, card
         set_arithmetic(device, cfg.precision)  # as every trainer: TF32 on CUDA unless float32_strict
         self.fingerprint = {**settings_fingerprint(cfg), **data_fingerprint(data)}
-        self.ebm = new_ebm(cfg).to(device)
+        self.ebm = initial_ebm(cfg).to(device)
         shape = tuple(data.data.shape[1:])
         self.bank = ImageBank(cfg.bank_size or len(data), shape, cfg.bank_init, cfg.seed, data.data)
         self.ebm_iteration = EBMIteration(cfg, self.ebm, LocalBank(self.bank), lambda rows: data.floats(rows, device),

@@ -6,15 +6,45 @@ from __future__ import annotations
 
 from ..config import TrainClassifierConfig, TrainEBMConfig
 from ..errors import InputError
-from ..method.training import check_sizes
+from ..method.nets import EBM
+from ..method.nets.ebm import check_activation
+from ..method.training import check_sizes, new_ebm
 from ..store import storage
 from ..store.data import ImageSet, check_labels
+from ..store.released import load_ebm_as
 from ..store.tracking import check_tracking
 
 
+def initial_ebm(cfg: TrainEBMConfig) -> EBM:
+    """The EBM at iteration 0: new weights from the seed, or, to fine-tune, those of `init_ebm` read as
+    `init_ebm_format` (a released file as it is, or this project's checkpoint), which must be the network `ebm`
+    describes."""
+    ebm = new_ebm(cfg)
+    if cfg.init_ebm is None:
+        return ebm
+    e, url, fmt = cfg.ebm, cfg.init_ebm, cfg.init_ebm_format
+    other = (f"init_ebm {url} holds another network than the convnet EBM training builds: fine-tune a debm, "
+             "stochastic_security or mefa file")
+    if fmt in ("jem", "export"):
+        raise InputError(other)
+    # MEFA's file does not say its activation: the config's names it; every other file's is checked against it
+    start = load_ebm_as(url, fmt, e.image_size, e.channels, e.activation if fmt == "mefa" else None, e.soft_alpha,
+                        e.soft_eps)
+    if not isinstance(start, EBM):
+        raise InputError(other)
+    check_activation(url, start.activation_spec(), e.activation, e.soft_alpha, e.soft_eps)
+    try:
+        ebm.load_state_dict(start.state_dict())
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise InputError(f"init_ebm {cfg.init_ebm} does not fit ebm (width {e.width}): {detail}") from None
+    return ebm
+
+
 def preflight_ebm(cfg: TrainEBMConfig, data: ImageSet, tracking: bool = True) -> None:
-    """Sizes, channels, bank shards, the output, MLflow (`tracking`)."""
+    """Sizes, channels, bank shards, the EBM to fine-tune (`init_ebm`), the output, MLflow (`tracking`)."""
     check_sizes(cfg, len(data))
+    initial_ebm(cfg)
     if data.data.shape[1] != cfg.ebm.channels:
         raise InputError(f"ebm.channels = {cfg.ebm.channels} but the images of {cfg.data.path} have "
                          f"{data.data.shape[1]} channels")
