@@ -30,8 +30,14 @@ from torch import nn
 from ..config import to_yaml
 from ..errors import InputError
 from ..method.bank import ImageBank
-from ..method.nets import (EBM, Classifier, classifier_checkpoint, classifier_from_checkpoint, ebm_checkpoint,
-                           ebm_from_checkpoint)
+from ..method.nets import (
+    EBM,
+    Classifier,
+    classifier_checkpoint,
+    classifier_from_checkpoint,
+    ebm_checkpoint,
+    ebm_from_checkpoint,
+)
 from ..method.nets.ebm import SOFT_ALPHA, SOFT_EPS
 from . import storage
 from .provenance import flat
