@@ -19,8 +19,8 @@ def main() -> None:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--mode", choices=["read_images", "catalog"], default="read_images")
     a = p.parse_args()
-    from distributed_ebm.store import data
     from distributed_ebm.config import DataConfig
+    from distributed_ebm.store import data
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()

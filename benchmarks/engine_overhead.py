@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from distributed_ebm.config import AttackConfig, load_config  # noqa: E402
 from distributed_ebm.distributed.attack import RayActors  # noqa: E402
-from distributed_ebm.recipes.attack import run_attack  # noqa: E402
 from distributed_ebm.method.nets import EBM  # noqa: E402
+from distributed_ebm.recipes.attack import run_attack  # noqa: E402
 from distributed_ebm.store.checkpoints import save_ebm
 
 

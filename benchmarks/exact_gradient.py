@@ -16,13 +16,13 @@ import argparse
 import time
 
 import torch
+from langevin import sync  # benchmarks/langevin.py, beside this script
 
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.method.exact_chain import default_segment
 from distributed_ebm.method.memory import peak_allocated_bytes
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.method.nets.classifiers import build_classifier
-from langevin import sync  # benchmarks/langevin.py, beside this script
 
 
 def main() -> None:

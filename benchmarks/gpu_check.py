@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -27,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's p
 
 from benchmarks.langevin import plain_loop, sync  # noqa: E402
 from distributed_ebm.config import AttackConfig, TrainEBMConfig  # noqa: E402
-from distributed_ebm.store.data import read_parquet  # noqa: E402
-from distributed_ebm.recipes.attack import build_attack  # noqa: E402
-from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
-from distributed_ebm.method.precision import set_arithmetic  # noqa: E402
-from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E402
-from distributed_ebm.store.checkpoints import load_ebm  # noqa: E402
-from distributed_ebm.method.noise import ChainKeys  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
+from distributed_ebm.method.exact_chain import differentiable_langevin  # noqa: E402
+from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E402
+from distributed_ebm.method.noise import ChainKeys  # noqa: E402
+from distributed_ebm.method.precision import set_arithmetic  # noqa: E402
+from distributed_ebm.recipes.attack import build_attack  # noqa: E402
+from distributed_ebm.store.checkpoints import load_ebm  # noqa: E402
+from distributed_ebm.store.data import read_parquet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = os.environ.get("DEBM_SHARED", str(REPO.parent / "shared"))
@@ -49,7 +50,8 @@ QUICK = dict(noise_chains=8, chain=(2, 3), attack=dict(images=1, steps=1, purify
              exact=(2, 3, 1), judged_chain=(2, 12), train=dict(batch=4, steps=2, bank=8, iterations=1),
              batches=(4,), bench_steps=2, engine=dict(images=1, cap_s=3, purify=3))
 
-TOL = {"noise_normal_abs": 1e-5, "chain_fp32_abs": 1e-4, "chain_fp32_vs_cpu": 2.0, "exact_rel": 1e-4, "train_negatives_abs": 1e-3,
+TOL = {"noise_normal_abs": 1e-5, "chain_fp32_abs": 1e-4, "chain_fp32_vs_cpu": 2.0, "exact_rel": 1e-4,
+       "train_negatives_abs": 1e-3,
        "train_metrics_rel": 1e-3, "train_params_abs": 2.1e-4, "last_index_chain_abs": 1e-2}
 
 
@@ -58,7 +60,8 @@ def strict_fp32(on: bool = True):
     """The project's `float32_strict` arithmetic inside the block (method/precision.py: TF32 off, deterministic cuDNN
     and torch algorithms), else its `float32` (TF32); the previous settings restored after."""
     b = torch.backends
-    old = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()
+    old = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic,
+           torch.are_deterministic_algorithms_enabled())
     set_arithmetic("cuda" if torch.cuda.is_available() else "cpu", "float32_strict" if on else "float32")
     try:
         yield
@@ -82,16 +85,18 @@ def check_noise(dev, S, a):
     if dev.type == "cuda":
         from distributed_ebm.method import philox_triton
         try:
-            out["fused_words_equal"] = all(torch.equal(r, d.cpu()) for r, d in zip(ref_w, philox_triton.words(dkeys, 12345, 3072)))
+            fused = philox_triton.words(dkeys, 12345, 3072)
+            out["fused_words_equal"] = all(torch.equal(r, d.cpu()) for r, d in zip(ref_w, fused))
         except Exception as exc:  # recorded; the tensor path below still runs
             out["fused_words_equal"], out["fused_error"] = False, f"{type(exc).__name__}: {exc}"[:500]
     z_ref = keys.normal(12345, (32, 32, 3))
     out["normal_max_abs"] = max_abs(z_ref, dkeys.normal(torch.tensor(12345, device=dev), (32, 32, 3)))
-    from distributed_ebm.method import noise
     from distributed_ebm.method import langevin as lv
+    from distributed_ebm.method import noise
     out["fused_kernel_used"] = bool(noise._FUSED) if dev.type == "cuda" else False
     out["cuda_graph_used"] = lv.GRAPHS_WORK if dev.type == "cuda" else False
-    out["ok"] = out["torch_words_equal"] and out.get("fused_words_equal", True) and out["normal_max_abs"] <= TOL["noise_normal_abs"]
+    out["ok"] = (out["torch_words_equal"] and out.get("fused_words_equal", True)
+                 and out["normal_max_abs"] <= TOL["noise_normal_abs"])
     return out
 
 
@@ -163,8 +168,9 @@ def check_attack(dev, S, a, data):
     cpu = run_records(cfg, torch.device("cpu"), imgs)
     devr = run_records(cfg, dev, imgs, strict=True)
     out = {"images": len(cpu), "purify_steps": s["purify"], "attack_steps": s["steps"], "eot": list(s["eot"])}
-    same = [c.broken_at == d.broken_at and c.final_pred == d.final_pred and c.natural_protocol_pred == d.natural_protocol_pred
-            and c.natural_defense_pred == d.natural_defense_pred for c, d in zip(cpu, devr)]
+    same = [c.broken_at == d.broken_at and c.final_pred == d.final_pred
+            and c.natural_protocol_pred == d.natural_protocol_pred and c.natural_defense_pred == d.natural_defense_pred
+            for c, d in zip(cpu, devr)]
     out["records_equal"] = sum(same)
     out["records_differ"] = len(same) - sum(same)
     # Signed-gradient steps flip a pixel by 2 * step wherever a gradient entry is near zero, so one
@@ -224,7 +230,8 @@ def check_judged_chain(dev, S, a):
             out[f"{name}_recomputation_equal"] = False
             out[f"{name}_mismatch"] = str(err)
         out[f"{name}_seconds"] = round(time.perf_counter() - t, 2)
-    out["ok"] = all(out[f"{k}_{w}"] for k in ("fp32", "bf16") for w in ("forward_is_the_sampler", "recomputation_equal"))
+    out["ok"] = all(out[f"{k}_{w}"] for k in ("fp32", "bf16")
+                    for w in ("forward_is_the_sampler", "recomputation_equal"))
     return out
 
 
@@ -246,7 +253,8 @@ def check_training(dev, S, a, data):
     out = {"batch": t["batch"], "steps": t["steps"]}
     out["params_max_abs"] = max(max_abs(p, q) for p, q in zip(rc.ebm.parameters(), rd.ebm.parameters()))
     out["bank_max_abs"] = max_abs(rc.bank.states, rd.bank.states)  # the negatives written back
-    out["metrics_max_rel"] = max(abs(mc[k] - md[k]) / max(abs(mc[k]), 1e-12) for k in ("energy_diff", "loss", "grad_norm"))
+    out["metrics_max_rel"] = max(abs(mc[k] - md[k]) / max(abs(mc[k]), 1e-12)
+                                 for k in ("energy_diff", "loss", "grad_norm"))
     out["ok"] = (out["params_max_abs"] <= TOL["train_params_abs"] and out["metrics_max_rel"] <= TOL["train_metrics_rel"]
                  and out["bank_max_abs"] <= TOL["train_negatives_abs"])
     return out
@@ -287,12 +295,12 @@ def bench_langevin(dev, S, a, remaining):
             try:
                 with strict_fp32(strict):
                     fn(x, keys)  # warm-up (and graph capture)
-                    row[name] = batch * steps / timed(lambda: fn(x, keys), dev)
+                    row[name] = batch * steps / timed(functools.partial(fn, x, keys), dev)
             except torch.OutOfMemoryError:
                 row[name] = None
                 torch.cuda.empty_cache()
-        row["speedup_best_vs_plain"] = max(v for k, v in row.items() if k.startswith("ours") and v) / row["plain_fp32"] \
-            if row.get("plain_fp32") else None
+        row["speedup_best_vs_plain"] = (max(v for k, v in row.items() if k.startswith("ours") and v)
+                                        / row["plain_fp32"] if row.get("plain_fp32") else None)
         rows.append(row)
         del x
     return rows
@@ -317,7 +325,8 @@ def bench_engine(dev, S, a, data, remaining):
     """BPDA+EOT at the paper's settings through the attack engine, stopped after a time cap."""
     e = S["engine"]
     cap = min(e["cap_s"], max(5.0, remaining() - 60))
-    cfg = attack_config(a, images=e["images"], steps=PAPER["attack_steps"], purify=e.get("purify", PAPER["purify_steps"]),
+    cfg = attack_config(a, images=e["images"], steps=PAPER["attack_steps"],
+                        purify=e.get("purify", PAPER["purify_steps"]),
                         eot=(PAPER["eot_attack"], 150))
     attack = build_attack(cfg, dev)
     imgs = data.take(torch.arange(e["images"]))

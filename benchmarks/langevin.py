@@ -63,7 +63,8 @@ def main() -> None:
             best[name] = min(best[name], time.perf_counter() - t)
     rate = {k: a.batch * a.steps / v for k, v in best.items()}
     threads = torch.get_num_threads()
-    print(f"device={device} threads={threads} batch={a.batch} steps={a.steps} width={a.width} torch={torch.__version__}")
+    print(f"device={device} threads={threads} batch={a.batch} steps={a.steps} width={a.width} "
+          f"torch={torch.__version__}")
     for k in runs:
         print(f"{k:>5}: {rate[k]:10.1f} image-steps/s  ({1000 * best[k] / a.steps:.1f} ms/step)")
     print(f"ours={rate['ours']:.1f} plain={rate['plain']:.1f} image-steps/s ratio={rate['ours'] / rate['plain']:.3f}")

@@ -19,10 +19,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from distributed_ebm.config import TrainEBMConfig, load_config  # noqa: E402
-from distributed_ebm.store.data import read_images  # noqa: E402
 from distributed_ebm.distributed.train import train_ebm_on_ray  # noqa: E402
 from distributed_ebm.local.train import LocalTraining  # noqa: E402
 from distributed_ebm.method.training import time_split  # noqa: E402
+from distributed_ebm.store.data import read_images  # noqa: E402
 
 
 def main() -> None:

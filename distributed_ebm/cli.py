@@ -28,9 +28,17 @@ import os
 import sys
 import time
 
+from .config import (
+    AttackConfig,
+    QuickstartConfig,
+    TrainClassifierConfig,
+    TrainEBMConfig,
+    TunePurificationConfig,
+    TuneTrainingConfig,
+    load_config,
+    to_yaml,
+)
 from .errors import ConfigError, InputError, run_job
-
-from .config import AttackConfig, QuickstartConfig, TrainClassifierConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, load_config, to_yaml
 
 COMMANDS = {
     "train-ebm": (TrainEBMConfig, "train the EBM (maximum likelihood, persistent bank)"),
@@ -146,7 +154,8 @@ def run(command: str, cfg) -> None:
     elif command == "train-classifier":
         from .distributed.train_classifier import train_classifier_on_ray
         out = train_classifier_on_ray(cfg)
-        print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy {out.get('test_accuracy')})")
+        print(f"classifier trained to epoch {out['epoch']}: {out['classifier']} (test accuracy "
+              f"{out.get('test_accuracy')})")
     elif command == "attack":
         from .distributed.attack import RayActors
         from .recipes.attack import run_attack
@@ -169,8 +178,8 @@ def attack_local(args: argparse.Namespace) -> None:
     the same records, summary and plot as `debm attack`, resumable the same way, under `output`; nothing is
     logged to MLflow."""
     from .local.attack import OneProcess
-    from .recipes.attack import run_attack
     from .method.devices import job_device
+    from .recipes.attack import run_attack
     from .results.report import attack_done
 
     cfg = load_config(AttackConfig, args.config, args.overrides)
@@ -226,7 +235,8 @@ def train_ebm_gpu(args: argparse.Namespace, started: float) -> None:
         raise TrainingDiverged(f"{err}; the last good checkpoint is the last one saved in {args.out}") from None
     rate = record["iterations_per_second"]
     print(f"session {record['session']}: iterations {record['start_iteration']} -> {record['end_iteration']} in "
-          f"{record['seconds'] / 60:.2f} min on {record['device']} ({rate or 0:.3g} it/s); wrote {args.out}/", flush=True)
+          f"{record['seconds'] / 60:.2f} min on {record['device']} ({rate or 0:.3g} it/s); wrote {args.out}/",
+          flush=True)
 
 
 def _parent(url: str) -> str:
@@ -240,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import":
         return import_command(args)
     if args.command == "report":
-        from .store import storage
-        from .results.report import (defense_key, format_paired, format_table, format_worst_over_runs, plot_curves,
-                                     system_and_attack_labels)
         from .results.records import load_summary, paired_comparison, worst_case_over_runs
+        from .results.report import (
+            defense_key,
+            format_paired,
+            format_table,
+            format_worst_over_runs,
+            plot_curves,
+            system_and_attack_labels,
+        )
+        from .store import storage
         try:
             if args.plot:
                 storage.check_destination(args.plot, "--plot")

@@ -24,7 +24,8 @@ class Progress:
     """`update(n, **metrics)`; when stderr is not a terminal, prints a line at each tenth of the work
     and at least every `every` seconds (so a job's log stays about a screen long)."""
 
-    def __init__(self, total: int, name: str, start: int = 0, enabled: bool = True, every: float = 60.0, unit: str = "it",
+    def __init__(self, total: int, name: str, start: int = 0, enabled: bool = True, every: float = 60.0,
+                 unit: str = "it",
                  t0: float | None = None):
         """`t0`: when the work began, if before now (a driver following a worker's progress)."""
         self.total, self.name, self.done, self.unit = total, name, start, unit

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
-from .store import storage
 from .config import QuickstartConfig
 from .distributed.attack import RayActors
-from .store.tracking import tracking_uri
+from .distributed.train import train_ebm_on_ray
 from .recipes.attack import run_attack
 from .results.report import format_table, plot_curves
-from .distributed.train import train_ebm_on_ray
+from .store import storage
+from .store.tracking import tracking_uri
 
 
 def quickstart(cfg: QuickstartConfig) -> list[dict]:

@@ -3,7 +3,6 @@ resolved from the repository root, as the jobs do (no OmegaConf needed: the GPU 
 from __future__ import annotations
 
 import os
-import sys
 import shutil
 import socket
 import tempfile
@@ -40,7 +39,8 @@ from distributed_ebm.config import ClassifierConfig, DataConfig  # noqa: E402
 TEST_EXACT = DataConfig().path
 # The two-node tests' head (tests/two_node.py): a killed node is declared dead after 3 missed health checks a second
 # apart instead of Ray's default 5 checks 3 s apart (15 s the tests would spend waiting).
-QUICK_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+QUICK_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+                    "health_check_failure_threshold": 3}
 RESNET20 = ClassifierConfig().weights
 WEIGHTS_DIR = os.path.dirname(RESNET20)
 DATA_DIR = os.path.dirname(TEST_EXACT)
@@ -85,7 +85,8 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
     groups = {}  # item -> its xdist group
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
+        if (RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES):
             item.add_marker(pytest.mark.ray)
         if "ray_local" in getattr(item, "fixturenames", ()):  # one worker starts the session's Ray, and runs them all
             groups[item] = "ray_local"
@@ -179,7 +180,8 @@ def ray_local(s3_bucket, request):
     processes that read the last one's files instead of starting and importing new ones. Actors get processes of
     their own either way."""
     if getattr(request.config.option, "loadgroup", False):  # a parallel run: this worker runs every test on it
-        lost = [item.nodeid for item in request.session.items if "ray_local" in item.fixturenames and "@" not in item.nodeid]
+        lost = [item.nodeid for item in request.session.items
+                if "ray_local" in item.fixturenames and "@" not in item.nodeid]
         if lost:  # pytest 9.2 with pytest-xdist 3.8 stopped grouping (pytest-dev/pytest-xdist#1386), silently
             pytest.fail(f"pytest-xdist ignored the xdist_group marks (e.g. {lost[0]}), so each worker would start a "
                         "Ray claiming every CPU: install the pytest version pyproject.toml allows, or run with -n 0")

@@ -2,17 +2,17 @@
 import pytest
 import torch
 
-from distributed_ebm.store import storage
-from distributed_ebm.errors import InputError
 from distributed_ebm.config import AttackConfig, TrainEBMConfig, build
-from distributed_ebm.store.data import ImageSet
+from distributed_ebm.errors import InputError
+from distributed_ebm.local.train import LocalTraining
 from distributed_ebm.method.defense import Purifier
-from distributed_ebm.recipes.attack import build_attack
 from distributed_ebm.method.nets import EBM
-from distributed_ebm.store.checkpoints import load_ebm, save_ebm
 from distributed_ebm.method.nets.ebm import SoftLeakyReLU
 from distributed_ebm.method.noise import ChainKeys
-from distributed_ebm.local.train import LocalTraining
+from distributed_ebm.recipes.attack import build_attack
+from distributed_ebm.store import storage
+from distributed_ebm.store.checkpoints import load_ebm, save_ebm
+from distributed_ebm.store.data import ImageSet
 
 from .conftest import RESNET20
 

@@ -1,15 +1,16 @@
-"""jobs/attack_local.py (`debm attack-local`): an attack config in one process without Ray, MLflow or s3fs (a machine with one GPU)."""
+"""jobs/attack_local.py (`debm attack-local`): an attack config in one process without Ray, MLflow or s3fs
+(a machine with one GPU)."""
 import os
 import subprocess
 import sys
 
 import numpy as np
 
-from distributed_ebm.results import records as results
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import OneProcess
 from distributed_ebm.recipes.attack import run_attack
+from distributed_ebm.results import records as results
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import REPO, RESNET20, TEST_EXACT, tiny_ebm
@@ -35,7 +36,8 @@ def test_runs_without_ray_mlflow_or_s3fs_equal_to_the_engine_and_resumes(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     assert "attack-local: bpda_eot on cpu" in run.stdout and f"results: {out}/records/" in run.stdout
     ref = str(tmp_path / "ref")
-    tree = {"data": {"path": TEST_EXACT, "random": 3, "subset_seed": 0}, "classifier": {"weights": RESNET20}, "ebm": ebm,
+    tree = {"data": {"path": TEST_EXACT, "random": 3, "subset_seed": 0}, "classifier": {"weights": RESNET20},
+            "ebm": ebm,
             "purify": {"steps": 2, "noise": 0.05, "step_size": 1.0}, "batch_size": 2, "seed": 1, "output": ref,
             "attack": {"mode": "bpda_eot", "eps": "2/255", "step_size": "1/255", "steps": 2, "eot_attack": 2,
                        "eot_defense": 2, "average": "logits", "reevaluations": 2, "random_start": True},
@@ -65,7 +67,8 @@ def test_a_one_process_run_builds_its_attack_once_and_draws_its_gallery_with_it(
     import distributed_ebm.recipes.attack as recipe
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
-    tree = {"data": {"path": TEST_EXACT, "random": 2, "subset_seed": 0}, "classifier": {"weights": RESNET20}, "ebm": ebm,
+    tree = {"data": {"path": TEST_EXACT, "random": 2, "subset_seed": 0}, "classifier": {"weights": RESNET20},
+            "ebm": ebm,
             "purify": {"steps": 2, "noise": 0.05, "step_size": 1.0}, "batch_size": 2, "seed": 1,
             "output": str(tmp_path / "out"), "report": {"gallery": 2},
             "attack": {"mode": "bpda_eot", "eps": "2/255", "step_size": "1/255", "steps": 1, "eot_attack": 2,

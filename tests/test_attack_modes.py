@@ -9,11 +9,11 @@ a case here; `test_every_mode_is_pinned` fails until it does.
 import numpy as np
 import pytest
 
-from distributed_ebm.method.attacks.modes import MODES
 from distributed_ebm.config import AttackConfig, AttackSettings, build
-from distributed_ebm.store.data import read_images
+from distributed_ebm.method.attacks.modes import MODES
 from distributed_ebm.recipes.attack import build_attack
 from distributed_ebm.store.checkpoints import save_ebm
+from distributed_ebm.store.data import read_images
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from distributed_ebm.config import AttackSettings
 from distributed_ebm.method.attacks import Attack, project, random_start
 from distributed_ebm.method.attacks.pgd import ascent_step
-from distributed_ebm.config import AttackSettings
-from distributed_ebm.store.data import subset
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.results.records import accuracy_curve, summarize_records, wilson_interval
+from distributed_ebm.store.data import subset
 
 from .conftest import tiny_ebm
 
@@ -37,7 +37,8 @@ def test_pgd_drives_the_undefended_resnet20_to_zero(exact_test, resnet20, norm, 
 def test_adversarial_images_stay_in_budget_and_pixels(exact_test, resnet20):
     data = subset(exact_test, count=10)
     for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
-        attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=eps / 4, steps=5), seed=0)
+        attack = Attack(resnet20, None, AttackSettings(mode="pgd", norm=norm, eps=eps, step_size=eps / 4, steps=5),
+                        seed=0)
         for r, x in zip(attack(data.floats(), data.labels, data.ids), data.floats()):
             delta = torch.from_numpy(r.adv_image) - x
             size = delta.abs().max() if norm == "linf" else delta.norm()
@@ -148,7 +149,8 @@ def test_transfer_and_defense_modes(defended):
             assert np.allclose(r.adv_image, x[k].numpy(), atol=1e-9)
     nat = Attack(clf, purifier, AttackSettings(mode="defense", eot_attack=2, eot_defense=3), seed=5)
     assert nat.points == 1
-    assert [r.natural_protocol_pred for r in nat(data.floats(), data.labels, data.ids)] == [r.natural_protocol_pred for r in records]
+    natural = nat(data.floats(), data.labels, data.ids)
+    assert [r.natural_protocol_pred for r in natural] == [r.natural_protocol_pred for r in records]
 
 
 def test_wilson_interval():
@@ -164,7 +166,8 @@ def test_per_image_tensors_share_the_images_device(exact_test, resnet20):
 
     x, y, ids = exact_test.floats()[:2], exact_test.labels[:2], exact_test.ids[:2]
     same_device(x=x, labels=y, ids=ids)
-    with pytest.raises(ValueError, match="ids is on meta but x on cpu: per-image tensors must share the images' device"):
+    with pytest.raises(ValueError,
+                       match="ids is on meta but x on cpu: per-image tensors must share the images' device"):
         same_device(x=x, labels=y, ids=ids.to("meta"))
     defense = EOTDefense(resnet20, Purifier(tiny_ebm(), steps=1))
     with pytest.raises(ValueError, match="ids is on meta but x on cpu"):
@@ -172,10 +175,12 @@ def test_per_image_tensors_share_the_images_device(exact_test, resnet20):
     with pytest.raises(ValueError, match="labels is on meta but x on cpu"):
         defense.logits_and_grad(x, y.to("meta"), ids, seed=0, call=0, replicates=2)
     # the engine's entry takes labels and ids from anywhere (here a list and a numpy array)
-    attack = Attack(resnet20, Purifier(tiny_ebm(), steps=1), AttackSettings(mode="defense", eot_attack=2, eot_defense=2))
+    attack = Attack(resnet20, Purifier(tiny_ebm(), steps=1),
+                    AttackSettings(mode="defense", eot_attack=2, eot_defense=2))
     records = attack(x, y.numpy(), ids.tolist())
     assert [r.index for r in records] == ids.tolist() and [r.label for r in records] == y.tolist()
-    # the check's 2 chains, and the defense's own 2-chain vote on every clean image (the confirmation where the check is wrong)
+    # the check's 2 chains, and the defense's own 2-chain vote on every clean image (the confirmation where the
+    # check is wrong)
     assert all(r.image_steps == 2 * 1 + 2 * 1 and r.confirm_image_steps == 2 * 1 for r in records)
 
 
@@ -239,9 +244,9 @@ def test_a_longer_attack_repeats_the_shorter_ones_steps(defended):
             for n in (2, 5)}
     short, long = runs[2], runs[5]
     assert any(r.broken_at > 0 for r in long), "want breaks under attack"
-    for s, l in zip(short, long):
+    for s, lg in zip(short, long):
         if s.broken_at != -1:
-            assert l.broken_at == s.broken_at
+            assert lg.broken_at == s.broken_at
         else:
-            assert l.broken_at == -1 or l.broken_at > 2 + 1
+            assert lg.broken_at == -1 or lg.broken_at > 2 + 1
     assert sum(r.robust for r in long) <= sum(r.robust for r in short)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed_ebm.store import storage
 from distributed_ebm.cli import main
-from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, TunePurificationConfig, load_config
+from distributed_ebm.errors import ConfigError
+from distributed_ebm.store import storage
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import TEST_EXACT, tiny_ebm
@@ -278,7 +278,8 @@ def test_one_gpu_job_refuses_an_out_that_is_a_file_and_names_a_missing_card_fold
     assert f"--out {tmp_path}/file is a file" in capsys.readouterr().err
     assert gpu_main(["--card", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err  # names the checkpoint --card reads, not --resume
-    assert err.count("\n") == 1 and f"checkpoint {tmp_path}/none/ckpt.pt does not exist" in err and "--resume" not in err
+    assert (err.count("\n") == 1 and f"checkpoint {tmp_path}/none/ckpt.pt does not exist" in err
+            and "--resume" not in err)
 
 
 @pytest.mark.parametrize("uri", ["bogus://nowhere", "not-a-store", "http://127.0.0.1:9"])
@@ -319,7 +320,8 @@ def _summary(tmp_path, case: str) -> str:
 
 @pytest.mark.parametrize("case, expected", [
     ("junk", "is not valid JSON"), ("list", "holds a list, not the summary object"),
-    ("no_keys", "images: Field required"), ("string_number", "natural_protocol_accuracy: Input should be a valid number"),
+    ("no_keys", "images: Field required"),
+    ("string_number", "natural_protocol_accuracy: Input should be a valid number"),
     ("string_in_config", "config.attack.steps: Input should be a valid integer"), ("binary", "is not valid JSON"),
 ])
 def test_report_bad_summaries(tmp_path, capsys, case, expected):

@@ -7,9 +7,9 @@ import sys
 import pytest
 import yaml
 
-from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.results.records import read_records
+from distributed_ebm.store import storage
 
 
 def test_attack_writes_records_summary_plots_and_mlflow_artifacts_to_s3(ray_local, s3_bucket, tmp_path, capsys):
@@ -25,7 +25,9 @@ def test_attack_writes_records_summary_plots_and_mlflow_artifacts_to_s3(ray_loca
     assert main(["report", f"{s3_bucket}/nothing-here"]) == 2
     table = read_records(out)
     assert table.num_rows == 6 and table.column("index").to_pylist() == list(range(6))
-    assert set(table.column_names) >= {"index", "label", "natural_protocol_pred", "natural_protocol_correct", "natural_defense_pred", "natural_defense_correct", "broken_at", "final_pred", "adv_image"}
+    assert set(table.column_names) >= {"index", "label", "natural_protocol_pred", "natural_protocol_correct",
+                                       "natural_defense_pred", "natural_defense_correct", "broken_at", "final_pred",
+                                       "adv_image"}
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
     assert summary["images"] == 6 and len(summary["accuracy_curve"]) == 7
     assert storage.read_bytes(out + "/accuracy.png")[:8] == b"\x89PNG\r\n\x1a\n"
@@ -57,10 +59,12 @@ def test_job_file_reports_bad_input_in_one_line():
     done = subprocess.run([sys.executable, "jobs/attack.py", "ebm=missing.pt", "attack.mode=defense", "data.count=0"],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip() == "debm attack: config error: data.count = 0: Input should be greater than or equal to 1"
+    assert done.stderr.strip() == ("debm attack: config error: data.count = 0: "
+                                   "Input should be greater than or equal to 1")
     done = subprocess.run([sys.executable, "jobs/attack.py", "ebm=missing.pt", "attack.mode=defense", "data.count=2"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.strip() == f"debm attack: {os.path.abspath('missing.pt')} does not exist"
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"debm attack: {os.path.abspath('missing.pt')} does not exist"
 
 
 def test_overrides_stand_anywhere_on_the_line(capsys):
@@ -112,10 +116,12 @@ def test_report_pairs_runs_on_their_shared_images(tmp_path, capsys):
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 0) == 1.0 and sign_test_p(5, 0) == pytest.approx(2 / 32)
     assert sign_test_p(3, 7) == sign_test_p(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
     outs = {}
-    for name, eps, ids in (("weak", "0.25/255", [0, 1, 2, 3, 4, 5, 6, 7]), ("strong", "2/255", [2, 3, 4, 5, 6, 7, 8, 9])):
+    for name, eps, ids in (("weak", "0.25/255", [0, 1, 2, 3, 4, 5, 6, 7]),
+                           ("strong", "2/255", [2, 3, 4, 5, 6, 7, 8, 9])):
         outs[name] = str(tmp_path / name)
         cfg = load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
-                          ["data.count=null", f"data.indices={ids}", f"attack.eps={eps}", "attack.steps=3", f"output={outs[name]}",
+                          ["data.count=null", f"data.indices={ids}", f"attack.eps={eps}", "attack.steps=3",
+                           f"output={outs[name]}",
                            "mlflow.enabled=false"])
         run_attack(cfg, OneProcess(), show=False)
     d = paired_comparison(outs["weak"], outs["strong"])

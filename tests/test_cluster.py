@@ -53,7 +53,8 @@ def _broken(edit):
 
 
 @pytest.mark.parametrize("edit, named", [
-    (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU="one"), "'one' is not of type 'integer'"),
+    (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU="one"),
+     "'one' is not of type 'integer'"),
     (lambda c: c.pop("provider"), "'provider' is a required property"),
     (lambda c: c.update(max_worker=8), "'max_worker' was unexpected"),
     (lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"), "'node_config' is a required property"),
@@ -122,7 +123,8 @@ def test_raycluster_manifest():
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
     (gpu,) = spec["workerGroupSpecs"]
-    assert gpu["groupName"] and 0 == gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and gpu["maxReplicas"] >= 1
+    assert (gpu["groupName"] and 0 == gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+            and gpu["maxReplicas"] >= 1)
     for container in gpu["template"]["spec"]["containers"]:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
@@ -146,7 +148,8 @@ def test_rayjob_runs_the_evaluation_job_on_the_same_cluster_spec():
     assert (python, job, flag) == ("python", "jobs/attack.py", "--config")
     assert (REPO / job).is_file() and (REPO / config).is_file()
     # the entrypoint's config and overrides validate as the job will read them (DEBM_SHARED from the pods)
-    env = {e["name"]: e["value"] for e in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    head = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in head["env"]}
     old = os.environ.get("DEBM_SHARED")
     os.environ["DEBM_SHARED"] = env["DEBM_SHARED"]
     try:
@@ -237,7 +240,8 @@ def test_requests_no_node_and_no_node_type_can_hold_are_refused_naming_the_field
                                          r"alive nodes, and it has no autoscaler\)$"):
         check_fits({"CPU": 1.0, "GPU": 0.0}, {"CPU": "ray.cpus_per_worker"}, fixed, count=4, count_key="ray.workers")
     # an autoscaler that does not say what it can add: trusted (the job waits, bounded)
-    check_fits({"CPU": 64.0, "GPU": 8.0}, keys, Capacity([{"CPU": 2.0}], None, True), count=100, count_key="ray.workers")
+    check_fits({"CPU": 64.0, "GPU": 8.0}, keys, Capacity([{"CPU": 2.0}], None, True), count=100,
+               count_key="ray.workers")
 
 
 def test_local_outputs_and_file_tracking_stores_are_refused_where_work_runs_on_other_nodes(monkeypatch):
@@ -254,7 +258,8 @@ def test_local_outputs_and_file_tracking_stores_are_refused_where_work_runs_on_o
     cluster.check_one_storage("/tmp/out", "output", False)  # one node, fixed
     cluster.check_tracking_reach("sqlite:////tmp/m.db", False)
     grows.append(True)
-    with pytest.raises(InputError, match=r"^output /tmp/out is a local path but the cluster's autoscaler may add nodes"):
+    with pytest.raises(InputError,
+                       match=r"^output /tmp/out is a local path but the cluster's autoscaler may add nodes"):
         cluster.check_one_storage("/tmp/out", "output", False)
     with pytest.raises(InputError, match=r"^mlflow.tracking_uri sqlite:////tmp/m.db is a file on the driver's disk but "
                                          r"the cluster's autoscaler may add nodes"):
@@ -351,8 +356,13 @@ def _launcher_capacity():
 
 def _job_configs():
     """Every shipped job config, read as its job reads it (DEBM_SHARED as on the clusters)."""
-    from distributed_ebm.config import (QuickstartConfig, TrainClassifierConfig, TrainEBMConfig,
-                                        TunePurificationConfig, TuneTrainingConfig)
+    from distributed_ebm.config import (
+        QuickstartConfig,
+        TrainClassifierConfig,
+        TrainEBMConfig,
+        TunePurificationConfig,
+        TuneTrainingConfig,
+    )
 
     kinds = [("attack_", AttackConfig), ("train_ebm", TrainEBMConfig), ("train_classifier", TrainClassifierConfig),
              ("tune_purification", TunePurificationConfig), ("tune_training", TuneTrainingConfig),

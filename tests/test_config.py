@@ -4,8 +4,8 @@ import sys
 import pytest
 
 from distributed_ebm.cli import main
-from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, TrainEBMConfig, load_config
+from distributed_ebm.errors import ConfigError
 
 
 def test_defaults_are_the_papers_numbers():
@@ -14,7 +14,8 @@ def test_defaults_are_the_papers_numbers():
     assert (a.attack.eps, a.attack.step_size, a.attack.steps) == (8 / 255, 2 / 255, 50)
     assert (a.attack.eot_attack, a.attack.eot_defense) == (15, 150)
     t = load_config(TrainEBMConfig)
-    assert (t.iterations, t.batch_size, t.langevin.steps, t.langevin.noise, t.sgd_start) == (250_000, 100, 100, 0.01, 125_000)
+    assert ((t.iterations, t.batch_size, t.langevin.steps, t.langevin.noise, t.sgd_start)
+            == (250_000, 100, 100, 0.01, 125_000))
     assert t.data.path.endswith("train.parquet")
 
 
@@ -80,7 +81,8 @@ def test_every_job_config_validates():
         command = next(v for k, v in kinds.items() if f.stem.startswith(k))
         load_config(COMMANDS[command][0], f)
     # the quickstart file is the embedded default, spelled out
-    assert load_config(COMMANDS["quickstart"][0], "jobs/configs/quickstart.yaml") == load_config(COMMANDS["quickstart"][0])
+    assert (load_config(COMMANDS["quickstart"][0], "jobs/configs/quickstart.yaml")
+            == load_config(COMMANDS["quickstart"][0]))
 
 
 def test_batch_must_split_over_training_workers():

@@ -10,8 +10,8 @@ import torch
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.local.attack import OneProcess
 from distributed_ebm.recipes.attack import run_attack
-from distributed_ebm.results.report import format_convergence
 from distributed_ebm.results.records import chains_to_decide, convergence, sign_test_p
+from distributed_ebm.results.report import format_convergence
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
@@ -105,8 +105,8 @@ def test_every_run_draws_its_gallery_from_its_own_chains(tmp_path, capsys):
     from PIL import Image
 
     from distributed_ebm.cli import main
-    from distributed_ebm.recipes.attack import gallery_rows
     from distributed_ebm.method.noise import ChainKeys
+    from distributed_ebm.recipes.attack import gallery_rows
     from distributed_ebm.store.data import read_images
 
     ebm = str(tmp_path / "ebm.pt")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed_ebm.store import storage
-from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, DataConfig, build, load_config
+from distributed_ebm.errors import ConfigError
 from distributed_ebm.method.pixels import uint8_hwc
+from distributed_ebm.store import storage
 from distributed_ebm.store.data import DataError, read_images, read_parquet, read_torchvision, subset
 
 from .conftest import TEST_EXACT
@@ -118,7 +118,8 @@ def test_parquet_from_s3(s3_bucket, exact_test):
         storage.write_bytes(url, f.read())
     cfg = build(DataConfig, {"path": url, "indices": [3, 4, 5]})
     sub = read_images(cfg)
-    assert torch.equal(sub.floats(), exact_test.floats()[3:6]) and sub.labels.tolist() == exact_test.labels[3:6].tolist()
+    assert (torch.equal(sub.floats(), exact_test.floats()[3:6])
+            and sub.labels.tolist() == exact_test.labels[3:6].tolist())
 
 
 def test_atomic_writes_leave_no_temporary_and_the_mode_a_plain_write_gives(tmp_path):

@@ -101,7 +101,8 @@ def test_no_reduction_that_is_nondeterministic_on_cuda(setup):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            accumulate = func.__name__.startswith("index_put") and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))
+            accumulate = (func.__name__.startswith("index_put")
+                          and (kwargs.get("accumulate") or (len(args) > 3 and args[3])))
             if func.__name__.split(".")[0] in ("index_add", "index_add_", "scatter_add", "scatter_add_") or accumulate:
                 self.seen.add(func.__name__)
             return func(*args, **kwargs)

@@ -211,7 +211,8 @@ def cluster(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     stray = {name: pids for name, pids in left.items() if pids}
     if stray:  # stopped all the same (as `ray stop` does after its grace period); on a busy machine
-        print(f"e2e: processes still there after their grace period ({GRACE:.0f} s, the Ray head's 3 s), killed: {stray}")
+        print(f"e2e: processes still there after their grace period ({GRACE:.0f} s, the Ray head's 3 s), killed: "
+              f"{stray}")
     assert not any(s.members() for s in services) and not _working_in(ray_tmp), "processes left running"
 
 

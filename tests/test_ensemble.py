@@ -4,13 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from distributed_ebm.results import records as results
-from distributed_ebm.store import storage
 from distributed_ebm.cli import main
-from distributed_ebm.errors import ConfigError
 from distributed_ebm.config import AttackConfig, build
+from distributed_ebm.errors import ConfigError
 from distributed_ebm.local.attack import OneProcess
 from distributed_ebm.recipes.attack import run_attack
+from distributed_ebm.results import records as results
+from distributed_ebm.store import storage
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
@@ -71,7 +71,8 @@ def test_robust_only_if_every_attack_alone_fails_and_records_name_the_breaker(ru
 def test_bad_ensembles_fail_in_one_line():
     base = {"ebm": "e.pt"}
     for ensemble, message in [
-            ([{"mode": "bpda_eot"}, {"steps": -1}], "attack.ensemble[1]: steps = -1: Input should be greater than or equal to 0"),
+            ([{"mode": "bpda_eot"}, {"steps": -1}],
+             "attack.ensemble[1]: steps = -1: Input should be greater than or equal to 0"),
             ([{"nope": 1}], "attack.ensemble[0]: nope: unknown key"),
             ([{"mode": "defense"}], "attack.ensemble[0]: mode defense does not attack"),
             ([{"mode": "pgd"}, {"mode": "bpda_eot"}], "attack.ensemble mixes the undefended classifier"),
@@ -110,8 +111,8 @@ def test_debm_attack_runs_an_ensemble_on_ray_resumes_and_reports_each_attack(ray
 
 
 def _records(cfg):
-    from distributed_ebm.store.data import read_images
     from distributed_ebm.recipes.attack import build_attack
+    from distributed_ebm.store.data import read_images
     data = read_images(cfg.data)
     return build_attack(cfg, "cpu")(data.floats().double(), data.labels, data.ids)
 
@@ -136,7 +137,8 @@ def test_independent_members_and_restarts_each_draw_a_key_stream_of_their_own(ru
         assert (rec.natural_protocol_correct, rec.natural_defense_pred) == (
             alone[0, 0][i].natural_protocol_correct, alone[0, 0][i].natural_defense_pred)
     # the streams are not the paired ones: some image meets different luck under another stream
-    assert any(alone[0, 0][i].broken_at != alone[0, 1][i].broken_at or alone[0, 0][i].final_pred != alone[0, 1][i].final_pred
+    assert any(alone[0, 0][i].broken_at != alone[0, 1][i].broken_at
+               or alone[0, 0][i].final_pred != alone[0, 1][i].final_pred
                or not np.array_equal(alone[0, 0][i].adv_image, alone[0, 1][i].adv_image) for i in range(6))
 
 

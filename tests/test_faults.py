@@ -44,8 +44,8 @@ def test_without_an_address_ray_starts_its_own_instead_of_joining_a_recorded_clu
 
 
 def test_an_attack_rerun_with_other_settings_fails_before_any_work_naming_them(tmp_path):
-    from distributed_ebm.errors import InputError
     from distributed_ebm.config import AttackConfig, load_config
+    from distributed_ebm.errors import InputError
     from distributed_ebm.local.attack import OneProcess
     from distributed_ebm.recipes.attack import run_attack
     from distributed_ebm.results.records import read_records

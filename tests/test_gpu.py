@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from distributed_ebm.method.attacks import Attack
 from distributed_ebm.config import AttackSettings, TrainEBMConfig, load_config
-from distributed_ebm.store.data import ImageSet, subset
-from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.local.train import LocalTraining
+from distributed_ebm.method.attacks import Attack
+from distributed_ebm.method.defense import EOTDefense, Purifier
+from distributed_ebm.store.data import ImageSet, subset
 
 from .conftest import tiny_ebm
 
@@ -19,7 +19,8 @@ CUDA = torch.device("cuda")
 
 
 def _fields(records):
-    return [(r.index, r.label, r.natural_protocol_pred, r.natural_defense_pred, r.broken_at, r.final_pred, r.image_steps, r.reeval_correct) for r in records]
+    return [(r.index, r.label, r.natural_protocol_pred, r.natural_defense_pred, r.broken_at, r.final_pred,
+             r.image_steps, r.reeval_correct) for r in records]
 
 
 @pytest.mark.parametrize("mode", ["bpda_eot", "exact_eot", "transfer", "defense", "pgd"])

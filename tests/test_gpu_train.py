@@ -1,4 +1,5 @@
-"""The one-GPU training job on the CPU: the training checkpoint without its bank, resume with a re-burned bank, the job without Ray."""
+"""The one-GPU training job on the CPU: the training checkpoint without its bank, resume with a re-burned bank,
+the job without Ray."""
 import os
 import subprocess
 import sys
@@ -8,18 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_ebm.store import storage
-from distributed_ebm.method.bank import ImageBank
-from distributed_ebm.results.card import card_text
-from distributed_ebm.method.bank import energy_stats, reburn
-from distributed_ebm.store.checkpoints import load_checkpoint, load_ebm, save_checkpoint
-from distributed_ebm.errors import InputError
-from distributed_ebm.config import StandaloneTrainConfig, build
-from distributed_ebm.store.data import ImageSet, subset
 from distributed_ebm.cli import main as debm
+from distributed_ebm.config import StandaloneTrainConfig, build
+from distributed_ebm.errors import InputError
 from distributed_ebm.local.train import CKPT, LocalTraining
-from distributed_ebm.store.checkpoints import load_ebm
+from distributed_ebm.method.bank import ImageBank, energy_stats, reburn
 from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
+from distributed_ebm.results.card import card_text
+from distributed_ebm.store import storage
+from distributed_ebm.store.checkpoints import load_checkpoint, load_ebm, save_checkpoint
+from distributed_ebm.store.data import ImageSet, subset
 
 from .conftest import REPO, TEST_EXACT
 
@@ -82,7 +81,8 @@ def test_resume_continues_iteration_optimizer_and_phase_and_is_deterministic(fir
     _, out = first
     state = load_checkpoint(storage.join(out, CKPT))
     runs = []
-    for k, global_seed in enumerate((1, 2)):  # nothing reads torch's global generator: the iteration is the RNG position
+    # nothing reads torch's global generator: the iteration is the RNG position
+    for k, global_seed in enumerate((1, 2)):
         torch.manual_seed(global_seed)
         s = Session(_cfg(), tiny, str(tmp_path / f"r{k}"), CPU, state, log=lambda m: None)
         assert s.ebm_iteration.iteration == 12 and s.ebm_iteration.phase == "adam"
@@ -176,7 +176,8 @@ def test_committed_card_is_the_generators():
 
 
 def test_job_runs_without_ray_mlflow_or_s3fs_and_resumes(tmp_path, capsys):
-    """Two sessions of jobs/train_ebm_gpu.py in a Python where ray, mlflow, s3fs, boto3 and optuna cannot be imported."""
+    """Two sessions of jobs/train_ebm_gpu.py in a Python where ray, mlflow, s3fs, boto3 and optuna cannot be
+    imported."""
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text(

@@ -9,9 +9,8 @@ definition, J_0^T ... J_{K-1}^T grad L(x_K) with J_t = I - s Hess f_T(x_t) at th
 import pytest
 import torch
 
+from distributed_ebm.config import AttackSettings, build
 from distributed_ebm.errors import ConfigError
-
-from distributed_ebm.config import build, AttackSettings
 from distributed_ebm.method.defense import EOTDefense, Purifier
 from distributed_ebm.method.exact_chain import differentiable_langevin
 from distributed_ebm.method.langevin import langevin
@@ -151,10 +150,12 @@ def test_the_attack_engine_runs_the_kink_aware_gradient(setup):
     settings = dict(mode="exact_eot", steps=2, eot_attack=2, eot_defense=0, eps=0.02, step_size=0.01)
     runs = {}
     for surrogate in (None, "softplus"):
-        attack = Attack(clf, Purifier(_ebm(), STEPS, S, SIGMA), build(AttackSettings, {**settings, "surrogate": surrogate}))
+        attack = Attack(clf, Purifier(_ebm(), STEPS, S, SIGMA),
+                        build(AttackSettings, {**settings, "surrogate": surrogate}))
         runs[surrogate] = attack(x, y, ids)
     plain, kinked = runs[None], runs["softplus"]
-    assert all(r.natural_protocol_correct for r in plain) and any(r.robust for r in plain) and any(r.robust for r in kinked)
+    assert (all(r.natural_protocol_correct for r in plain) and any(r.robust for r in plain)
+            and any(r.robust for r in kinked))
     # a gradient costs 3 chain runs (4 kink-aware: the recomputation runs both energies), a check 1
     for records, runs_per_grad in ((plain, 3), (kinked, 4)):
         for r in records:

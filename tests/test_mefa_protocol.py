@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from distributed_ebm.store import storage
 from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.method.nets import EBM
-from distributed_ebm.store.checkpoints import save_ebm
 from distributed_ebm.results.records import read_records
+from distributed_ebm.store import storage
+from distributed_ebm.store.checkpoints import save_ebm
 
 MEFA = "jobs/configs/attack_mefa.yaml"
 

@@ -3,8 +3,8 @@ import torch
 
 from distributed_ebm.errors import InputError
 from distributed_ebm.method.nets import EBM, build_classifier
-from distributed_ebm.store.checkpoints import load_classifier, load_ebm, save_classifier, save_ebm
 from distributed_ebm.method.training import accuracy
+from distributed_ebm.store.checkpoints import load_classifier, load_ebm, save_classifier, save_ebm
 
 from .conftest import WEIGHTS_DIR, tiny_ebm
 
@@ -27,7 +27,8 @@ def test_pretrained_resnets_score_as_published(exact_test, arch, file, expected)
 def test_wrong_architecture_says_so(tmp_path):
     with pytest.raises(InputError, match="does not fit architecture 'resnet32': 60 missing"):
         load_classifier("resnet32", f"{WEIGHTS_DIR}/resnet20-12fca82f.th")
-    with pytest.raises(InputError, match="does not fit architecture 'resnet56'.*unexpected|does not fit architecture 'resnet56'"):
+    with pytest.raises(InputError,
+                       match="does not fit architecture 'resnet56'.*unexpected|does not fit architecture 'resnet56'"):
         load_classifier("resnet56", f"{WEIGHTS_DIR}/resnet44-014dd654.th")
     wrn = build_classifier("wrn", wrn_depth=10, wrn_widen=1)
     save_classifier(wrn, str(tmp_path / "wrn.pt"))
@@ -49,7 +50,8 @@ def test_classifier_wrapper_normalizes_its_own_way():
     clf.net.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     clf.eval()(x)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(seen[0], ((x + 1) / 2 - mean) / std, atol=1e-6)
 
 

@@ -55,7 +55,8 @@ def test_chain_words_known_answers():
     assert [[int(x) for x in ww[:, 1]] for ww in w] == [
         [0xbb1c7312, 0x2af00bf2, 0xcafafa89, 0x60371360], [0xa260fbfd, 0xd173d650, 0xc915eaae, 0x8c60c3da],
         [0x60a9d754, 0x9faced20, 0x924382aa, 0xd7e3e8f8], [0xbf6e35cf, 0x1afe567d, 0x402fab21, 0x6c759947]]
-    expected = [-1.690126657485962, 0.7928726077079773, -1.2198169231414795, -0.0016072177095338702, -1.3349276781082153]
+    expected = [-1.690126657485962, 0.7928726077079773, -1.2198169231414795, -0.0016072177095338702,
+                -1.3349276781082153]
     got = k.normal(77, (5,))[3]
     assert got.dtype == torch.float32
     close = dict(rtol=4 * 2.0**-23, atol=1e-7)  # a few float32 ulps

@@ -7,14 +7,14 @@ import time
 import numpy as np
 import pytest
 
-from distributed_ebm.results import records as results
-from distributed_ebm.store import storage
-from distributed_ebm.errors import InputError
 from distributed_ebm.config import AttackConfig, build
 from distributed_ebm.distributed.attack import RayActors
+from distributed_ebm.errors import InputError
 from distributed_ebm.local.attack import OneProcess
-from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.method.nets import EBM
+from distributed_ebm.recipes.attack import run_attack
+from distributed_ebm.results import records as results
+from distributed_ebm.store import storage
 from distributed_ebm.store.checkpoints import save_ebm
 
 from .conftest import RESNET20, TEST_EXACT, own_processes, tiny_ebm
@@ -51,7 +51,8 @@ def _same(a, b):
             "reeval_correct"]
     for c in cols:
         assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
-    assert np.allclose(np.array(a.column("adv_image").to_pylist()), np.array(b.column("adv_image").to_pylist()), atol=1e-9)
+    assert np.allclose(np.array(a.column("adv_image").to_pylist()), np.array(b.column("adv_image").to_pylist()),
+                       atol=1e-9)
 
 
 STRONGER = {"attack.mode": "exact_eot", "attack.optimizer": "apgd", "attack.loss": "dlr", "attack.segment": 1,
@@ -66,7 +67,8 @@ def test_pipeline_equals_the_single_process_attack(ray_local, tmp_path, ebm_url,
     # the one parquet file's footer is read by one actor (Ray Data's default started 32 processes per pass)
     assert _footer_readers() - readers == 1
     _same(results.read_records(str(tmp_path / "single")), results.read_records(str(tmp_path / "ray")))
-    assert {r for r in results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()} - {-1}, "some breaks"
+    broken_at = results.read_records(str(tmp_path / "ray")).column("broken_at").to_pylist()
+    assert {r for r in broken_at} - {-1}, "some breaks"
     keys = ["natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy", "accuracy_curve", "image_steps",
             "convergence"]  # the vote and steps figures too: the same records give the same convergence
     if settings:

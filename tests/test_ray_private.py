@@ -24,6 +24,7 @@ def test_the_parquet_footer_actors_variable_is_the_one_ray_data_reads():
 
 def test_ray_datas_progress_logger_exists():
     import ray.data  # noqa: F401 - registers its loggers
+
     from distributed_ebm.distributed.ray_private import DATA_PROGRESS_LOGGER
 
     assert DATA_PROGRESS_LOGGER in logging.root.manager.loggerDict

@@ -13,14 +13,14 @@ import torch
 import yaml
 
 from distributed_ebm.cli import main
-from distributed_ebm.store import storage
 from distributed_ebm.config import TrainEBMConfig, build
-from distributed_ebm.errors import InputError
-from distributed_ebm.store.data import subset
 from distributed_ebm.distributed.train import run_dir, train_ebm_on_ray
-from distributed_ebm.store.checkpoints import load_ebm
+from distributed_ebm.errors import InputError
 from distributed_ebm.local.train import train_ebm
 from distributed_ebm.method.training import TrainingDiverged, new_ebm
+from distributed_ebm.store import storage
+from distributed_ebm.store.checkpoints import load_ebm
+from distributed_ebm.store.data import subset
 
 from .conftest import TEST_EXACT, own_processes
 
@@ -36,7 +36,8 @@ def _tree(tmp_path, name, **kw):
     # parameter whose gradient is ~0 (a bias behind saturated units) turns rounding noise into
     # full lr-sized steps; the Adam -> SGD switch is tested in the single-process tests.
     tree = {"ebm": {"width": 4}, "langevin": {"steps": 3}, "iterations": 6, "batch_size": 8, "bank_size": 32,
-            "sgd_start": 0, "sgd_lr": 0.01, "checkpoint_every": 3, "log_every": 1, "output": str(tmp_path / "out"), "name": name,
+            "sgd_start": 0, "sgd_lr": 0.01, "checkpoint_every": 3, "log_every": 1, "output": str(tmp_path / "out"),
+            "name": name,
             "ray": {"workers": 2, "bank_shards": 2, "max_failures": 3},
             "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art")}}
     for key, value in kw.items():
@@ -85,7 +86,8 @@ def test_two_workers_share_the_bank_checkpoint_to_s3_log_to_mlflow_and_resume(re
     assert first["status"] == 0, first["err"][-2000:]
     assert f"EBM trained to iteration 3: {s3_bucket}/train/two/ebm.pt" in first["out"]
     # the driver's own progress line (rank 0 posts it; the workers print nothing here)
-    assert "two: 2 Ray Train worker(s) on CPU (the cluster has no GPU and no autoscaler that could add one)" in first["err"]
+    assert ("two: 2 Ray Train worker(s) on CPU (the cluster has no GPU and no autoscaler that could add one)"
+            in first["err"])
     progress = [line for line in first["err"].splitlines() if line.startswith("[train-ebm:two]")]
     assert progress and progress[-1].startswith("[train-ebm:two] 3/3 (100.0%)") and "energy_diff=" in progress[-1]
     assert "TrainingReport" not in first["out"] + first["err"]
@@ -114,7 +116,8 @@ def test_two_workers_share_the_bank_checkpoint_to_s3_log_to_mlflow_and_resume(re
     assert run.data.params["ray.workers"] == "2" and run.data.params["langevin.steps"] == "3"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "energy_diff")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
-    assert {"bank_age", "grad_norm", "iterations_per_second", "bank_share", "energy_pos", "energy_neg"} <= set(run.data.metrics)
+    assert ({"bank_age", "grad_norm", "iterations_per_second", "bank_share", "energy_pos", "energy_neg"}
+            <= set(run.data.metrics))
     fs, _ = storage.filesystem(s3_bucket)
     fs.invalidate_cache()
     names = [os.path.basename(p) for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/mlflow")]
@@ -228,7 +231,8 @@ def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):
     # one worker and one bank shard: stopping on a non-finite loss needs no second process of either kind
     cfg = build(TrainEBMConfig, _tree(tmp_path, "nan", iterations=40, checkpoint_every=1, sgd_lr=1e6,
                                       **{"mlflow.enabled": False, "ray.workers": 1, "ray.bank_shards": 1}))
-    with pytest.raises(TrainingDiverged, match=r"EBM loss is (nan|inf|-inf), .* at iteration (\d+); the last good checkpoint") as err:
+    with pytest.raises(TrainingDiverged,
+                       match=r"EBM loss is (nan|inf|-inf), .* at iteration (\d+); the last good checkpoint") as err:
         train_ebm_on_ray(cfg, data=small)
     failed_at = int(re.search(r"at iteration (\d+);", str(err.value)).group(1))
     saved = storage.load_torch(storage.join(run_dir(cfg), "ebm.pt"))
@@ -238,13 +242,15 @@ def test_non_finite_loss_stops_with_a_clear_message(ray_local, tmp_path, small):
 
 def test_classifier_trains_on_ray_and_resumes(ray_local, tmp_path):
     import mlflow
+
     from distributed_ebm.config import TrainClassifierConfig
     from distributed_ebm.distributed.train_classifier import train_classifier_on_ray
     from distributed_ebm.store.checkpoints import CLASSIFIER_CKPT, load_classifier
 
     def cfg(epochs):
         return build(TrainClassifierConfig, {
-            "data": {"path": TEST_EXACT, "count": 100}, "test_data": {"path": TEST_EXACT, "indices": list(range(900, 950))},
+            "data": {"path": TEST_EXACT, "count": 100},
+            "test_data": {"path": TEST_EXACT, "indices": list(range(900, 950))},
             "classifier": {"arch": "wrn", "wrn_depth": 10, "wrn_widen": 1, "weights": None},
             "epochs": epochs, "batch_size": 50, "lr_milestones": [1], "output": str(tmp_path / "clf"), "name": "wrn",
             "ray": {"workers": 2}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
@@ -279,7 +285,8 @@ def test_too_few_resources_fail_within_the_startup_timeout_saying_why(ray_local,
     assert not thread.is_alive(), "still waiting for resources after 90 s"
     assert time.time() - t0 < 60
     assert re.match(r"2 workers \(1 CPU each, ray.workers\) could not be placed within ray.startup_timeout_s=3 s "
-                    r"\(a lost node, or too few free resources\); the last checkpoint is in ", str(box.get("error"))), box
+                    r"\(a lost node, or too few free resources\); the last checkpoint is in ",
+                    str(box.get("error"))), box
 
 
 def test_more_workers_than_the_cluster_can_hold_are_refused_at_once(ray_local, tmp_path, small):

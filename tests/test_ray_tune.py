@@ -6,14 +6,14 @@ import sys
 import pytest
 import yaml
 
+from distributed_ebm.config import AttackConfig, TunePurificationConfig, build, load_config
+from distributed_ebm.distributed.ray_train import run_dir
+from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
+from distributed_ebm.errors import ConfigError
 from distributed_ebm.results import records as results
 from distributed_ebm.store import storage
-from distributed_ebm.errors import ConfigError
-from distributed_ebm.config import AttackConfig, TunePurificationConfig, build, load_config
-from distributed_ebm.store.data import read_images
-from distributed_ebm.distributed.tune import TRIALS, objective, tune_purification
-from distributed_ebm.distributed.ray_train import run_dir
 from distributed_ebm.store.checkpoints import save_ebm
+from distributed_ebm.store.data import read_images
 
 from .conftest import RESNET20, TEST_EXACT, tiny_ebm
 
@@ -40,9 +40,11 @@ def test_the_best_trial_saw_every_rung_and_ties_go_to_the_first_trial():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("space={step_size: null, noise: null, steps: null}", "space is empty: name at least one of steps, step_size, noise"),
+    ("space={step_size: null, noise: null, steps: null}",
+     "space is empty: name at least one of steps, step_size, noise"),
     ("space={noise: {low: 0.1, high: 0.01}}", "space.noise: low 0.1 > high 0.01"),
-    ("space={temperature: {low: 0.1, high: 1}}", "space.temperature: unknown parameter; searchable: steps, step_size, noise"),
+    ("space={temperature: {low: 0.1, high: 1}}",
+     "space.temperature: unknown parameter; searchable: steps, step_size, noise"),
     ("space={noise: {low: 0, high: 1}}", "space.noise: a log-uniform range needs low > 0"),
     ("validation.split=train", "validation_images = held_out_test: validation.split must be test"),
     ("validation_images=training", "validation_images = training: validation must be a training-split file"),
@@ -84,20 +86,23 @@ def test_tiny_search_runs_stops_trials_early_and_writes_a_runnable_best_file(ray
                                          ["index"]).column("index").to_pylist())
     assert seen <= validation and min(validation) >= 500 and len(validation) == 4
     assert not seen & set(read_images(cfg.attack.data).ids.tolist())
-    assert best["metrics"]["natural_defense_accuracy"] is not None and best["metrics"]["natural_protocol_accuracy"] is not None
+    assert best["metrics"]["natural_defense_accuracy"] is not None
+    assert best["metrics"]["natural_protocol_accuracy"] is not None
 
     # MLflow: the search's parent run and one child run per trial
     mlflow.set_tracking_uri(uri)
     (parent,) = mlflow.search_runs(experiment_names=["search"], filter_string="tags.job = 'tune-purification'",
                                    output_format="list")
     children = mlflow.search_runs(experiment_names=["search"],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", output_format="list")
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  output_format="list")
     assert sorted(c.data.tags["trial"] for c in children) == sorted(t["trial"] for t in best["trials"])
     assert storage.exists(storage.join(run_dir(cfg), TRIALS))
 
     # the best-settings file is a complete attack config (tests/test_e2e_cluster.py runs it, from S3, as a job)
     tuned = build(AttackConfig, yaml.safe_load(storage.read_bytes(best["file"])))
-    assert tuned.purify.steps == best["params"]["steps"] and tuned.purify.noise == pytest.approx(best["params"]["noise"])
+    assert tuned.purify.steps == best["params"]["steps"]
+    assert tuned.purify.noise == pytest.approx(best["params"]["noise"])
     assert tuned.output == str(tmp_path / "best-run") and tuned.data.count == 2
 
     # running the search again restores it from its storage instead of starting new trials
@@ -132,8 +137,8 @@ def test_training_sampler_search_holds_out_validation_and_writes_a_training_conf
 
 def test_a_search_refuses_validation_images_it_would_evaluate_on(tmp_path):
     """Before any trial (and before Ray starts): one line naming the shared ids; disjoint ids run."""
-    from distributed_ebm.errors import InputError
     from distributed_ebm.distributed.tune import _validation_ids
+    from distributed_ebm.errors import InputError
     cfg = build(TunePurificationConfig, {"attack": {"data": {"path": TEST_EXACT, "id_range": [0, 600]}},
                                          "validation": {"path": TEST_EXACT}, "rungs": [10], "output": str(tmp_path)})
     with pytest.raises(InputError, match=r"validation shares \d+ image ids with attack.data \(e.g. \[5"):
@@ -152,7 +157,8 @@ def test_a_stopped_search_resumes(ray_local, tmp_path):
     ebm = str(tmp_path / "ebm.pt")
     save_ebm(tiny_ebm(scale=20), ebm)
     tree = {"attack": {"classifier": {"weights": RESNET20}, "ebm": ebm, "purify": {"steps": 2},
-                       "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 4, "ray": {"actors": 1}},
+                       "attack": {"steps": 1, "eot_attack": 2, "eot_defense": 2}, "batch_size": 4,
+                       "ray": {"actors": 1}},
             "validation": {"random": 4}, "space": {"noise": {"low": 0.001, "high": 0.1}},
             "rungs": [2], "trials": 2, "max_concurrent": 1, "output": str(tmp_path / "search"), "name": "stop",
             "mlflow": {"enabled": False}}

@@ -9,8 +9,8 @@ one driver process (its imports and connection are most of a job's time here).""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket

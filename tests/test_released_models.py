@@ -15,11 +15,11 @@ from distributed_ebm.cli import main
 from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.errors import InputError
 from distributed_ebm.local.attack import OneProcess
-from distributed_ebm.recipes.attack import build_attack, run_attack
 from distributed_ebm.method.nets.formats import format_table
+from distributed_ebm.recipes.attack import build_attack, run_attack
 from distributed_ebm.store import storage
-from distributed_ebm.store.released import load_ebm_as
 from distributed_ebm.store.checkpoints import load_classifier, load_ebm
+from distributed_ebm.store.released import load_ebm_as
 
 from .conftest import TEST_EXACT
 

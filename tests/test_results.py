@@ -7,8 +7,8 @@ import pytest
 
 from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.local.attack import OneProcess
-from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.method.nets import EBM
+from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.store.checkpoints import load_ebm
 
 # RESULTS.md's counting table, row "CPU LeakyReLU EBM, 8/255, reduced counting"
@@ -25,7 +25,8 @@ def test_committed_ebm_gives_the_committed_summarys_natural_figures(tmp_path):
                        f"purify.steps={committed['config']['purify']['steps']}",
                        f"attack.eot_attack={attack['eot_attack']}", f"attack.eot_defense={attack['eot_defense']}",
                        f"output={tmp_path}/natural", "mlflow.enabled=false"])
-    assert cfg.seed == committed["config"]["seed"] and cfg.data.subset_seed == committed["config"]["data"]["subset_seed"]
+    assert cfg.seed == committed["config"]["seed"]
+    assert cfg.data.subset_seed == committed["config"]["data"]["subset_seed"]
     ebm = load_ebm(cfg.ebm, image_size=32)
     assert isinstance(ebm, EBM) and ebm.width == 32 and sum(p.numel() for p in ebm.parameters()) == 693_569
     summary = run_attack(cfg, OneProcess(), show=False)

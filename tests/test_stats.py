@@ -61,6 +61,7 @@ def test_the_worst_case_over_every_judgement_never_exceeds_robust_and_old_summar
     assert upgrade_summary(old) and old == {"reeval_all_right_accuracy": 0.035, "reeval_all_right_ci95": [0.017, 0.07],
                                             "reevaluations": 2}
     import json
+
     from .conftest import REPO
     committed = json.loads((REPO / "results" / "defended_bpda_eot.json").read_text())
     assert "worst_case_accuracy" in committed  # written before the two figures

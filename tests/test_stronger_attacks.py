@@ -2,13 +2,13 @@
 import pytest
 import torch
 
+from distributed_ebm.config import AttackConfig, AttackSettings, load_config
+from distributed_ebm.errors import ConfigError
 from distributed_ebm.method.attacks import Attack
 from distributed_ebm.method.attacks.apgd import APGD
-from distributed_ebm.errors import ConfigError
-from distributed_ebm.config import AttackConfig, AttackSettings, load_config
-from distributed_ebm.store.data import subset
 from distributed_ebm.method.defense import dlr
 from distributed_ebm.results.records import summarize_records
+from distributed_ebm.store.data import subset
 
 from .test_attacks import _run, defended  # noqa: F401  (module fixture
 
@@ -27,7 +27,8 @@ def test_apgd_reaches_at_most_pgds_robust_accuracy_on_resnet20(exact_test, resne
         s = AttackSettings(mode="pgd", optimizer="apgd", loss=loss, eps=eps, steps=steps)
         apgd = _robust(Attack(resnet20, None, s), data)
         assert apgd["natural_protocol_accuracy"] == pgd["natural_protocol_accuracy"]
-        assert apgd["robust_accuracy"] <= pgd["robust_accuracy"], (loss, apgd["robust_accuracy"], pgd["robust_accuracy"])
+        assert apgd["robust_accuracy"] <= pgd["robust_accuracy"], (loss, apgd["robust_accuracy"],
+                                                                   pgd["robust_accuracy"])
     if eps < 1 / 255:
         assert 0.1 < pgd["robust_accuracy"] < pgd["natural_protocol_accuracy"], "the small budget should discriminate"
     else:
@@ -58,7 +59,8 @@ def test_exact_eot_on_the_papers_ebm_equals_bpda_eot(defended):  # noqa: F811
     """The paper's EBM is piecewise linear: the exact gradient through its chain is BPDA's."""
     data, clf, purifier = defended
     common = dict(eps=1 / 255, step_size=0.5 / 255, steps=3, eot_attack=3, eot_defense=5)
-    bpda = Attack(clf, purifier, AttackSettings(mode="bpda_eot", **common), seed=11)(data.floats(), data.labels, data.ids)
+    bpda = Attack(clf, purifier, AttackSettings(mode="bpda_eot", **common), seed=11)(data.floats(), data.labels,
+                                                                                     data.ids)
     exact = Attack(clf, purifier, AttackSettings(mode="exact_eot", segment=1, **common), seed=11)(
         data.floats(), data.labels, data.ids)
     assert [r.broken_at for r in exact] == [r.broken_at for r in bpda]
@@ -72,7 +74,8 @@ def test_reevaluations_report_mean_and_worst_case_whatever_the_batching(defended
                        reevaluations=4)
     one = _run(Attack(clf, purifier, s, seed=3), data, 6)
     assert all(len(r.reeval_correct) == 4 for r in one)
-    assert [r.reeval_correct for r in _run(Attack(clf, purifier, s, seed=3), data, 2)] == [r.reeval_correct for r in one]
+    again = _run(Attack(clf, purifier, s, seed=3), data, 2)
+    assert [r.reeval_correct for r in again] == [r.reeval_correct for r in one]
     flags = [r.reeval_correct for r in one]
     summary = summarize_records(one, 4)
     assert summary["reeval_all_right_accuracy"] == sum(all(f) for f in flags) / len(flags)

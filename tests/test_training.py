@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from distributed_ebm.store import storage
 from distributed_ebm.config import TrainClassifierConfig, TrainEBMConfig, build
-from distributed_ebm.store.checkpoints import load_checkpoint, load_classifier, load_ebm
-from distributed_ebm.store.data import subset
 from distributed_ebm.local.train import LocalTraining, train_classifier, train_ebm
 from distributed_ebm.method.training import TrainingDiverged, augment
+from distributed_ebm.store import storage
+from distributed_ebm.store.checkpoints import load_checkpoint, load_classifier, load_ebm
+from distributed_ebm.store.data import subset
 
 from .conftest import TEST_EXACT
 
@@ -97,7 +97,8 @@ def test_augment_crops_and_flips():
 def test_classifier_trains_and_resumes(tmp_path):
     def cfg(out, epochs):
         return build(TrainClassifierConfig, {
-            "data": {"path": TEST_EXACT, "count": 100}, "test_data": {"path": TEST_EXACT, "indices": list(range(900, 1000))},
+            "data": {"path": TEST_EXACT, "count": 100},
+            "test_data": {"path": TEST_EXACT, "indices": list(range(900, 1000))},
             "classifier": {"arch": "wrn", "wrn_depth": 10, "wrn_widen": 1, "weights": None},
             "epochs": epochs, "batch_size": 50, "lr_milestones": [1], "output": str(tmp_path / out)})
     straight = train_classifier(cfg("a", 2), show=False)
@@ -214,7 +215,8 @@ def test_each_entry_computes_the_plain_training_loop(tmp_path, small):
     cfg = build(TrainEBMConfig, {**tree, "output": str(tmp_path / "single")})
     ebm, bank, losses = plain_training(cfg, small, 6)
     single = train_ebm(cfg, data=small, show=False)
-    gpu_job = LocalTraining(build(StandaloneTrainConfig, tree), small, str(tmp_path / "gpu"), keep_bank=False, card=True,
+    gpu_job = LocalTraining(build(StandaloneTrainConfig, tree), small, str(tmp_path / "gpu"), keep_bank=False,
+                            card=True,
                             log=lambda _: None)
     gpu_job.run(6, show=False)
     assert torch.isfinite(bank.states).all() and len(set(losses)) == 6  # the reference itself trained

@@ -22,8 +22,8 @@ from distributed_ebm.errors import InputError
 from distributed_ebm.local.attack import OneProcess
 from distributed_ebm.recipes.attack import run_attack
 from distributed_ebm.results import records as results
-from distributed_ebm.store.data import read_parquet, subset
 from distributed_ebm.store.checkpoints import save_ebm
+from distributed_ebm.store.data import read_parquet, subset
 from tests.conftest import QUICK_NODE_DEATH, RESNET20, TEST_EXACT, tiny_ebm
 
 IMAGES = 12

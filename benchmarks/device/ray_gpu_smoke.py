@@ -34,8 +34,8 @@ def main() -> int:
 
     from distributed_ebm.config import AttackConfig, TrainEBMConfig, build, shared
     from distributed_ebm.distributed.attack import RayActors
-    from distributed_ebm.local.attack import OneProcess
     from distributed_ebm.distributed.train import train_ebm_on_ray
+    from distributed_ebm.local.attack import OneProcess
     from distributed_ebm.recipes.attack import run_attack
     from distributed_ebm.results.records import read_records
 
@@ -60,7 +60,8 @@ def main() -> int:
         try:
             report[name] = {**fn(), "seconds": round(time.time() - t, 1)}
         except Exception as err:  # noqa: BLE001 - recorded; the other parts still run
-            report[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:800], "seconds": round(time.time() - t, 1)}
+            report[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:800],
+                            "seconds": round(time.time() - t, 1)}
 
     def engine():
         run_attack(attack("engine", actors=1, gpus_per_actor=1.0 if gpu else 0.0), RayActors(), show=False)

@@ -8,8 +8,20 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from ..method.attacks import MODES, NORMS, UPDATERS
 from ..method.defense import LOSSES
 from ..method.nets.formats import format_names
-from .common import (URL, Budget, ClassifierConfig, DataConfig, EBMNetConfig, LangevinConfig, MLflowConfig, Output,
-                     Precision, RayConfig, Section, Seed)
+from .common import (
+    URL,
+    Budget,
+    ClassifierConfig,
+    DataConfig,
+    EBMNetConfig,
+    LangevinConfig,
+    MLflowConfig,
+    Output,
+    Precision,
+    RayConfig,
+    Section,
+    Seed,
+)
 from .load import validation_message
 
 
@@ -27,18 +39,27 @@ def _purify(value: Any) -> Any:
 class AttackSettings(Section):
     """How the defense is attacked and counted."""
 
-    mode: Literal[tuple(MODES)] = Field("bpda_eot", description="what is attacked and who judges (method/attacks/modes.py, one class per mode): bpda_eot, exact_eot (the gradient through every Langevin step), pgd (the undefended classifier), transfer (PGD on the classifier, the defense judges the last iterate), defense (natural accuracy only)")
+    mode: Literal[tuple(MODES)] = Field("bpda_eot",
+                                        description="what is attacked and who judges (method/attacks/modes.py, one "
+                                                    "class per mode): bpda_eot, exact_eot (the gradient through every "
+                                                    "Langevin step), pgd (the undefended classifier), transfer (PGD on "
+                                                    "the classifier, the defense judges the last iterate), defense "
+                                                    "(natural accuracy only)")
     optimizer: Literal[tuple(UPDATERS)] = Field("pgd", description="pgd: fixed steps of step_size; apgd: Auto-PGD's "
                                               "schedule (step 2 eps, halved per image on stagnation with a reset to "
                                               "its best point, momentum 0.75; step_size unused). Both work with every "
                                               "mode, on the EOT-averaged output for the defended ones")
-    loss: Literal[tuple(LOSSES)] = Field("ce", description="the loss the attack ascends: cross-entropy, or the difference-of-logits ratio (dlr), of the (EOT-averaged) output")
+    loss: Literal[tuple(LOSSES)] = Field("ce",
+                                         description="the loss the attack ascends: cross-entropy, or the "
+                                                     "difference-of-logits ratio (dlr), of the (EOT-averaged) output")
     norm: Literal[tuple(NORMS)] = Field("linf", description="the threat model: L-inf or L2 ball of radius eps")
     eps: Budget = Field(8 / 255, ge=0.0, le=1.0, description="radius in [0, 1] pixel units")
     step_size: Budget = Field(2 / 255, gt=0.0, le=1.0, description="in [0, 1] pixel units")
     steps: int = Field(50, ge=0, le=100_000, description="PGD iterations; the evaluation points are the clean "
                        "image and iterates 0 (the random start) to steps, steps + 2 in all")
-    random_start: bool = Field(True, description="start PGD at a uniform random point of the ball (keyed by seed and image id)")
+    random_start: bool = Field(True,
+                               description="start PGD at a uniform random point of the ball (keyed by seed and image "
+                                           "id)")
     eot_attack: int = Field(15, ge=1, le=100_000, description="purified replicates (chains) per gradient and per check")
     eot_defense: int = Field(150, ge=0, le=100_000, description="fresh chains that confirm a break and vote on the "
                              "clean image; 0 = no confirmation")
@@ -137,8 +158,8 @@ class ReportConfig(Section):
                          "(0 = none)")
     gradient_check: int = Field(0, ge=0, le=10_000, description="the first N images of the run (by id) whose EOT "
                                 "gradient is estimated twice more, with independent chains, at the clean and at the "
-                                "adversarial image: their cosine similarity says whether eot_attack chains suffice (costs "
-                                "4 gradients of eot_attack chains per image; 0 = off, as in the paper configs)")
+                                "adversarial image: their cosine similarity says whether eot_attack chains suffice "
+                                "(costs 4 gradients of eot_attack chains per image; 0 = off, as in the paper configs)")
 
 
 class AttackConfig(Section):

@@ -8,9 +8,10 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from ..method.precision import PRECISIONS
 from ..method.nets import ACTIVATIONS, ARCHITECTURES
 from ..method.nets.formats import format_names
+from ..method.precision import PRECISIONS
+
 
 def _fraction(value: Any) -> Any:
     """Accept budgets written as in papers: "8/255"."""
@@ -94,7 +95,8 @@ class DataConfig(Section):
     subset_seed: int = Field(0, ge=0)
     exclude: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, description="ids held out (before the subset)")
     id_range: Optional[list[Annotated[int, Field(ge=0)]]] = Field(None, min_length=2, max_length=2, description=
-                                                                  "[low, high): only images with these ids (before the subset)")
+                                                                  "[low, high): only images with these ids (before the "
+                                                                  "subset)")
 
     @model_validator(mode="after")
     def _one_subset(self):
@@ -147,7 +149,12 @@ class LangevinConfig(Section):
 
 
 class ClassifierConfig(Section):
-    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20", description="the network (method/nets/classifiers.py ARCHITECTURES): CIFAR ResNet-20/32/44/56, WRN-28-10 (wrn28_10: this project's bias-free variant; wrn28_10_ss: the Stochastic Security authors' network, whose released weights load into it), or wrn / wrn_ss of wrn_depth and wrn_widen")
+    arch: Literal[tuple(ARCHITECTURES)] = Field("resnet20",
+                                                description="the network (method/nets/classifiers.py ARCHITECTURES): "
+                                                            "CIFAR ResNet-20/32/44/56, WRN-28-10 (wrn28_10: this "
+                                                            "project's bias-free variant; wrn28_10_ss: the Stochastic "
+                                                            "Security authors' network, whose released weights load "
+                                                            "into it), or wrn / wrn_ss of wrn_depth and wrn_widen")
     format: Literal[("auto", *format_names("classifier"))] = Field(
         "auto", description="how weights is read (method/nets/formats.py FORMATS): auto (a .pt2 program: export; "
         "else debm), debm (this project's checkpoint or a bare state dict of arch), stochastic_security (the "
@@ -157,9 +164,11 @@ class ClassifierConfig(Section):
     num_classes: int = Field(10, ge=2, le=100_000)
     wrn_depth: int = Field(28, ge=10, le=100, description="arch=wrn only")
     wrn_widen: int = Field(10, ge=1, le=20, description="arch=wrn only")
-    mean: Optional[list[float]] = Field(None, min_length=3, max_length=3, description="input normalization; null = the arch's own")
+    mean: Optional[list[float]] = Field(None, min_length=3, max_length=3,
+                                        description="input normalization; null = the arch's own")
     std: Optional[list[Annotated[float, Field(gt=0)]]] = Field(None, min_length=3, max_length=3,
-                                                               description="input normalization's std; null = the arch's own")
+                                                               description="input normalization's std; null = the "
+                                                                           "arch's own")
 
 
 class RaySection(Section):
@@ -168,8 +177,8 @@ class RaySection(Section):
 
     address: Optional[str] = Field(None, description="Ray address; null = RAY_ADDRESS, or a new local Ray")
     shared_filesystem: bool = Field(False, description="a local `output` is on a filesystem every node of the "
-                                    "cluster shares (NFS, ...); without it a local output on a cluster of several nodes "
-                                    "is refused, since each node would write its part to its own disk")
+                                    "cluster shares (NFS, ...); without it a local output on a cluster of several "
+                                    "nodes is refused, since each node would write its part to its own disk")
     provision_timeout_s: float = Field(900.0, gt=0, le=86_400, description="on a cluster with an autoscaler: how "
                                        "long a job waits for the nodes its workers or actors need to be added (a GPU "
                                        "node boots in minutes) before it fails")
@@ -180,8 +189,9 @@ class RayConfig(RaySection):
 
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
     cpus_per_actor: float = Field(1.0, gt=0, le=1024, description="CPUs each attack actor asks for")
-    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64, description="GPUs per attack actor; null = auto: 1 where a node has a GPU or the "
-                                          "autoscaler can add one, else 0 (docs/cluster.md)")
+    gpus_per_actor: Optional[float] = Field(None, ge=0, le=64,
+                                            description="GPUs per attack actor; null = auto: 1 where a node has a GPU "
+                                                        "or the autoscaler can add one, else 0 (docs/cluster.md)")
     max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
                               "pipeline again on the images without a record")
 

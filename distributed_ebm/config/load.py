@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from .attack import AttackConfig, AttackSettings
-from .common import Output, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, Section
+from .common import DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, Output, Section
 from .train import TrainEBMConfig
+
 
 class QuickstartConfig(Section):
     """The README's end-to-end run: a small EBM, then the ResNet-20 undefended and defended."""

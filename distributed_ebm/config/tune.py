@@ -6,8 +6,9 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .attack import AttackConfig, AttackSettings
-from .common import Output, RunName, Seed, DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, Section
+from .common import DataConfig, EBMConfig, EBMRayConfig, LangevinConfig, MLflowConfig, Output, RunName, Section, Seed
 from .train import TrainEBMConfig
+
 
 class SearchRange(Section):
     """One searched parameter: [low, high], log-uniform by default, integers for `steps`."""
@@ -45,9 +46,17 @@ class SearchConfig(Section):
     trials: int = Field(16, ge=1, le=100_000, description="trials Optuna proposes")
     reduction_factor: float = Field(2.0, gt=1.0, le=100.0, description="ASHA's reduction factor: about 1 / this of "
                                     "the trials go on past each rung")
-    objective: Literal["robust_with_floor", "robust", "natural"] = Field("robust_with_floor", description="what a trial maximizes: robust accuracy among trials whose natural figure reaches natural_floor (the others rank below, by natural accuracy), robust accuracy, or natural accuracy")
+    objective: Literal["robust_with_floor", "robust", "natural"] = Field("robust_with_floor",
+                                                                         description="what a trial maximizes: robust "
+                                                                                     "accuracy among trials whose "
+                                                                                     "natural figure reaches "
+                                                                                     "natural_floor (the others rank "
+                                                                                     "below, by natural accuracy), "
+                                                                                     "robust accuracy, or natural "
+                                                                                     "accuracy")
     natural_floor: float = Field(0.7, ge=0.0, le=1.0, description="robust_with_floor: trials whose natural accuracy "
-                                 "(natural_figure) reaches it are ranked by robust accuracy, every other one below them")
+                                 "(natural_figure) reaches it are ranked by robust accuracy, every other one below "
+                                 "them")
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null = as many as fit")
     seed: Seed = 0
     output: Output = "runs"

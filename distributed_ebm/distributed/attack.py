@@ -28,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..results import records as results
 from ..config import AttackConfig
-from ..method.pixels import unit_range
-from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, catalog, decode, image_bytes
-from ..recipes.attack import Rerun, build_attack, dtype_of
 from ..method.devices import job_device
+from ..method.pixels import unit_range
+from ..recipes.attack import Rerun, build_attack, dtype_of
+from ..results import records as results
+from ..store.data import Catalog, DataError, ImageSet, arrow_filesystem, catalog, decode, image_bytes
 from .cluster import available, check_one_storage, connect
 from .devices import Plan, cluster_plan, ready
 from .ray_private import stop_own_actors, unserializable_lost
@@ -92,7 +92,8 @@ def image_dataset(ray, cfg: AttackConfig, todo: Catalog | ImageSet):
             blobs = image_bytes(todo)
             ds = ray.data.from_items([{"index": int(i), "label": int(y), "img": {"bytes": b}}
                                       for i, y, b in zip(todo.ids.tolist(), todo.labels.tolist(), blobs)])
-        ds = ds.map_batches(decode_batch, fn_kwargs={"url": todo.url, "size": cfg.data.image_size, "indexed": todo.indexed},
+        ds = ds.map_batches(decode_batch,
+                            fn_kwargs={"url": todo.url, "size": cfg.data.image_size, "indexed": todo.indexed},
                             batch_format="pyarrow", batch_size=None)
         return ds.repartition(target_num_rows_per_block=cfg.batch_size)  # a block per batch: the actors share them
     pixels = todo.pixels()
@@ -234,7 +235,8 @@ def _clear_frames(err: BaseException, mine: set[int]) -> int:
             frame, raised = tb.tb_frame, True
             while frame is not None and id(frame) not in seen:
                 seen.add(id(frame))
-                # a caller (f_back) that is a generator may live on: of those, clear only frames the error passed through
+                # a caller (f_back) that is a generator may live on: of those, clear only frames the error
+                # passed through
                 if id(frame) not in mine and (raised or not frame.f_code.co_flags & GENERATOR):
                     try:
                         frame.clear()

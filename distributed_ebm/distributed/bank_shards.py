@@ -16,8 +16,8 @@ import numpy as np
 import ray
 import torch
 
-from ..store.checkpoints import bank_part, load_bank, save_bank
 from ..method.bank import ImageBank
+from ..store.checkpoints import bank_part, load_bank, save_bank
 
 
 class SlotBusy(RuntimeError):
@@ -116,7 +116,8 @@ class ShardedBank:
             steps[rows] = torch.from_numpy(np.array(age))
         return x, steps
 
-    def give_back(self, slots: torch.Tensor, states: torch.Tensor, steps_taken: int, restart: torch.Tensor, holder: int):
+    def give_back(self, slots: torch.Tensor, states: torch.Tensor, steps_taken: int, restart: torch.Tensor,
+                  holder: int):
         states = states.detach().cpu().contiguous().numpy()
         ray.get([h.give_back.remote(slots[r].numpy(), states[r.numpy()], steps_taken, restart[r].numpy(), holder)
                  for h, r in self._split(slots)])

@@ -86,7 +86,8 @@ def connect(address: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print once, not twice
         by_job = _set_by_job()
         forward = {k: v for k, v in os.environ.items() if k not in by_job and not secret(k) and
-                   (k.startswith(("AWS_", "MLFLOW_", "DEBM_")) or k in ("OMP_NUM_THREADS", "RAY_TRAIN_ENABLE_PRINT_PATCH"))}
+                   (k.startswith(("AWS_", "MLFLOW_", "DEBM_"))
+                    or k in ("OMP_NUM_THREADS", "RAY_TRAIN_ENABLE_PRINT_PATCH"))}
         ray.init(address=where, runtime_env={"env_vars": forward} if forward else None,
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                  ignore_reinit_error=True)

@@ -91,7 +91,8 @@ def plan(asked: float | None, key: str, nodes: list[dict], types: list[dict] | N
     biggest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     raise InputError(f"{key} = {asked:g}: no node of this cluster can provide {asked:g} GPU (the most any alive node "
                      f"holds: {biggest:g}), and " + ("its autoscaler has no node type that could"
-                                                    if types is not None else "it has no autoscaler that could add one"))
+                                                    if types is not None
+                                                    else "it has no autoscaler that could add one"))
 
 
 def _slots(resources: dict, bundle: dict) -> int:

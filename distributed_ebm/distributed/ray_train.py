@@ -9,9 +9,9 @@ import threading
 import torch
 import torch.distributed as dist
 
-from ..store import storage
 from ..errors import JobFailed
 from ..progress import ProgressBoard, Reporter, follow
+from ..store import storage
 from .devices import Plan, cluster_plan, ready
 from .ray_private import train_start_timeout_env, train_startup_errors
 
@@ -137,7 +137,8 @@ def fit(loop, cfg, config: dict):
         scaling_config=ScalingConfig(num_workers=cfg.ray.workers, use_gpu=devices.gpus > 0,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=0),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
+                                                          controller_failure_limit=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints)))
     # Ray Train hands this variable on to its controller, which waits that long for the workers
     before = os.environ.get(start_timeout_env)

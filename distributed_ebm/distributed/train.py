@@ -23,20 +23,37 @@ import ray
 import torch
 
 from ..config import TrainEBMConfig, to_yaml
-from ..recipes.training import initial_ebm, preflight_ebm
-from ..method.precision import set_arithmetic
 from ..method.pixels import unit_range
+from ..method.precision import set_arithmetic
 from ..method.training import METRICS, EBMIteration, TrainingDiverged, run_ebm, time_split
+from ..recipes.training import initial_ebm, preflight_ebm
 from ..results.report import image_grid_png
 from ..store import storage
-from ..store.checkpoints import (CKPT, check_fingerprint, data_fingerprint, load_checkpoint, load_ebm, save_checkpoint,
-                                 save_ebm, settings_fingerprint)
+from ..store.checkpoints import (
+    CKPT,
+    check_fingerprint,
+    data_fingerprint,
+    load_checkpoint,
+    load_ebm,
+    save_checkpoint,
+    save_ebm,
+    settings_fingerprint,
+)
 from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect
-from .ray_train import WorkerProgress, all_workers, barrier, fit_tracked, mean_over_workers, run_dir, worker_logger
-from .ray_train import prepare_model, worker_device
+from .ray_train import (
+    WorkerProgress,
+    all_workers,
+    barrier,
+    fit_tracked,
+    mean_over_workers,
+    prepare_model,
+    run_dir,
+    worker_device,
+    worker_logger,
+)
 
 DIVERGED = "diverged.txt"  # written instead of a checkpoint when the loss stops being finite
 

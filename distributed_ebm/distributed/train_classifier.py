@@ -12,17 +12,24 @@ import numpy as np
 import ray
 import torch
 
-from ..store import storage
 from ..config import TrainClassifierConfig
 from ..method.pixels import unit_range_hwc
+from ..method.training import classifier_optimizer, new_classifier, run_classifier
+from ..recipes.training import preflight_classifier
+from ..store import storage
+from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
 from ..store.data import ImageSet, read_images
 from ..store.tracking import log_torch_model
-from ..store.checkpoints import load_classifier, load_classifier_training, save_classifier, save_classifier_training
-from ..recipes.training import preflight_classifier
-from ..method.training import classifier_optimizer, new_classifier, run_classifier
 from .cluster import check_one_storage, connect
-from .ray_train import WorkerProgress, fit_tracked, mean_over_workers, run_dir, worker_logger
-from .ray_train import prepare_model, worker_device
+from .ray_train import (
+    WorkerProgress,
+    fit_tracked,
+    mean_over_workers,
+    prepare_model,
+    run_dir,
+    worker_device,
+    worker_logger,
+)
 
 
 def classifier_loop(config: dict) -> None:

@@ -12,7 +12,8 @@
   EBM as a purifier after each rung.
 
 Optuna proposes, ASHA prunes. The objective ranks every trial whose natural accuracy (`natural_figure`: the defense's
-own by default, or the protocol's) reaches the floor above every trial that misses it. MLflow: a parent run per search, a child run per trial.
+own by default, or the protocol's) reaches the floor above every trial that misses it. MLflow: a parent run
+per search, a child run per trial.
 The search state lives under output/name (local or S3); running the job again resumes it. The best
 settings are written as a config the attack (or training) job accepts as it is.
 """
@@ -22,16 +23,16 @@ import json
 import os
 import sys
 
-from ..store import storage
-from ..errors import InputError
 from ..config import AttackConfig, SearchConfig, TrainEBMConfig, TunePurificationConfig, TuneTrainingConfig, to_yaml
-from ..store.data import catalog, read_images
+from ..errors import InputError
 from ..recipes.attack import preflight, run_attack
 from ..recipes.training import preflight_ebm
+from ..store import storage
+from ..store.data import catalog, read_images
 from ..store.released import load_classifier_as
 from ..store.tracking import check_tracking
-from .cluster import available, check_one_storage, check_tracking_reach, connect
 from .attack import RayActors, plan_actors
+from .cluster import available, check_one_storage, check_tracking_reach, connect
 from .devices import cluster_plan
 from .ray_train import SafeLogger, run_dir
 
@@ -132,7 +133,8 @@ def search_space(cfg: SearchConfig) -> dict:
     space = {}
     for name, r in cfg.space.items():
         if name == "steps":
-            space[name] = tune.lograndint(int(r.low), int(r.high) + 1) if r.log else tune.randint(int(r.low), int(r.high) + 1)
+            space[name] = (tune.lograndint(int(r.low), int(r.high) + 1) if r.log
+                           else tune.randint(int(r.low), int(r.high) + 1))
         else:
             space[name] = tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
     return space
@@ -163,7 +165,8 @@ def run_search(cfg: SearchConfig, trial, setup: dict, per_trial_cpus: float, job
 
     def make_tuner(mlflow_setup):
         # a trial is a light driver (0.01 CPU); the actors and workers it starts ask for their own resources
-        trainable = tune.with_resources(tune.with_parameters(trial, setup={**setup, "mlflow": mlflow_setup}), {"cpu": 0.01})
+        trainable = tune.with_resources(tune.with_parameters(trial, setup={**setup, "mlflow": mlflow_setup}),
+                                        {"cpu": 0.01})
         if tune.Tuner.can_restore(path):  # a stopped search resumes
             return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         return tune.Tuner(
@@ -250,8 +253,8 @@ def _validation_ids(cfg: SearchConfig, needed: int) -> list[int]:
         shared_ids = sorted(set(ids) & set(catalog(cfg.attack.data).ids.tolist()))
         if shared_ids:
             raise InputError(f"validation shares {len(shared_ids)} image ids with attack.data (e.g. {shared_ids[:5]}): "
-                             "a search must not see the images its tuned settings are evaluated on (validation.id_range "
-                             "and attack.data.id_range choose disjoint ids)")
+                             "a search must not see the images its tuned settings are evaluated on "
+                             "(validation.id_range and attack.data.id_range choose disjoint ids)")
     return ids
 
 
@@ -269,8 +272,10 @@ def tune_purification(cfg: TunePurificationConfig) -> dict:
     per_trial = (cfg.attack.ray.actors or 1) * cfg.attack.ray.cpus_per_actor
     return run_search(cfg, purification_trial, {"ids": ids}, per_trial,
                       "tune-purification",
-                      lambda params: _write(cfg, BEST_ATTACK, "purifier settings; run: python jobs/attack.py --config THIS",
-                                            cfg.attack.model_copy(update={"purify": with_params(cfg.attack.purify, params)})))
+                      lambda params: _write(cfg, BEST_ATTACK,
+                                            "purifier settings; run: python jobs/attack.py --config THIS",
+                                            cfg.attack.model_copy(
+                                                update={"purify": with_params(cfg.attack.purify, params)})))
 
 
 def tune_training(cfg: TuneTrainingConfig) -> dict:
@@ -283,5 +288,7 @@ def tune_training(cfg: TuneTrainingConfig) -> dict:
     load_classifier_as(c)  # before any trial
     per_trial = cfg.train.ray.workers * cfg.train.ray.cpus_per_worker
     return run_search(cfg, training_trial, {"ids": ids}, per_trial, "tune-training",
-                      lambda params: _write(cfg, BEST_TRAINING, "training sampler; run: python jobs/train_ebm.py --config THIS",
-                                            cfg.train.model_copy(update={"langevin": with_params(cfg.train.langevin, params)})))
+                      lambda params: _write(cfg, BEST_TRAINING,
+                                            "training sampler; run: python jobs/train_ebm.py --config THIS",
+                                            cfg.train.model_copy(
+                                                update={"langevin": with_params(cfg.train.langevin, params)})))

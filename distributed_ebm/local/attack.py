@@ -8,8 +8,8 @@ import torch
 from ..config import AttackConfig
 from ..method.devices import job_device
 from ..method.pixels import unit_range
-from ..results import records as results
 from ..recipes.attack import dtype_of
+from ..results import records as results
 from ..store.data import ImageSet, read_images
 
 

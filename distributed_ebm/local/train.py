@@ -24,17 +24,37 @@ from ..config import TrainClassifierConfig, TrainEBMConfig, to_yaml
 from ..errors import InputError
 from ..method.bank import ImageBank, energy_stats, reburn
 from ..method.precision import set_arithmetic
-from ..method.training import (METRICS, EBMIteration, LocalBank, check_sizes, classifier_optimizer,
-                               new_classifier, run_classifier, run_ebm, time_split)
+from ..method.training import (
+    METRICS,
+    EBMIteration,
+    LocalBank,
+    check_sizes,
+    classifier_optimizer,
+    new_classifier,
+    run_classifier,
+    run_ebm,
+    time_split,
+)
+from ..progress import Progress
+from ..recipes.training import initial_ebm, preflight_classifier, preflight_ebm
 from ..results.card import write_card
 from ..results.report import image_grid_png
-from ..recipes.training import initial_ebm, preflight_classifier, preflight_ebm
 from ..store import storage
-from ..store.checkpoints import (CKPT, bank_part, check_fingerprint, data_fingerprint, load_bank, load_checkpoint,
-                                 load_classifier_training, save_bank, save_checkpoint, save_classifier,
-                                 save_classifier_training, settings_fingerprint)
+from ..store.checkpoints import (
+    CKPT,
+    bank_part,
+    check_fingerprint,
+    data_fingerprint,
+    load_bank,
+    load_checkpoint,
+    load_classifier_training,
+    save_bank,
+    save_checkpoint,
+    save_classifier,
+    save_classifier_training,
+    settings_fingerprint,
+)
 from ..store.data import ImageSet, read_images
-from ..progress import Progress
 
 GRID = 64  # bank chains in each session's sample grid
 
@@ -159,7 +179,8 @@ class LocalTraining:
     def save(self, trained: int, train_seconds: float) -> None:
         """The checkpoint (and the bank, the sample grid and the card, as asked) into `out`, each file atomically."""
         it = self.saved_at = self.iteration
-        self.history["bank_energy"].append({"iteration": it, **energy_stats(self.ebm, self.bank.states, self.device, 1000)})
+        self.history["bank_energy"].append({"iteration": it,
+                                            **energy_stats(self.ebm, self.bank.states, self.device, 1000)})
         self.record.update(end_iteration=it, seconds=time.monotonic() - self.t0, train_seconds=train_seconds,
                            iterations_per_second=trained / train_seconds if trained else None)
         if self.card:
@@ -178,7 +199,8 @@ class LocalTraining:
                      f"{self.record['grid']}, curves.png, README.md")
 
 
-def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None, show: bool = True) -> LocalTraining:
+def train_ebm(cfg: TrainEBMConfig, device: str = "cpu", data: ImageSet | None = None,
+              show: bool = True) -> LocalTraining:
     """Train to cfg.iterations in this process, checkpointing (with the bank) to cfg.output; a rerun with the
     same output continues from the checkpoint found there, exactly."""
     data = data if data is not None else read_images(cfg.data)

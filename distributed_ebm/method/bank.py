@@ -8,12 +8,11 @@ rebuilds a bank that did not travel with its checkpoint; `energy_stats` measures
 from __future__ import annotations
 
 import torch
-
 from torch import nn
 
 from .langevin import langevin
-from .pixels import unit_range
 from .noise import ChainKeys
+from .pixels import unit_range
 
 CALL_INIT = 0x7FFF0002  # the call number of the initial starts; rejuvenation at iteration t uses call t
 CALL_REBURN = 0x7FFF0003  # the noise of a re-burn; its replicate number is the iteration it resumes at

@@ -81,7 +81,8 @@ def _launch(keys, step, numel: int, out: torch.Tensor, words: bool) -> torch.Ten
     n, n_blocks = len(keys), (numel + 3) // 4
     if n == 0:
         return out
-    step_t = step if isinstance(step, torch.Tensor) else torch.full((), step & _MASK32, dtype=torch.int64, device=device)
+    step_t = step if isinstance(step, torch.Tensor) else torch.full((), step & _MASK32, dtype=torch.int64,
+                                                                    device=device)
     per_row = isinstance(keys.call, torch.Tensor)
     call = keys.call.to(device=device, dtype=torch.int64).expand(n).contiguous() if per_row else keys.ids
     grid = (n, triton.cdiv(n_blocks, BLOCK))

@@ -9,7 +9,6 @@ Plain PyTorch: settings are read from the config objects' fields, no config, I/O
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,10 +19,10 @@ from torch import nn
 
 from ..errors import InputError, JobFailed
 from .bank import ImageBank
-from .precision import PRECISIONS
 from .langevin import langevin, prepare_energy
 from .nets import EBM, build_classifier
 from .noise import ChainKeys
+from .precision import PRECISIONS
 
 
 class TrainingDiverged(JobFailed):
@@ -273,7 +272,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     return out.contiguous()
 
 
-def classifier_update(clf: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> dict:
+def classifier_update(clf: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                      labels: torch.Tensor) -> dict:
     logits = clf(images)
     loss = F.cross_entropy(logits, labels)
     if not torch.isfinite(loss):

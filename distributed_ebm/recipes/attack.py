@@ -16,23 +16,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from ..config import AttackConfig
 from ..errors import InputError
 from ..method.attacks import Attack, EnsembleAttack
 from ..method.attacks.modes import MODES
-from ..method.precision import PRECISIONS, set_arithmetic
 from ..method.defense import Purifier
 from ..method.memory import auto_chunk_size
 from ..method.noise import ChainKeys, stream_seed
-from ..config import AttackConfig
-from ..store import storage
-from ..store.data import Catalog, ImageSet, check_labels, read_images, read_rows
-from ..store.released import load_classifier_as, load_ebm_as
-from ..store.tracking import check_tracking
-from ..store.provenance import attack_settings
+from ..method.precision import PRECISIONS, set_arithmetic
 from ..progress import Progress
 from ..results import records as results
 from ..results.gallery import GalleryRow, write_gallery
 from ..results.report import log_attack, system_and_attack_labels
+from ..store import storage
+from ..store.data import Catalog, ImageSet, check_labels, read_images, read_rows
+from ..store.provenance import attack_settings
+from ..store.released import load_classifier_as, load_ebm_as
+from ..store.tracking import check_tracking
 
 
 class Rerun(Exception):

@@ -67,7 +67,8 @@ def gallery_png(rows: list[GalleryRow], title: str, classes=CIFAR10) -> tuple[by
                            + _verdict(*r.natural, r.label, classes)),
                  (r.adversarial, (f"point {r.adv_point}" if r.adv_point >= 0 else "point not recorded")
                   + f", {where}\n" + _verdict(*r.final, r.label, classes)),
-                 (np.clip(scale * (r.adversarial - r.clean), -1, 1), f"max |delta| {255 * np.abs(r.adversarial - r.clean).max() / 2:.2f}/255")]
+                 (np.clip(scale * (r.adversarial - r.clean), -1, 1),
+                  f"max |delta| {255 * np.abs(r.adversarial - r.clean).max() / 2:.2f}/255")]
         if defended:
             p = r.purified_preds or (-1, -1)
             cells += [(r.purified_clean, f"this chain: {_name(p[0], classes)}"),

@@ -24,12 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..store import provenance, storage
-from ..method.attacks import NEVER, ImageRecord, evaluation_points
 from ..errors import InputError
+from ..method.attacks import NEVER, ImageRecord, evaluation_points
+from ..store import provenance, storage
 from .report import attack_label, plot_curves, upgrade_summary
-from .stats import (LATE, UNDECIDED_P, chains_to_decide, convergence,  # noqa: F401  (their users import them here)
-                    gradient_convergence, sign_test_p, wilson_interval)
+from .stats import LATE, UNDECIDED_P, chains_to_decide, convergence, gradient_convergence, sign_test_p, wilson_interval  # noqa: F401  (their users import them here)
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
 
@@ -47,7 +46,8 @@ def write_part(output: str, records: list[ImageRecord], settings: dict) -> str:
     sink = pa.BufferOutputStream()
     table = pa.Table.from_pylist([r.to_row() for r in records])
     pq.write_table(table.replace_schema_metadata({SETTINGS: json.dumps(settings).encode(),
-                                                  b"debm.fingerprint": provenance.fingerprint(settings).encode()}), sink)
+                                                  b"debm.fingerprint": provenance.fingerprint(settings).encode()}),
+                   sink)
     storage.write_bytes(url, sink.getvalue().to_pybytes())
     return url
 
@@ -267,10 +267,12 @@ def worst_case_summary(settings, broken_by: list[int], broken_restart: list[int]
     for k, member in enumerate(settings.members()):
         broke = sum(b == k for b in broken_by)
         standing -= broke
-        per_restart = [sum(b == k and r == j for b, r in zip(broken_by, broken_restart)) for j in range(settings.restarts)]
+        per_restart = [sum(b == k and r == j for b, r in zip(broken_by, broken_restart))
+                       for j in range(settings.restarts)]
         out.append({"attack": attack_label(member.model_dump(mode="json")), "broken": broke,
                     "broken_per_restart": per_restart,
-                    "robust_accuracy": standing / n if n else float("nan"), "robust_ci95": wilson_interval(standing, n)})
+                    "robust_accuracy": standing / n if n else float("nan"),
+                    "robust_ci95": wilson_interval(standing, n)})
     return out
 
 

@@ -68,7 +68,8 @@ def format_table(summaries: list[dict]) -> str:
         robust = "-" if not MODES[s["config"]["attack"]["mode"]].moves else _pct(s["robust_accuracy"], s["robust_ci95"])
         defense = ("-" if s.get("natural_defense_accuracy") is None
                    else _pct(s["natural_defense_accuracy"], s["natural_defense_ci95"]))
-        row = (system, str(s["images"]), _pct(s["natural_protocol_accuracy"], s["natural_protocol_ci95"]), defense, robust)
+        row = (system, str(s["images"]), _pct(s["natural_protocol_accuracy"], s["natural_protocol_ci95"]), defense,
+               robust)
         if reeval:
             upgrade_summary(s)
             worst = s.get("worst_of_all_judgements_accuracy")  # unknown in a summary written before it
@@ -94,12 +95,14 @@ def format_convergence(summary: dict) -> str:
                 if v["chains_to_decide_all"] else " (some are even splits: no number of chains decides them)")
         return f"{what}: {v['undecided']} of {v['images']} not decided at 95%{more}"
     steps = ("no image broke after the clean image" if c["last_break_point"] is None else
-             f"last break at point {c['last_break_point']}" + (f"; {c['late_breaks']} broke in the last 20% of the "
-                                                               "steps: increase attack.steps" if c["increase_steps"] else ""))
+             f"last break at point {c['last_break_point']}"
+             + (f"; {c['late_breaks']} broke in the last 20% of the steps: increase attack.steps"
+                if c["increase_steps"] else ""))
     g = c.get("gradient")
-    grad = "" if not g else (f"; EOT gradient ({g['chains']} chains): median cosine {g['cosine_median']:.2f} between two "
-                             f"estimates on {g['images']} images, " + (f"about {g['chains_for_0.9']:,} chains for 0.9"
-                                                                       if g["chains_for_0.9"] else "no signal"))
+    grad = "" if not g else (f"; EOT gradient ({g['chains']} chains): median cosine {g['cosine_median']:.2f} between "
+                             f"two estimates on {g['images']} images, "
+                             + (f"about {g['chains_for_0.9']:,} chains for 0.9" if g["chains_for_0.9"]
+                                else "no signal"))
     if not (c["natural_vote"]["images"] or c["break_confirmation"]["images"]):  # undefended: no chain ever voted
         return f"{system_and_attack_labels(summary)[0]}, convergence: no chains vote; {steps}{grad}"
     return (f"{system_and_attack_labels(summary)[0]}, convergence ({c['chains']} chains per vote): "
@@ -186,7 +189,8 @@ def plot_curves(summaries: list[dict], url: str) -> None:
     for s in summaries:
         curve = s["accuracy_curve"]
         label = " / ".join(system_and_attack_labels(s))
-        ax.plot(range(-1, len(curve) - 1), [100 * v for v in curve], marker="." if len(curve) < 30 else None, label=label)
+        ax.plot(range(-1, len(curve) - 1), [100 * v for v in curve], marker="." if len(curve) < 30 else None,
+                label=label)
     ax.set_xlabel("attack step (-1 = clean image)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -209,9 +213,11 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
         metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
                                            "images", "seconds", "image_steps", "confirm_image_steps")}
         for name in ("natural_protocol", "natural_defense", "robust"):
-            metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0], f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
+            metrics.update({f"{name}_ci95_low": summary[f"{name}_ci95"][0],
+                            f"{name}_ci95_high": summary[f"{name}_ci95"][1]})
         if "reevaluations" in summary:
-            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy", "reeval_all_right_accuracy",
+            metrics.update({k: summary[k] for k in ("reevaluations", "reeval_mean_accuracy",
+                                                    "reeval_all_right_accuracy",
                                                     "worst_of_all_judgements_accuracy")})
             for r, acc in enumerate(summary["reeval_accuracies"]):
                 mlflow.log_metric("reeval_accuracy", acc, step=r)
@@ -219,7 +225,8 @@ def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
             metrics["image_steps_per_second"] = summary["image_steps_per_second"]
         c = summary.get("convergence")
         if c:
-            metrics.update({f"{k}_undecided_share": c[k]["undecided_share"] for k in ("natural_vote", "break_confirmation")
+            metrics.update({f"{k}_undecided_share": c[k]["undecided_share"]
+                            for k in ("natural_vote", "break_confirmation")
                             if c[k]["undecided_share"] is not None})
             metrics["late_breaks"] = c["late_breaks"]
             if c.get("gradient"):

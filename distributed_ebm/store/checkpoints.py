@@ -30,8 +30,14 @@ from torch import nn
 from ..config import to_yaml
 from ..errors import InputError
 from ..method.bank import ImageBank
-from ..method.nets import (EBM, Classifier, classifier_checkpoint, classifier_from_checkpoint, ebm_checkpoint,
-                           ebm_from_checkpoint)
+from ..method.nets import (
+    EBM,
+    Classifier,
+    classifier_checkpoint,
+    classifier_from_checkpoint,
+    ebm_checkpoint,
+    ebm_from_checkpoint,
+)
 from ..method.nets.ebm import SOFT_ALPHA, SOFT_EPS
 from . import storage
 from .provenance import flat
@@ -49,9 +55,11 @@ SCHEDULER_KEY = "scheduler"
 HISTORY_KEY = "history"  # one metrics dict per epoch
 CONFIG_KEY = "config"  # the run's settings, as YAML
 # Every training setting is one or the other: a test fails on a setting named in neither.
+# change the trained EBM: a resume must match them
 RESULT_KEYS = ("ebm", "init_ebm", "init_ebm_format", "langevin", "batch_size", "data_noise", "adam_lr", "sgd_start",
-               "sgd_lr", "bank_size", "bank_init", "rejuvenation", "seed", "precision")  # change the trained EBM: a resume must match them
-ADDED = {"precision": "float32", "init_ebm": None, "init_ebm_format": "auto"}  # result keys added since checkpoints were first written: their value before
+               "sgd_lr", "bank_size", "bank_init", "rejuvenation", "seed", "precision")
+# result keys added since checkpoints were first written: their value before
+ADDED = {"precision": "float32", "init_ebm": None, "init_ebm_format": "auto"}
 FREE_KEYS = ("iterations", "checkpoint_every", "log_every", "output", "name", "ray", "mlflow",
              "data")  # do not (the data count by content, `data_fingerprint`: their path differs between machines)
 

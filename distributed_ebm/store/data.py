@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -128,7 +128,8 @@ def read_catalog(url: str) -> Catalog:
             twice = int(values[counts > 1][0])
             raise DataError(f"data file {url}: index names id {twice} {int(counts[counts > 1][0])} times (rows "
                             f"{np.flatnonzero(ids == twice)[:5].tolist()}); each image needs an id of its own")
-    return Catalog(url, np.arange(len(labels), dtype=np.int64), torch.from_numpy(labels), torch.from_numpy(ids), indexed)
+    return Catalog(url, np.arange(len(labels), dtype=np.int64), torch.from_numpy(labels), torch.from_numpy(ids),
+                   indexed)
 
 
 def decode(blobs, image_size: int, url: str, rows=None, what: str = "row") -> np.ndarray:
@@ -234,7 +235,8 @@ def catalog(cfg: DataConfig) -> Catalog | ImageSet:
     else:
         data = read_torchvision(cfg.name, cfg.path, cfg.split, cfg.download)
         if data.data.shape[-1] != cfg.image_size:
-            raise DataError(f"{cfg.name} images are {data.data.shape[-1]} pixels wide, data.image_size is {cfg.image_size}")
+            raise DataError(f"{cfg.name} images are {data.data.shape[-1]} pixels wide, data.image_size is "
+                            f"{cfg.image_size}")
     if len(data) == 0:
         raise DataError(f"data file {cfg.path} holds no images")
     if cfg.id_range is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from . import storage
 from ..errors import InputError
+from . import storage
 
 ATTACK_FREE = ("ray.", "mlflow.", "output", "batch_size", "chunk_size", "data.count", "data.indices", "data.random",
                "data.subset_seed", "data.exclude", "data.download", "report.gallery")

@@ -14,13 +14,28 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..method.nets import (Classifier, classifier_checkpoint, classifier_from_checkpoint, ebm_checkpoint,
-                           ebm_from_checkpoint)
+from ..method.nets import (
+    Classifier,
+    classifier_checkpoint,
+    classifier_from_checkpoint,
+    ebm_checkpoint,
+    ebm_from_checkpoint,
+)
 from ..method.nets.classifiers import HALF
 from ..method.nets.ebm import SOFT_ALPHA, SOFT_EPS, check_activation
-from ..method.nets.formats import (CONV_EBM_KEYS, FORMATS, JEMEnergy, conv_ebm, detect_ebm_format, ebm_from_spec,
-                                   exported, format_names, jem_classifier, jem_ebm,
-                                   ss_classifier)
+from ..method.nets.formats import (
+    CONV_EBM_KEYS,
+    FORMATS,
+    JEMEnergy,
+    conv_ebm,
+    detect_ebm_format,
+    ebm_from_spec,
+    exported,
+    format_names,
+    jem_classifier,
+    jem_ebm,
+    ss_classifier,
+)
 from . import storage
 
 SMOOTH = ("soft_lrelu", "silu")  # MEFA's activations: the same keys as the paper's LeakyReLU network

@@ -7,7 +7,8 @@ point so far when the loss rose in at most 75% of the steps since the last check
 neither its step size nor its best loss changed since then. Each image has its own schedule.
 
 Both take (iterate, gradient, loss per image) and return the next iterate; `keep(mask)` drops the
-images that left the batch; UPDATERS maps `attack.optimizer` to them. Their per-image state (and the mask) lives on the images' device. With EOT the gradient and the loss are those of the EOT-averaged
+images that left the batch; UPDATERS maps `attack.optimizer` to them. Their per-image state (and the
+mask) lives on the images' device. With EOT the gradient and the loss are those of the EOT-averaged
 output, as in AutoAttack's version for randomized defenses.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One attack loop and one counting protocol for every mode (Hill, Mitchell, Zhu 2021: BPDA+EOT with the paper's counting).
+"""One attack loop and one counting protocol for every mode (Hill, Mitchell, Zhu 2021: BPDA+EOT with the
+paper's counting).
 
 What is counted (evaluation points, checks and confirmations, breaks, both natural figures, the adversarial
 image, re-evaluation) is defined once, in the README's table "What each reported number means".
@@ -58,7 +59,8 @@ class ImageRecord:
     natural_votes: list = field(default_factory=lambda: [NEVER] * VOTES)
     final_votes: list = field(default_factory=lambda: [NEVER] * VOTES)
     adv_point: int = 0  # the evaluation point of adv_image (0 = the clean image)
-    gradient_cosine: list = field(default_factory=lambda: [None, None])  # two EOT gradients: at clean, at adv; None = unchecked
+    # two EOT gradients: at clean, at adv; None = unchecked
+    gradient_cosine: list = field(default_factory=lambda: [None, None])
 
     @property
     def robust(self) -> bool:
@@ -164,7 +166,8 @@ class Attack:
             return self.defense.logits(x, ids, seed=self.seed, call=call, replicates=replicates)
         return self.defense.logits_and_grad(x, labels, ids, seed=self.seed, call=call, replicates=replicates,
                                             loss=self.loss, exact=exact, segment=self.s.segment,
-                                            surrogate_temperature=self.s.surrogate_temperature if self.s.surrogate else None)
+                                            surrogate_temperature=(self.s.surrogate_temperature if self.s.surrogate
+                                                                   else None))
 
     def _judge(self, point, x, labels, rows, check_logits=None, vote_all=False):
         """(broken mask, prediction, check logits, defense vote or None, votes) at a checked point, with the paper's
@@ -253,7 +256,8 @@ class Attack:
                 wrong, pred, checked, _, votes = self._judge(point, x, y, active,
                                                              logits if mode.check_from_gradient else None)
                 check_loss = self.loss(checked, y).to(torch.float64)
-                # the break's iterate, else the most adversarial one so far (the first checked iterate replaces the clean image)
+                # the break's iterate, else the most adversarial one so far (the first checked iterate replaces
+                # the clean image)
                 better = wrong | (check_loss > b.adv_loss[active]) | (point == self._first_checked())
                 b.adv[active[better]], b.adv_loss[active[better]] = x[better], check_loss[better]
                 b.adv_point[active[better]] = point
@@ -294,10 +298,12 @@ class Attack:
         judgement uses), at the clean image and at the record's adversarial image, for the images of
         `gradient_ids` in this batch (NaN for the others, and for a mode that takes no gradient)."""
         out = torch.full((len(rows), 2), float("nan"), dtype=torch.float64)
-        sel = rows[torch.isin(self._ids, self.gradient_ids.to(self._ids.device))] if len(self.gradient_ids) else rows[:0]
+        sel = (rows[torch.isin(self._ids, self.gradient_ids.to(self._ids.device))] if len(self.gradient_ids)
+               else rows[:0])
         if not len(sel) or not self.mode.moves:
             return out
-        spare = self.points + self.s.reevaluations  # calls 2 * spare and up: after checks, confirmations, re-evaluations
+        # calls 2 * spare and up: after checks, confirmations, re-evaluations
+        spare = self.points + self.s.reevaluations
         for j, x in enumerate((images[sel], adv[sel])):
             g1, g2 = (self.mode.gradient(x, labels[sel], sel, spare + 1 + k)[1].flatten(1).double() for k in (0, 1))
             out[sel.cpu(), j] = torch.nn.functional.cosine_similarity(g1, g2, dim=1, eps=1e-30).cpu()

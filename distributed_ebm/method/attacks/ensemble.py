@@ -72,7 +72,8 @@ class EnsembleAttack:
             records = attack(images[rows.to(images.device)], labels[rows.to(labels.device)], ids[rows.to(ids.device)])
             for row, rec in zip(todo, records):
                 first[row] = first[row] or rec
-                final[row], cost[row], confirm[row] = rec, cost[row] + rec.image_steps, confirm[row] + rec.confirm_image_steps
+                final[row], cost[row], confirm[row] = (rec, cost[row] + rec.image_steps,
+                                                       confirm[row] + rec.confirm_image_steps)
                 if not rec.robust:
                     by[row], restart[row] = k, r
             todo = [row for row, rec in zip(todo, records) if rec.robust]

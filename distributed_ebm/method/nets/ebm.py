@@ -154,9 +154,11 @@ def check_activation(url: str, recorded: dict, activation: str, soft_alpha: floa
 
 
 def ebm_from_checkpoint(ckpt, url: str, image_size: int | None = None, channels: int | None = None,
-                        activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> EBM:
-    """Rebuild an EBM from its checkpoint `ckpt` (read from `url`, which messages name); `image_size` and `channels` check it fits the data it will see and
-    `activation` (with its constants), when given, that it is the one the checkpoint was trained with.
+                        activation: str | None = None, soft_alpha: float = SOFT_ALPHA,
+                        soft_eps: float = SOFT_EPS) -> EBM:
+    """Rebuild an EBM from its checkpoint `ckpt` (read from `url`, which messages name); `image_size` and
+    `channels` check it fits the data it will see and `activation` (with its constants), when given, that it
+    is the one the checkpoint was trained with.
     A checkpoint that records no activation is the paper's LeakyReLU(0.05)."""
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "ebm":
         raise InputError(f"{url} is not an EBM checkpoint (no kind='ebm' entry)")
