@@ -84,24 +84,24 @@ def train_loop(config: dict) -> None:
     def images(rows):  # the batch's uint8 rows to the device, floats made there
         return unit_range(torch.from_numpy(pixels[rows.numpy()]).permute(0, 3, 1, 2), device)
 
-    loop = EBMIteration(cfg, model, bank, images, len(pixels), shape,
+    ebm_iteration = EBMIteration(cfg, model, bank, images, len(pixels), shape,
                         config["bounds"][-1][1], rank, world, device, all_workers(world, device))
     history = {"iteration": [], **{k: [] for k in METRICS}, "bank_energy": []}
     if state is not None:
-        loop.resume(state["iteration"], state["training"]["phase"], state["training"]["optimizer"])
+        ebm_iteration.resume(state["iteration"], state["training"]["phase"], state["training"]["optimizer"])
         history = state["training"]["history"]
     if rank == 0:  # the bank as of the checkpoint (or fresh); drops every lease, a crashed worker's too
         bank.load(folder)
-        _tidy(cfg, loop.iteration, ebm)
+        _restore_run_folder(cfg, ebm_iteration.iteration, ebm)
     barrier(world, device)
 
     logger = worker_logger(config, rank)
-    bar = WorkerProgress(config, rank, cfg.iterations, f"train-ebm:{cfg.name}", start=loop.iteration)
-    started_at, pending = loop.iteration, {}
+    bar = WorkerProgress(config, rank, cfg.iterations, f"train-ebm:{cfg.name}", start=ebm_iteration.iteration)
+    started_at, pending = ebm_iteration.iteration, {}
 
     def on_log(t, means, m):
         means.update(iteration=t, started_at=started_at, bank_share=means["bank_seconds"] / means["step_seconds"],
-                     lr=m["lr"], sgd=float(loop.phase == "sgd"))
+                     lr=m["lr"], sgd=float(ebm_iteration.phase == "sgd"))
         history["iteration"].append(t)
         for k in METRICS:
             history[k].append(means[k])
@@ -112,17 +112,19 @@ def train_loop(config: dict) -> None:
             ray.train.report(means)
 
     def on_save(t):
-        _checkpoint(cfg, config["fingerprint"], pending["metrics"], rank, world, device, bank, loop, history, logger)
+        _checkpoint(cfg, config["fingerprint"], pending["metrics"], rank, world, device, bank, ebm_iteration, history,
+                    logger)
 
     try:
-        run_ebm(loop, cfg.iterations, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, on_log=on_log,
-                on_save=on_save, on_step=lambda m: bar.update(1, energy_diff=m["energy_diff"], phase=loop.phase,
+        run_ebm(ebm_iteration, cfg.iterations, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                on_log=on_log, on_save=on_save,
+                on_step=lambda m: bar.update(1, energy_diff=m["energy_diff"], phase=ebm_iteration.phase,
                                              chain_bank_update=time_split(m)),
                 reduce=lambda values: mean_over_workers(values, world, device))
     except TrainingDiverged as err:  # every worker raises it (they agree on finiteness first)
         if rank == 0:  # the run ends cleanly, so Ray Train does not retry a deterministic failure
             storage.write_bytes(storage.join(run_dir(cfg), DIVERGED),
-                                f"{err} at iteration {loop.iteration + 1}".encode())
+                                f"{err} at iteration {ebm_iteration.iteration + 1}".encode())
     bar.close()
 
 
@@ -130,7 +132,7 @@ def checkpoint_name(iteration: int) -> str:
     return f"checkpoint_{iteration:09d}"
 
 
-def _tidy(cfg, iteration: int, ebm) -> None:
+def _restore_run_folder(cfg, iteration: int, ebm) -> None:
     """On (re)start, from the newest registered checkpoint: remove the folders of later checkpoints a
     crash left unregistered (Ray Train never resumes from them), and make ebm.pt this checkpoint's model."""
     fs, path = storage.filesystem(run_dir(cfg))
@@ -146,29 +148,30 @@ def _tidy(cfg, iteration: int, ebm) -> None:
         fs.rm(storage.filesystem(ebm_url)[1])
 
 
-def _checkpoint(cfg, fingerprint, metrics, rank, world, device, bank, loop, history, logger):
+def _checkpoint(cfg, fingerprint, metrics, rank, world, device, bank, ebm_iteration, history, logger):
     """Every worker reports, with the checkpoint: the shards write their parts of the bank into the checkpoint's
     folder, rank 0 adds `ckpt.pt`, and once Ray Train has registered the checkpoint, writes ebm.pt: ebm.pt is
     always the newest registered checkpoint's model."""
     import ray.train
     from ray.train import CheckpointConsistencyMode
 
-    it = loop.iteration
+    it = ebm_iteration.iteration
     name = checkpoint_name(it)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
             bank.save(storage.join(run_dir(cfg), name))
-            save_checkpoint(d, loop.sampler, it, loop.phase, loop.optimizer, fingerprint, to_yaml(cfg), history, [])
+            save_checkpoint(d, ebm_iteration.sampler, it, ebm_iteration.phase, ebm_iteration.optimizer, fingerprint,
+                            to_yaml(cfg), history, [])
             if logger:
                 logger.file(f"bank-{it:09d}.png", image_grid_png(bank.sample(64)), "samples")
-                logger.file(f"positives-{it:09d}.png", image_grid_png(loop.positives[:64].cpu()), "samples")
+                logger.file(f"positives-{it:09d}.png", image_grid_png(ebm_iteration.positives[:64].cpu()), "samples")
             checkpoint = ray.train.Checkpoint.from_directory(d)
         barrier(world, device)  # nobody leases the next chains before the bank is saved
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
     if rank == 0:
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-        save_ebm(loop.sampler, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
+        save_ebm(ebm_iteration.sampler, storage.join(run_dir(cfg), "ebm.pt"), iteration=it)
 
 
 def check_resume(cfg: TrainEBMConfig, fingerprint: dict) -> None:

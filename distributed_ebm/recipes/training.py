@@ -1,7 +1,7 @@
 """The training jobs' parts every executor shares (one process, `local/train.py`; Ray Train, `distributed/`):
-the preflight, every input a job will touch checked before any expensive work so a bad one fails in seconds
-with one line, and the classifier's training checkpoint. The loop itself is the method's (`training.run_ebm`
-over `EBMIteration`, `training.run_classifier`)."""
+the EBM at iteration 0 (new, or fine-tuned from a released file), and the preflight, every input a job will touch
+checked before any expensive work so a bad one fails in seconds with one line. The loop itself is the method's
+(`training.run_ebm` over `EBMIteration`, `training.run_classifier`)."""
 from __future__ import annotations
 
 from ..config import TrainClassifierConfig, TrainEBMConfig
