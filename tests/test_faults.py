@@ -108,3 +108,63 @@ def test_an_attack_that_loses_a_node_finishes_with_every_image_once_as_the_refer
     assert got["done_before_kill"] < 12, "the node was lost only after the attack"
     assert got["images"] == 12 and got["ids"] == list(range(12))  # every image, once
     assert got["differ"] == [], f"records differ from the uninterrupted run in {got['differ']}"
+
+
+def _pgd(tmp_path, *extra):
+    from distributed_ebm.config import AttackConfig, load_config
+
+    return load_config(AttackConfig, "jobs/configs/attack_pgd_undefended.yaml",
+                       ["data.count=3", "attack.steps=1", "batch_size=1", f"output={tmp_path}/out",
+                        "mlflow.enabled=false", "report.gallery=0", *extra])
+
+
+def test_a_record_part_cut_short_is_named_set_aside_and_its_images_attacked_again(tmp_path, capsys):
+    """A part cut short by a copy or a full disk (not by our atomic writes) stopped every resume with pyarrow's
+    "Parquet magic bytes not found" traceback; now one line names it and its images are attacked again."""
+    from distributed_ebm.local.attack import OneProcess
+    from distributed_ebm.recipes.attack import run_attack
+    from distributed_ebm.results.records import list_parts, read_records
+
+    first = run_attack(_pgd(tmp_path), OneProcess("cpu"), show=False)
+    before = read_records(str(tmp_path / "out")).to_pylist()
+    cut = list_parts(str(tmp_path / "out"))[1]
+    with open(cut, "r+b") as f:
+        f.truncate(100)
+    again = run_attack(_pgd(tmp_path), OneProcess("cpu"), show=False)
+    err = capsys.readouterr().err
+    assert f"records: {cut} cannot be read (" in err and f"set aside as {cut}.damaged" in err
+    assert os.path.exists(cut + ".damaged") and again["images"] == first["images"] == 3
+    assert again["robust_accuracy"] == first["robust_accuracy"]
+    after = read_records(str(tmp_path / "out")).to_pylist()
+    assert [r["index"] for r in after] == [r["index"] for r in before]
+    assert [r["adv_image"] for r in after] == [r["adv_image"] for r in before]  # recomputed: the same records
+
+
+def test_ctrl_c_says_how_many_images_are_recorded_and_the_rerun_continues(tmp_path):
+    """Ctrl-C during an attack printed a bare KeyboardInterrupt traceback; now one line, exit 130, and the same
+    command continues exactly."""
+    from distributed_ebm.errors import run_job
+    from distributed_ebm.local.attack import OneProcess
+    from distributed_ebm.recipes.attack import run_attack
+
+    class CtrlCAfterOneBatch(OneProcess):
+        def run(self, cfg, todo, settings, attack, gradient_ids, on_batch, reruns):
+            def batch_then_interrupt(images, broken):
+                on_batch(images, broken)
+                raise KeyboardInterrupt
+
+            super().run(cfg, todo, settings, attack, gradient_ids, batch_then_interrupt, reruns)
+
+    import io
+    from contextlib import redirect_stderr
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = run_job("debm attack", lambda: run_attack(_pgd(tmp_path), CtrlCAfterOneBatch("cpu"), show=False))
+    assert code == 130
+    assert err.getvalue().strip().splitlines()[-1] == (
+        f"debm attack: interrupted: 1 of 3 images are recorded under {tmp_path}/out; the same command continues "
+        "with the others")
+    resumed = run_attack(_pgd(tmp_path), OneProcess("cpu"), show=False)
+    straight = run_attack(_pgd(tmp_path / "b"), OneProcess("cpu"), show=False)
+    assert resumed["images"] == straight["images"] == 3 and resumed["robust_accuracy"] == straight["robust_accuracy"]

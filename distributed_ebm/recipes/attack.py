@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import torch
 
 from ..config import AttackConfig
-from ..errors import InputError
+from ..errors import InputError, Interrupted
 from ..method.attacks import Attack, EnsembleAttack
 from ..method.attacks.modes import MODES
 from ..method.defense import Purifier
@@ -75,14 +75,20 @@ def run_attack(cfg: AttackConfig, executor: Executor, data: Catalog | ImageSet |
         bar.update(images, broken=count["broken"])
 
     reruns = 0
-    while len(todo):
-        try:
-            executor.run(cfg, todo, settings, attack, gradient_ids, on_batch, reruns)
-            break
-        except Rerun as lost:
-            reruns += 1
-            print(f"attack: {lost}", file=sys.stderr, flush=True)
-        todo = images_without_records(data, cfg.output, settings)
+    try:
+        while len(todo):
+            try:
+                executor.run(cfg, todo, settings, attack, gradient_ids, on_batch, reruns)
+                break
+            except Rerun as lost:
+                reruns += 1
+                print(f"attack: {lost}", file=sys.stderr, flush=True)
+            todo = images_without_records(data, cfg.output, settings)
+    except KeyboardInterrupt:
+        bar.close()
+        done = len(set(data.ids.tolist()) & results.done_ids(cfg.output))
+        raise Interrupted(f"interrupted: {done} of {len(data)} images are recorded under {cfg.output}; the same "
+                          "command continues with the others") from None
     bar.close()
     summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
     gallery = draw_gallery(cfg, data, executor.device, attack)  # on the driver: a few images, from their records

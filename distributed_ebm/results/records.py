@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 from typing import Optional
 
 import numpy as np
@@ -71,12 +72,24 @@ def _read(url: str, columns=None) -> pa.Table:
     return pq.read_table(data, columns=columns)
 
 
+DAMAGED = ".damaged"  # the suffix a part that cannot be read is set aside with
+
+
 def check_settings(output: str, settings: dict) -> None:
-    """Every existing part must have been written with these settings (else one line naming the differences)."""
+    """Every existing part must have been written with these settings (else one line naming the differences). A
+    part that cannot be read (cut short by a copy or a full disk: our own writes are atomic) is set aside as
+    `<part>.damaged`, with one line naming it, so that its images count as without a record and are attacked
+    again."""
     for url in list_parts(output):
         fs, path = storage.filesystem(url)
-        with fs.open(path, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.read_schema(f).metadata or {}
+        except (pa.ArrowInvalid, OSError) as err:
+            fs.mv(path, path + DAMAGED)
+            print(f"records: {url} cannot be read ({str(err).splitlines()[0]}); set aside as {url}{DAMAGED}: its "
+                  "images are attacked again", file=sys.stderr, flush=True)
+            continue
         if SETTINGS not in meta:
             raise InputError(f"{url} records no settings (written before provenance was kept): "
                              "use another output")
