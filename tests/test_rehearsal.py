@@ -105,12 +105,27 @@ def cluster():
                         f"--dashboard-agent-listen-port={_free_port()}", f"--autoscaling-config={config}",
                         f"--temp-dir={folder}/ray"], cwd=folder, env=env, check=True, capture_output=True,
                        timeout=120)
+        # the jobs see an autoscaler once its monitor has reported to the GCS (seconds after the head starts; more
+        # on a busy machine): until then a cluster that can grow looks fixed
+        subprocess.run([sys.executable, "-c", AUTOSCALER_REPORTED, f"127.0.0.1:{port}"], cwd=REPO, check=True,
+                       capture_output=True, timeout=150, env={**os.environ, "PYTHONPATH": str(REPO)})
         yield {"address": f"127.0.0.1:{port}", "config": config, "folder": folder}
     finally:
         _stop(folder)
         shutil.rmtree(folder, ignore_errors=True)
 
 
+AUTOSCALER_REPORTED = """
+import sys, time
+import ray
+from distributed_ebm.distributed.ray_private import autoscaler_runs
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.monotonic() + 120
+while not autoscaler_runs():
+    if time.monotonic() > deadline:
+        sys.exit("the rehearsal's autoscaler never reported to the GCS")
+    time.sleep(1)
+"""
 DRIVER = """
 import json, os, sys, time
 from distributed_ebm.cli import main
@@ -122,9 +137,11 @@ for name, env, args in json.loads(sys.argv[1]):
     rc = main(args)
     print(f"=== {name} {rc} {time.monotonic() - t0:.1f}", file=sys.stderr, flush=True)
 """
+# every wait for nodes bounded well inside the driver's time limit
 PGD = ["attack", "--config", "jobs/configs/attack_pgd_undefended.yaml", "data.count=2", "batch_size=2",
-       "attack.steps=1", "mlflow.enabled=false"]
-TRAIN = ["train-ebm", "--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "batch_size=48", "iterations=2"]
+       "attack.steps=1", "mlflow.enabled=false", "ray.provision_timeout_s=240"]
+TRAIN = ["train-ebm", "--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "batch_size=48", "iterations=2",
+         "ray.provision_timeout_s=240"]
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +161,20 @@ def rehearsed(cluster, s3_bucket, tmp_path_factory):
                              f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"]),
         ("bounded", unknown, [*PGD, address, shared, "ray.gpus_per_actor=4", "ray.provision_timeout_s=3",
                               f"output={out}/b"]),
-        ("gpu_attack", unknown, [*PGD, address, shared, "ray.gpus_per_actor=1", "ray.actors=1", f"output={out}/g"]),
+        ("gpu_attack", unknown, [*PGD, address, shared, "ray.gpus_per_actor=1", "ray.actors=1",
+                                  f"output={out}/g"]),
         ("gpu_training", {**unknown, "DEBM_REHEARSAL_CPU": "1"},
          [*TRAIN, address, shared, "ray.workers=2", "ray.use_gpu=true", "batch_size=8", "bank_size=32",
           "ebm.width=4", "langevin.steps=2", "checkpoint_every=1", "log_every=1", "mlflow.enabled=false",
           f"output={out}/gt"]),
     ]
-    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], cwd=REPO, capture_output=True,
-                          text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        stderr = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], cwd=REPO, capture_output=True,
+                                text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(REPO)}).stderr
+    except subprocess.TimeoutExpired as err:  # the jobs that ended keep their results; the one running fails
+        stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
     got, name, lines = {}, None, []
-    for line in done.stderr.splitlines():
+    for line in stderr.splitlines():
         if line.startswith("=== "):
             parts = line.split()
             if len(parts) == 2:
@@ -162,7 +183,8 @@ def rehearsed(cluster, s3_bucket, tmp_path_factory):
                 got[name] = (int(parts[2]), float(parts[3]), "\n".join(lines))
         elif name:
             lines.append(line)
-    assert set(got) == {n for n, _, _ in jobs}, done.stderr[-4000:]
+    if name is not None and name not in got:  # cut off by the driver's time limit
+        got[name] = (None, None, "\n".join(lines))
     return {**got, "out": out, "uri": f"sqlite:///{out}/mlflow.db"}
 
 
@@ -174,7 +196,7 @@ def test_a_job_naming_its_gpus_on_a_head_without_the_launchers_file_waits_for_it
     """Before: "no autoscaler that could add one", the RayJob of cluster/kuberay/ refused at once."""
     rc, _, err = rehearsed["gpu_attack"]
     assert rc == 0, err[-3000:]
-    assert "attack: waiting up to ray.provision_timeout_s = 900 s for the autoscaler to add nodes for 1 x (1 CPU, " \
+    assert "attack: waiting up to ray.provision_timeout_s = 240 s for the autoscaler to add nodes for 1 x (1 CPU, " \
            "1 GPU)" in err, err[-3000:]
     assert "attack: the nodes are there" in err
     assert (rehearsed["out"] / "g" / "summary.json").exists()
@@ -225,6 +247,6 @@ def test_training_with_two_gpu_workers_waits_for_their_nodes_and_trains(rehearse
     rc, _, err = rehearsed["gpu_training"]
     assert rc == 0, err[-3000:]
     assert "ebm-cpu: 2 Ray Train worker(s) on GPU (1 GPU each" in err, err[-3000:]
-    assert "ebm-cpu: waiting up to ray.provision_timeout_s = 900 s for the autoscaler to add nodes for 2 x (1 CPU, " \
+    assert "ebm-cpu: waiting up to ray.provision_timeout_s = 240 s for the autoscaler to add nodes for 2 x (1 CPU, " \
            "1 GPU)" in err, err[-3000:]
     assert (rehearsed["out"] / "gt" / "ebm-cpu" / "ebm.pt").exists()
