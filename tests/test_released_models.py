@@ -413,17 +413,21 @@ def test_the_initial_kick_is_keyed_and_the_exact_gradient_repeats_it():
     assert torch.allclose(exact, bpda, atol=1e-6) and not torch.allclose(exact, unkicked, atol=1e-4)
 
 
-def test_debm_attack_runs_the_stochastic_security_protocol_on_ray(ray_local, tmp_path, capsys):
-    """The issue's "done when": `debm attack` with the paper's config and the released files' layouts, on Ray."""
-    files = _paper_files(tmp_path, "stochastic_security")
-    out = str(tmp_path / "ss")
-    assert main(["attack", "--config", f"{PAPERS}/stochastic_security.yaml", *[f"{k}={v}" for k, v in files.items()],
-                 f"data.path={TEST_EXACT}", "data.random=2", "purify.steps=2", "attack.steps=1",
+@pytest.mark.parametrize("paper", ["stochastic_security", "mefa", "jem"])
+def test_debm_attack_runs_each_papers_protocol_on_ray(ray_local, tmp_path, paper):
+    """The issue's "done when": `debm attack` with each paper's config and the released files in their layouts,
+    purified and attacked on the Ray actors."""
+    files = _paper_files(tmp_path, paper)
+    out = str(tmp_path / paper)
+    assert main(["attack", "--config", f"{PAPERS}/{paper}.yaml", *[f"{k}={v}" for k, v in files.items()],
+                 f"data.path={TEST_EXACT}", "data.random=2" if paper == "stochastic_security" else "data.count=2",
+                 "purify.steps=2", "attack.steps=1",
                  "attack.eot_attack=2", "attack.eot_defense=2", "batch_size=1", f"output={out}",
                  "mlflow.enabled=false", "ray.gpus_per_actor=0", "report.gallery=0"]) == 0
     summary = json.loads(storage.read_bytes(out + "/summary.json"))
-    assert summary["images"] == 2 and summary["config"]["classifier"]["arch"] == "wrn28_10_ss"
-    assert summary["config"]["ebm_format"] == "stochastic_security"
+    assert summary["images"] == 2 and summary["image_steps"] > 0
+    assert summary["config"]["ebm_format"] == paper
+    assert summary["config"]["classifier"]["format"] == {"mefa": "stochastic_security"}.get(paper, paper)
 
 
 def test_an_activation_named_for_another_network_is_refused(tmp_path):

@@ -12,8 +12,8 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
   below (read_parquet and DataContext have no setting for it);
 - the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
 - the actors a failed Ray Data pass leaves alive, stopped by id: Ray Data stops them only by dropping its references,
-  and gives no handle to them; under load a survivor has kept its CPU for minutes after its pass failed (the public
-  state API, ray.util.state, names the actors where the dashboard runs; without it, the GCS's actor table; the core
+  and gives no handle to them, so a survivor would keep its CPU after its pass failed (the GCS's actor table names
+  them: the public state API, ray.util.state, needs the dashboard, which a job's Ray may run without; the core
   worker kills one by id, and refuses an actor this process holds no handle to);
 - a lost actor that Ray could not rebuild as an error: Ray Data's reader re-raises it as an
   UnserializableException whose text names the original class (lost errors are otherwise recognized by class,
@@ -51,24 +51,6 @@ def logs_dir() -> str:
     return os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "logs")
 
 
-def _job_actors(job_id: str) -> list[tuple[str, str, str]]:
-    """(actor id, class name, state) of this job's actors: the public state API where the dashboard serves it,
-    else the GCS's actor table (a Ray started without the dashboard)."""
-    import ray
-
-    try:
-        from ray.util.state import list_actors
-
-        found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("job_id", "=", job_id)],
-                            limit=10_000, timeout=10, raise_on_missing_output=False)
-        return [(a.actor_id, a.class_name, a.state) for a in found]
-    except Exception:  # noqa: BLE001 - no dashboard (ServerUnavailable) or an older one: the table
-        from ray._private.state import actors
-
-        return [(actor_id, info["ActorClassName"], info["State"])
-                for actor_id, info in actors(job_id=ray.JobID.from_hex(job_id)).items()]
-
-
 AUTOSCALING_STATUS_KEY = b"__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS
 
 
@@ -101,13 +83,14 @@ def stop_own_actors(class_name: str) -> int:
     """Kill every live actor of this job whose class name holds `class_name` and that this process holds a handle to
     (it made it, or borrows it): never another process's (a concurrent Tune trial's). Returns how many."""
     import ray
+    from ray._private.state import actors
     from ray._raylet import ActorID
     from ray.exceptions import ActorHandleNotFoundError
 
     worker = ray._private.worker.global_worker
     stopped = 0
-    for actor_id, name, state in _job_actors(ray.get_runtime_context().get_job_id()):
-        if class_name in name and state != "DEAD":  # pending ones too: they would start
+    for actor_id, info in actors(job_id=worker.current_job_id).items():
+        if class_name in info["ActorClassName"] and info["State"] != "DEAD":  # pending ones too: they would start
             try:
                 worker.core_worker.kill_actor(ActorID.from_hex(actor_id), True)  # True: not to be restarted
                 stopped += 1
