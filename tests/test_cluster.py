@@ -244,6 +244,38 @@ def test_requests_no_node_and_no_node_type_can_hold_are_refused_naming_the_field
                count_key="ray.workers")
 
 
+def test_the_attacks_pool_grows_to_what_the_cluster_can_hold():
+    from distributed_ebm.distributed.devices import Capacity, pool_limit, type_limits
+
+    aws = Capacity([{"CPU": 8.0}], type_limits(str(CLUSTER / "aws.yaml")), True)
+    gpus = sum(n * int(t.get("GPU", 0)) for t, n in aws.types)
+    assert pool_limit({"CPU": 1.0, "GPU": 1.0}, aws) == gpus  # every GPU the autoscaler may add, one actor each
+    assert pool_limit({"CPU": 2.0, "GPU": 0.0}, Capacity([{"CPU": 4.0}, {"CPU": 3.0}], None, False)) == 3
+    assert pool_limit({"CPU": 1.0, "GPU": 1.0}, Capacity([{"CPU": 2.0}], None, True)) is None  # does not say
+
+
+def test_losses_are_counted_per_node_and_hour():
+    from distributed_ebm.distributed.attack import NodeLosses
+    from distributed_ebm.errors import JobFailed
+
+    now = [0.0]
+    losses = NodeLosses(limit=2, clock=lambda: now[0])
+    assert losses.batch("a1", "n1", False, 10) is None and losses.batch("a2", "n1", False, 10) is None
+    now[0] = 100.0  # node n1 is lost with both its actors; they come back on n2
+    line = losses.batch("a1", "n2", True, 10)
+    assert line.startswith("an actor was lost on node n1; restarted on node n2, it ran the batch it held again "
+                           "(10 images); 1 loss(es) in the last hour (ray.max_failures = 2 per hour)"), line
+    assert losses.batch("a2", "n2", True, 7).endswith("1 loss(es) in the last hour (ray.max_failures = 2 per hour)")
+    assert losses.redone == 2 and len(losses.events) == 1  # one node, one loss
+    now[0] = 200.0
+    assert "2 loss(es)" in losses.batch("a1", "n3", True, 10)  # n2 lost
+    now[0] = 3750.0  # the first loss is more than an hour old
+    assert "2 loss(es)" in losses.batch("a1", "n4", True, 10)  # n3 lost
+    now[0] = 3760.0
+    with pytest.raises(JobFailed, match=r"3 loss\(es\) in the last hour \(ray.max_failures = 2 per hour\): too many"):
+        losses.batch("a1", "n5", True, 10)
+
+
 def test_local_outputs_and_file_tracking_stores_are_refused_where_work_runs_on_other_nodes(monkeypatch):
     """On a cluster of one node at start whose autoscaler may add more, as on one of several nodes."""
     import ray

@@ -1,7 +1,6 @@
 """The Ray internals the project relies on (distributed/ray_private.py) are where it expects them: a Ray upgrade
 that moves one fails here, by name, instead of in a user's run."""
 import logging
-import time
 
 
 def test_ray_trains_start_up_bound_is_where_the_project_sets_it():
@@ -87,47 +86,3 @@ def test_no_other_module_reaches_into_ray_internals():
     reaching = [str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "ray_private.py"
                 and any(hook in p.read_text() for hook in ("ray._private", "._internal", "UnserializableException"))]
     assert not reaching, reaching
-
-
-def test_stopping_own_actors_kills_those_this_process_made_even_when_held_elsewhere_and_no_other(ray_local):
-    """What stops a failed pass's survivor: an actor this process made, its handle dropped here but still held by
-    another actor (as something held a failed pass's actor for minutes, under load), is killed; an actor of the same
-    class that another process made (a concurrent Tune trial's) is left alone."""
-    import gc
-
-    import ray
-
-    from distributed_ebm.distributed.ray_private import stop_own_actors
-
-    @ray.remote(num_cpus=0.5)
-    class SurvivorAttackActor:
-        def ping(self):
-            return ray.get_runtime_context().get_actor_id()
-
-    @ray.remote(num_cpus=0)
-    class Holder:
-        def hold(self, handles):
-            self.handles = handles
-            return True
-
-        def make(self):
-            self.made = SurvivorAttackActor.remote()
-            return ray.get(self.made.ping.remote())
-
-    mine = SurvivorAttackActor.remote()
-    mine_id = ray.get(mine.ping.remote())
-    holder = Holder.remote()
-    ray.get(holder.hold.remote([mine]))
-    other_id = ray.get(holder.make.remote())
-    del mine
-    gc.collect()
-
-    def state(actor_id):
-        return ray._private.state.actors(actor_id=actor_id)["State"]
-    assert state(mine_id) == "ALIVE"  # held by the holder: dropping the handle here did not stop it
-    assert stop_own_actors("SurvivorAttackActor") == 1
-    deadline = time.time() + 30
-    while state(mine_id) != "DEAD" and time.time() < deadline:
-        time.sleep(0.1)
-    assert state(mine_id) == "DEAD" and state(other_id) == "ALIVE"
-    ray.kill(holder)  # and with it the actor it made

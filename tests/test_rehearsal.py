@@ -129,12 +129,15 @@ while not autoscaler_runs():
     time.sleep(1)
 """
 DRIVER = """
-import json, os, sys, time
+import json, os, sys, threading, time
 from distributed_ebm.cli import main
-for name, env, args in json.loads(sys.argv[1]):
+from tests.test_rehearsal import kill_a_node_once_a_batch_is_written
+for name, env, args, kill in json.loads(sys.argv[1]):
     for k, v in env.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     print(f"=== {name}", file=sys.stderr, flush=True)
+    if kill:
+        threading.Thread(target=kill_a_node_once_a_batch_is_written, args=(kill,), daemon=True).start()
     t0 = time.monotonic()
     rc = main(args)
     print(f"=== {name} {rc} {time.monotonic() - t0:.1f}", file=sys.stderr, flush=True)
@@ -142,6 +145,8 @@ for name, env, args in json.loads(sys.argv[1]):
 # every wait for nodes bounded well inside the driver's time limit
 PGD = ["attack", "--config", "jobs/configs/attack_pgd_undefended.yaml", "data.count=2", "batch_size=2",
        "attack.steps=1", "mlflow.enabled=false", "ray.provision_timeout_s=240"]
+# 8 batches of several seconds each (a budget too small to break an image: every step runs), for a node to come
+LONGER = ["data.count=16", "attack.steps=600", "attack.eps=1e-4", "attack.step_size=1e-5"]
 TRAIN = ["train-ebm", "--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "batch_size=48", "iterations=2",
          "ray.provision_timeout_s=240"]
 
@@ -163,16 +168,18 @@ def rehearsed(cluster, s3_bucket, tmp_path_factory):
                              f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"]),
         ("bounded", unknown, [*PGD, address, shared, "ray.gpus_per_actor=4", "ray.provision_timeout_s=3",
                               f"output={out}/b"]),
-        ("gpu_attack", unknown, [*PGD, address, shared, "ray.gpus_per_actor=1", "ray.actors=1",
-                                  f"output={out}/g"]),
+        ("gpu_attack", unknown, [*PGD, *LONGER, address, shared, "ray.gpus_per_actor=1", f"output={out}/g"]),
         ("gpu_training", {**unknown, "DEBM_REHEARSAL_CPU": "1"},
          [*TRAIN, address, shared, "ray.workers=2", "ray.use_gpu=true", "batch_size=8", "bank_size=32",
           "ebm.width=4", "langevin.steps=2", "checkpoint_every=1", "log_every=1", "mlflow.enabled=false",
           f"output={out}/gt"]),
+        ("lose_node", unknown, [*PGD, *LONGER, address, shared, "ray.gpus_per_actor=1", f"output={out}/n"],
+         f"{out}/n"),
     ]
+    jobs = [job if len(job) == 4 else (*job, None) for job in jobs]
     try:
         stderr = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], cwd=REPO, capture_output=True,
-                                text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(REPO)}).stderr
+                                text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}).stderr
     except subprocess.TimeoutExpired as err:  # the jobs that ended keep their results; the one running fails
         stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
     got, name, lines = {}, None, []
@@ -190,6 +197,43 @@ def rehearsed(cluster, s3_bucket, tmp_path_factory):
     return {**got, "out": out, "uri": f"sqlite:///{out}/mlflow.db"}
 
 
+def kill_a_node_once_a_batch_is_written(output: str) -> None:
+    """As a spot node's loss: SIGKILL the raylet of the node an attack actor runs on and every process under it,
+    once the pass has written a batch and its actors hold the next ones (the actor that has worked most)."""
+    records = os.path.join(output, "records")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (os.path.isdir(records) and any(
+            f.startswith("part-") for f in os.listdir(records))):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    parent, cmdline, cpu = {}, {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline[int(entry)] = f.read()
+            parent[int(entry)], cpu[int(entry)] = int(fields[1]), int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    actor = max((p for p, c in cmdline.items() if b"AttackActor" in c), key=cpu.get)
+    raylet = actor
+    while raylet in parent and b"raylet/raylet" not in cmdline.get(raylet, b""):
+        raylet = parent[raylet]
+    with open(f"/proc/{raylet}/environ", "rb") as f:
+        node = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"RAY_OVERRIDE_NODE_ID_FOR_TESTING"]
+    tree, grew = {raylet}, True
+    while grew:
+        grew = {p for p, up in parent.items() if up in tree} - tree
+        tree |= grew
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print(f"rehearsal: killed node {node.decode()} ({len(tree)} processes)", file=sys.stderr, flush=True)
+
+
 def last_line(got) -> str:
     return got[2].strip().splitlines()[-1]
 
@@ -202,6 +246,35 @@ def test_a_job_naming_its_gpus_on_a_head_without_the_launchers_file_waits_for_it
            "1 GPU)" in err, err[-3000:]
     assert "attack: the nodes are there" in err
     assert (rehearsed["out"] / "g" / "summary.json").exists()
+
+
+def test_an_attack_starts_on_the_first_gpu_node_and_grows_onto_the_next(rehearsed):
+    """Before: the pool was sized from the nodes alive at submit (one actor on a cold cluster, forever)."""
+    rc, _, err = rehearsed["gpu_attack"]
+    assert rc == 0, err[-3000:]
+    assert re.search(r"attack:pgd: [12] actor\(s\) on GPU \(1 GPU each, on nodes asked of the autoscaler, which does "
+                     r"not say what it can add\), growing to 8 as the cluster holds them", err), err[-3000:]
+    ran = re.search(r"attack:pgd: 8 batch\(es\) on (\d+) node\(s\) by (\d+) actor\(s\); 0 run again", err)
+    assert ran and int(ran[1]) >= 2 and int(ran[2]) >= 2, err[-3000:]
+
+
+def test_a_node_lost_mid_pass_costs_only_the_batches_its_actors_held(rehearsed):
+    """Before: a lost actor failed the pass, every actor's batch in flight was thrown away and the pass ran again
+    (`ray.max_failures` times a job). Now the node's actor (one: a node holds one GPU) is restarted on another node
+    and runs again the one batch it held; the other batches ran once."""
+    rc, _, err = rehearsed["lose_node"]
+    assert rc == 0, err[-3000:]
+    killed = re.search(r"rehearsal: killed node (\w+)", err)
+    assert killed, err[-3000:]
+    lost = re.findall(r"attack:pgd: an actor was lost on (?:node (\w+)|a node \(before its first batch\)); "
+                      r"restarted on node (\w+), it ran the batch it held again \(2 images\); 1 loss\(es\) in the "
+                      r"last hour", err)
+    assert len(lost) == 1 and lost[0][0] in ("", killed[1]) and lost[0][1] != killed[1], err[-3000:]
+    assert re.search(r"attack:pgd: 8 batch\(es\) on \d+ node\(s\) by \d+ actor\(s\); 1 run again after a lost actor",
+                     err), err[-3000:]
+    assert "running again on the images without a record" not in err
+    summary = json.loads((rehearsed["out"] / "n" / "summary.json").read_text())
+    assert summary["images"] == 16
 
 
 def test_requests_no_node_type_can_hold_are_refused_at_once(rehearsed):
@@ -243,12 +316,11 @@ def test_driver_local_stores_are_refused_on_a_cluster_that_can_grow(rehearsed):
         r"cluster('s autoscaler may add nodes| has \d+ nodes)", last_line(rehearsed["sqlite"])), rehearsed["sqlite"]
 
 
-def test_training_with_two_gpu_workers_waits_for_their_nodes_and_trains(rehearsed):
-    """From one GPU node (the attack's) to two: training waits for the second instead of failing after
-    ray.startup_timeout_s (its workers hold logical GPUs and train on the CPU: DEBM_REHEARSAL_CPU=1)."""
+def test_training_with_two_gpu_workers_trains_on_the_nodes_the_autoscaler_added(rehearsed):
+    """On the two GPU nodes the attack before it had the autoscaler add (the wait for nodes not there yet is the
+    attack's, `devices.ready`, shown above); its workers hold logical GPUs and train on the CPU
+    (DEBM_REHEARSAL_CPU=1)."""
     rc, _, err = rehearsed["gpu_training"]
     assert rc == 0, err[-3000:]
     assert "ebm-cpu: 2 Ray Train worker(s) on GPU (1 GPU each" in err, err[-3000:]
-    assert "ebm-cpu: waiting up to ray.provision_timeout_s = 240 s for the autoscaler to add nodes for 2 x (1 CPU, " \
-           "1 GPU)" in err, err[-3000:]
     assert (rehearsed["out"] / "gt" / "ebm-cpu" / "ebm.pt").exists()

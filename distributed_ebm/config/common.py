@@ -187,13 +187,14 @@ class RaySection(Section):
 class RayConfig(RaySection):
     """Where the Ray engine runs and what each actor asks for."""
 
-    actors: Optional[int] = Field(None, ge=1, description="actor pool size; null = as many as the cluster holds")
+    actors: Optional[int] = Field(None, ge=1, description="most actors of the elastic pool; null = as many as the "
+                                  "cluster can hold (its autoscaler's nodes included)")
     cpus_per_actor: float = Field(1.0, gt=0, le=1024, description="CPUs each attack actor asks for")
     gpus_per_actor: Optional[float] = Field(None, ge=0, le=64,
                                             description="GPUs per attack actor; null = auto: 1 where a node has a GPU "
                                                         "or the autoscaler can add one, else 0 (docs/cluster.md)")
-    max_failures: int = Field(3, ge=0, le=1000, description="lost actors or nodes to recover from, each by running the "
-                              "pipeline again on the images without a record")
+    max_failures: int = Field(3, ge=0, le=1000, description="node losses tolerated within any hour (the actors of one "
+                              "node lost together count once); each costs the batches its actors held, run again")
 
 
 class MLflowConfig(Section):

@@ -121,8 +121,7 @@ def check_fits(bundle: dict, keys: dict, cap: Capacity, count: int = 1, count_ke
         raise InputError(f"{keys.get(r, r)} = {v:g}: no node of this cluster can provide {v:g} {r}{together} "
                          f"({offers})")
     if count_key and not unknown:
-        most = sum(_slots(r, bundle) for r in cap.nodes)
-        most += sum(_slots(t, bundle) * n for t, n in cap.types or [])
+        most = pool_limit(bundle, cap) or 0
         if most < count:
             need = ", ".join(f"{v:g} {r}" for r, v in bundle.items() if v > 0)
             raise InputError(f"{count_key} = {count}: this cluster can hold at most {most} of them ({need} each"
@@ -130,18 +129,34 @@ def check_fits(bundle: dict, keys: dict, cap: Capacity, count: int = 1, count_ke
                                 ", its alive nodes, and it has no autoscaler)"))
 
 
-def provision(bundle: dict, count: int, cap: Capacity, timeout_s: float, what: str) -> None:
+def pool_limit(bundle: dict, cap: Capacity) -> int | None:
+    """How many `bundle`s the cluster can hold at most: its alive nodes, and every node its autoscaler may add;
+    None where an autoscaler runs without saying what it can add."""
+    if cap.grows and cap.types is None:
+        return None
+    return (sum(_slots(r, bundle) for r in cap.nodes)
+            + sum(_slots(t, bundle) * n for t, n in cap.types or [])) or None
+
+
+def provision(bundle: dict, count: int, cap: Capacity, timeout_s: float, what: str, grow_to: int = 0) -> None:
     """Wait, at most `timeout_s` (`ray.provision_timeout_s`), until the alive nodes can hold `count` `bundle`s,
     asking the autoscaler for them; a GPU node boots in minutes, longer than a worker group's start-up bound.
-    Says what it waits for; returns at once where the nodes are there or no autoscaler could add them."""
+    Says what it waits for; returns at once where the nodes are there or no autoscaler could add them.
+    `grow_to`: an elastic pool's most; the autoscaler is asked for that many, and the request stays (the pool
+    grows onto the nodes as they come; the caller withdraws it when the work ends)."""
     from ray.autoscaler.sdk import request_resources
 
-    if not cap.grows or sum(_slots(r, bundle) for r in cap.nodes) >= count:
+    if not cap.grows:
+        return
+    asked = max(count, grow_to)
+    if asked > sum(_slots(r, bundle) for r in cap.nodes):
+        request_resources(bundles=[{r: v for r, v in bundle.items() if v > 0}] * asked)
+    if sum(_slots(r, bundle) for r in cap.nodes) >= count:
         return
     need = ", ".join(f"{v:g} {r}" for r, v in bundle.items() if v > 0)
+    more = f" (asked for {asked}: the pool grows onto the others as they come)" if asked > count else ""
     print(f"{what}: waiting up to ray.provision_timeout_s = {timeout_s:g} s for the autoscaler to add nodes for "
-          f"{count} x ({need})", file=sys.stderr, flush=True)
-    request_resources(bundles=[{r: v for r, v in bundle.items() if v > 0}] * count)
+          f"{count} x ({need}){more}", file=sys.stderr, flush=True)
     deadline, t0 = time.monotonic() + timeout_s, time.monotonic()
     try:
         while True:
@@ -156,7 +171,8 @@ def provision(bundle: dict, count: int, cap: Capacity, timeout_s: float, what: s
                                      "raise it, or look at the autoscaler's log (`ray status`)")
             time.sleep(1.0)
     finally:
-        request_resources(bundles=[])  # the job's own tasks and actors hold the nodes from here
+        if asked == count:
+            request_resources(bundles=[])  # the job's own tasks and actors hold the nodes from here
 
 
 def alive_nodes() -> list[dict]:
@@ -180,12 +196,13 @@ def cluster_plan(asked: float | None, key: str, auto: float = 1.0) -> Plan:
 
 
 def ready(cpus: float, gpus: float, keys: dict, timeout_s: float, what: str, count: int = 1,
-          count_key: str | None = None) -> bool:
+          count_key: str | None = None, grow_to: int = 0) -> bool:
     """Before a job starts its workers or actors (`cpus`, `gpus` each): refuse what the cluster can never hold
-    (`check_fits`), and wait, bounded, for nodes the autoscaler is to add (`provision`). Returns whether an
-    autoscaler runs (a lost node's replacement then boots before a restarted job can be placed)."""
+    (`check_fits`), and wait, bounded, for nodes the autoscaler is to add (`provision`; `grow_to`: an elastic
+    pool's most). Returns whether an autoscaler runs (a lost node's replacement then boots before a restarted job
+    can be placed)."""
     cap = capacity()
     bundle = {"CPU": float(cpus), "GPU": float(gpus)}
     check_fits(bundle, keys, cap, count, count_key)
-    provision(bundle, count, cap, timeout_s, what)
+    provision(bundle, count, cap, timeout_s, what, grow_to)
     return cap.grows

@@ -11,10 +11,6 @@ why no public API serves. tests/test_ray_private.py fails loudly when a Ray upgr
 - how many actors read a Parquet read's footers: Ray Data 2.60 starts 32 per read and reads only the variable
   below (read_parquet and DataContext have no setting for it);
 - the logger of Ray Data's progress bars, silenced when the project prints its own progress line;
-- the actors a failed Ray Data pass leaves alive, stopped by id: Ray Data stops them only by dropping its references,
-  and gives no handle to them, so a survivor would keep its CPU after its pass failed (the GCS's actor table names
-  them: the public state API, ray.util.state, needs the dashboard, which a job's Ray may run without; the core
-  worker kills one by id, and refuses an actor this process holds no handle to);
 - a lost actor that Ray could not rebuild as an error: Ray Data's reader re-raises it as an
   UnserializableException whose text names the original class (lost errors are otherwise recognized by class,
   through ray.exceptions, in distributed/attack.py).
@@ -77,26 +73,6 @@ def autoscaler_runs() -> bool:
         return any(kind != f"node_{node}" for node, kind in mapping.items())
     except Exception:  # noqa: BLE001 - unknown: as without one (the job fails at once instead of waiting)
         return False
-
-
-def stop_own_actors(class_name: str) -> int:
-    """Kill every live actor of this job whose class name holds `class_name` and that this process holds a handle to
-    (it made it, or borrows it): never another process's (a concurrent Tune trial's). Returns how many."""
-    import ray
-    from ray._private.state import actors
-    from ray._raylet import ActorID
-    from ray.exceptions import ActorHandleNotFoundError
-
-    worker = ray._private.worker.global_worker
-    stopped = 0
-    for actor_id, info in actors(job_id=worker.current_job_id).items():
-        if class_name in info["ActorClassName"] and info["State"] != "DEAD":  # pending ones too: they would start
-            try:
-                worker.core_worker.kill_actor(ActorID.from_hex(actor_id), True)  # True: not to be restarted
-                stopped += 1
-            except ActorHandleNotFoundError:  # another process's
-                pass
-    return stopped
 
 
 def unserializable_lost(err: BaseException, names: tuple[str, ...]) -> bool:
