@@ -31,7 +31,7 @@ from ..results.report import log_attack, system_and_attack_labels
 from ..store import storage
 from ..store.data import Catalog, ImageSet, check_labels, read_images, read_rows
 from ..store.provenance import attack_settings
-from ..store.released import load_classifier_as, load_ebm_as
+from ..store.released import load_classifier_as, load_ebm
 from ..store.tracking import check_tracking
 
 
@@ -135,7 +135,7 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu", gradient
     purifier = None
     if cfg.attack.defended:
         n = cfg.ebm_net  # every data source here is RGB, as the classifiers are
-        ebm = (load_ebm_as(cfg.ebm, cfg.ebm_format, cfg.data.image_size, channels=3, activation=n.activation,
+        ebm = (load_ebm(cfg.ebm, cfg.ebm_format, cfg.data.image_size, channels=3, activation=n.activation,
                            soft_alpha=n.soft_alpha, soft_eps=n.soft_eps).to(device=device, dtype=dtype)
                if cfg.ebm else None)
         p = cfg.purify

@@ -1,4 +1,5 @@
-"""Released EBMs and classifiers read as they are, by format (method/nets/formats.py FORMATS), and `debm import`.
+"""EBMs and classifiers read as they are, by format (method/nets/formats.py FORMATS): this project's checkpoints
+and released files; and `debm import`.
 
 Tensors are read with `weights_only=True` (torch reads the legacy, pre-zip serialization of torch 1.4 this
 way too); a file that needs anything else is refused in one line, never unpickled. `.pt2` programs are
@@ -40,11 +41,12 @@ def read_source(url: str) -> tuple[object, str]:
     return storage.torch_from_bytes(raw, url), sha
 
 
-def load_ebm_as(url: str, fmt: str = "auto", image_size: int | None = None, channels: int | None = None,
-                activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> nn.Module:
-    """The EBM at `url` in format `fmt` (FORMATS; `auto`: as its content says, where it can); `activation`: the
-    one the user names (ebm_net.activation / --activation): checked for the formats that record or imply one,
-    required for mefa."""
+def load_ebm(url: str, fmt: str = "debm", image_size: int | None = None, channels: int | None = None,
+             activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> nn.Module:
+    """The EBM at `url` in format `fmt` (FORMATS; `debm`: this project's checkpoint, which
+    `nets.ebm_from_checkpoint` checks; `auto`: as its content says, where it can); `image_size` and `channels`: the
+    data's, checked where the file records them; `activation` (with its constants): the one the user names
+    (ebm_net.activation / --activation), checked for the formats that record or imply one, required for mefa."""
     return build_network("ebm", fmt, read_source(url)[0], url,
                          EBMOptions(image_size, channels, activation, soft_alpha, soft_eps))
 
