@@ -1,17 +1,11 @@
 """EBMs and classifiers read as they are, by format (method/nets/formats.py FORMATS): this project's checkpoints
 and released files; and `debm import`.
 
-Tensors are read with `weights_only=True` (torch reads the legacy, pre-zip serialization of torch 1.4 this
-way too); a file that needs anything else is refused in one line, never unpickled. `.pt2` programs are
-read with `torch.export.load`, which deserializes a graph of ATen operators, not Python objects.
+The files are read by `storage.read_source`: tensors with `weights_only=True`, `.pt2` programs with
+`torch.export.load`; nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import zipfile
-
-import torch
 from torch import nn
 
 from ..errors import InputError
@@ -22,32 +16,13 @@ from ..method.nets.formats import CONV_EBM_KEYS, FORMATS, EBMOptions, JEMEnergy,
 from . import storage
 
 
-def is_exported(raw: bytes) -> bool:
-    """Whether `raw` is a `torch.export.save` archive (a zip holding models/model.json)."""
-    if not zipfile.is_zipfile(io.BytesIO(raw)):
-        return False
-    return any(n.endswith("models/model.json") for n in zipfile.ZipFile(io.BytesIO(raw)).namelist())
-
-
-def read_source(url: str) -> tuple[object, str]:
-    """(content, SHA-256 of the file): an exported program's module, or tensors and plain containers."""
-    raw = storage.read_bytes(url)
-    sha = hashlib.sha256(raw).hexdigest()
-    if is_exported(raw):
-        try:
-            return torch.export.load(io.BytesIO(raw)).module(), sha
-        except Exception as err:
-            raise InputError(f"{url} cannot be read by torch.export.load ({type(err).__name__})") from None
-    return storage.torch_from_bytes(raw, url), sha
-
-
 def load_ebm(url: str, fmt: str = "debm", image_size: int | None = None, channels: int | None = None,
              activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> nn.Module:
     """The EBM at `url` in format `fmt` (FORMATS; `debm`: this project's checkpoint, which
     `nets.ebm_from_checkpoint` checks; `auto`: as its content says, where it can); `image_size` and `channels`: the
     data's, checked where the file records them; `activation` (with its constants): the one the user names
     (ebm_net.activation / --activation), checked for the formats that record or imply one, required for mefa."""
-    return build_network("ebm", fmt, read_source(url)[0], url,
+    return build_network("ebm", fmt, storage.read_source(url)[0], url,
                          EBMOptions(image_size, channels, activation, soft_alpha, soft_eps))
 
 
@@ -55,7 +30,7 @@ def load_classifier_as(c) -> Classifier:
     """The classifier a `ClassifierConfig` names (its `format`, `arch`, weights and normalization)."""
     if c.weights is None:
         raise InputError("classifier.weights is not set: an attack needs a trained classifier")
-    return build_network("classifier", c.format, read_source(c.weights)[0], c.weights, c)
+    return build_network("classifier", c.format, storage.read_source(c.weights)[0], c.weights, c)
 
 
 def import_model(url: str, fmt: str, out: str, activation: str | None = None) -> dict:
@@ -67,7 +42,7 @@ def import_model(url: str, fmt: str, out: str, activation: str | None = None) ->
         raise InputError(f"--format must be one of {', '.join(names)} (got {fmt!r}); debm checkpoints and "
                          "torch.export programs are used as they are")
     storage.check_destination(out, "--out")
-    obj, sha = read_source(url)
+    obj, sha = storage.read_source(url)
     source = {"url": url, "sha256": sha, "format": fmt}
     is_ebm = fmt in ("mefa", "jem") or (isinstance(obj, dict) and set(obj) == set(CONV_EBM_KEYS))
     if is_ebm:
