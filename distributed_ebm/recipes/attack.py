@@ -1,5 +1,6 @@
 """The attack job, written once for every executor: preflight, the images without a record, progress, the
-batches handed to an executor, the summary, the gallery and the MLflow run.
+batches handed to an executor, and what the job leaves (`results.publish`: the summary, the gallery, the MLflow
+run).
 
 An executor attacks the images it is handed and writes each batch's records (`results.write_part`); the one-process
 one (`local/attack.py`) runs the batches on one device, the Ray one (`distributed/attack.py`) on an actor pool.
@@ -27,7 +28,7 @@ from ..method.precision import PRECISIONS, set_arithmetic
 from ..progress import Progress
 from ..results import records as results
 from ..results.gallery import GalleryRow, write_gallery
-from ..results.report import log_attack, system_and_attack_labels
+from ..results.report import system_and_attack_labels
 from ..store import storage
 from ..store.data import Catalog, ImageSet, check_labels, read_images, read_rows
 from ..store.provenance import attack_settings
@@ -90,12 +91,9 @@ def run_attack(cfg: AttackConfig, executor: Executor, data: Catalog | ImageSet |
         raise Interrupted(f"interrupted: {done} of {len(data)} images are recorded under {cfg.output}; the same "
                           "command continues with the others") from None
     bar.close()
-    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
-    gallery = draw_gallery(cfg, data, executor.device, attack)  # on the driver: a few images, from their records
-    if executor.tracking:
-        log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)]
-                   + ([gallery] if gallery else []))
-    return summary
+    seconds = time.time() - t0
+    gallery = gallery_rows(cfg, data, executor.device, attack) if cfg.report.gallery else []  # on the driver
+    return results.publish(cfg, seconds, set(data.ids.tolist()), set(first.ids.tolist()), gallery, executor.tracking)
 
 
 def preflight(cfg: AttackConfig, data: Catalog | ImageSet, device: str | torch.device = "cpu", gradient_ids=(),
@@ -168,8 +166,7 @@ def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
     """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing.
     `attack`: the run's own, when the caller holds it (else built here, as the config says)."""
     rows = gallery_rows(cfg, data, device, attack) if cfg.report.gallery else []
-    system, attack_label = system_and_attack_labels({"config": cfg.model_dump(mode="json")})
-    return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
+    return write_gallery(cfg.output, rows, "\n".join(system_and_attack_labels({"config": cfg.model_dump(mode="json")})))
 
 
 def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu",
