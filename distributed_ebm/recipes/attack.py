@@ -23,7 +23,7 @@ from ..method.attacks import Attack, EnsembleAttack
 from ..method.attacks.modes import MODES
 from ..method.defense import Purifier
 from ..method.memory import auto_chunk_size
-from ..method.noise import ChainKeys, stream_seed
+from ..method.noise import ChainKeys
 from ..method.precision import PRECISIONS, set_arithmetic
 from ..progress import Progress
 from ..results import records as results
@@ -198,7 +198,7 @@ def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
         if defense is not None:
             x = torch.stack([clean[k], adv]).to(device)
             ident = torch.tensor([r["index"]] * 2, device=device)
-            seeds = (cfg.seed, _judging_seed(cfg, r))
+            seeds = (cfg.seed, attack.judging_seed(r))
             calls = (0, 2 * adv_point(r)) if adv_point(r) is not None else (0, None)  # unknown: no chain of its own
             purified = torch.cat([defense.purifier(x[j:j + 1], ChainKeys(seeds[j], ident[j:j + 1], ident[:1] * 0,
                                                                          calls[j] if calls[j] is not None else 0))
@@ -225,15 +225,3 @@ def adv_point(record: dict) -> int | None:
 
 def _share(votes, chains: int) -> float | None:
     return None if not votes or votes[0] is None or votes[0] < 0 else votes[0] / chains
-
-
-def _judging_seed(cfg: AttackConfig, record: dict) -> int:
-    """The seed of the run whose keys judged the record's adversarial image (ensemble member k, restart r)."""
-    a = cfg.attack
-    if not a.worst_case:
-        return cfg.seed
-    members = len(a.members())
-    k, r = record.get("broken_by", -1), record.get("broken_restart", -1)
-    if k < 0:  # never broken: the last run's image
-        k, r = members - 1, a.restarts - 1
-    return stream_seed(cfg.seed, 0 if a.ensemble_keys == "paired" else k, r)
