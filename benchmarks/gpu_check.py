@@ -34,8 +34,8 @@ from distributed_ebm.method.langevin import langevin, prepare_energy  # noqa: E4
 from distributed_ebm.method.noise import ChainKeys  # noqa: E402
 from distributed_ebm.method.precision import set_arithmetic  # noqa: E402
 from distributed_ebm.recipes.attack import build_attack  # noqa: E402
-from distributed_ebm.store.checkpoints import load_ebm  # noqa: E402
 from distributed_ebm.store.data import read_parquet  # noqa: E402
+from distributed_ebm.store.released import load_ebm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = os.environ.get("DEBM_SHARED", str(REPO.parent / "shared"))

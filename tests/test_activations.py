@@ -11,8 +11,9 @@ from distributed_ebm.method.nets.ebm import SoftLeakyReLU
 from distributed_ebm.method.noise import ChainKeys
 from distributed_ebm.recipes.attack import build_attack
 from distributed_ebm.store import storage
-from distributed_ebm.store.checkpoints import load_ebm, save_ebm
+from distributed_ebm.store.checkpoints import save_ebm
 from distributed_ebm.store.data import ImageSet
+from distributed_ebm.store.released import load_ebm
 
 from .conftest import RESNET20
 

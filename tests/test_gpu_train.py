@@ -17,8 +17,9 @@ from distributed_ebm.method.bank import ImageBank, energy_stats, reburn
 from distributed_ebm.method.training import make_ebm_optimizer, new_ebm
 from distributed_ebm.results.card import card_text
 from distributed_ebm.store import storage
-from distributed_ebm.store.checkpoints import load_checkpoint, load_ebm, save_checkpoint
+from distributed_ebm.store.checkpoints import load_checkpoint, save_checkpoint
 from distributed_ebm.store.data import ImageSet, subset
+from distributed_ebm.store.released import load_ebm
 
 from .conftest import REPO, TEST_EXACT
 

@@ -4,7 +4,8 @@ import torch
 from distributed_ebm.errors import InputError
 from distributed_ebm.method.nets import EBM, build_classifier
 from distributed_ebm.method.training import accuracy
-from distributed_ebm.store.checkpoints import load_classifier, load_ebm, save_classifier, save_ebm
+from distributed_ebm.store.checkpoints import load_classifier, save_classifier, save_ebm
+from distributed_ebm.store.released import load_ebm
 
 from .conftest import WEIGHTS_DIR, tiny_ebm
 

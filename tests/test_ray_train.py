@@ -19,8 +19,8 @@ from distributed_ebm.errors import InputError
 from distributed_ebm.local.train import train_ebm
 from distributed_ebm.method.training import TrainingDiverged, new_ebm
 from distributed_ebm.store import storage
-from distributed_ebm.store.checkpoints import load_ebm
 from distributed_ebm.store.data import subset
+from distributed_ebm.store.released import load_ebm
 
 from .conftest import TEST_EXACT, own_processes
 

@@ -18,8 +18,8 @@ from distributed_ebm.local.attack import OneProcess
 from distributed_ebm.method.nets.formats import format_table
 from distributed_ebm.recipes.attack import build_attack, run_attack
 from distributed_ebm.store import storage
-from distributed_ebm.store.checkpoints import load_classifier, load_ebm
-from distributed_ebm.store.released import load_ebm_as
+from distributed_ebm.store.checkpoints import load_classifier
+from distributed_ebm.store.released import load_ebm
 
 from .conftest import TEST_EXACT
 
@@ -214,7 +214,7 @@ def test_mefa_ebm_needs_its_activation_named(tmp_path):
     with pytest.raises(ValueError, match="ebm_format=mefa: set ebm_net.activation to soft_lrelu or silu"):
         attack_cfg(tmp_path, ebm=url, ebm_format="mefa")
     with pytest.raises(InputError, match="ebm_format=mefa: set ebm_net.activation"):
-        load_ebm_as(url, "mefa")
+        load_ebm(url, "mefa")
 
 
 def test_jem_energy_and_classifier(tmp_path):
@@ -234,7 +234,7 @@ def test_jem_builds_the_real_28_10_from_its_keys(tmp_path):
     obj = jem_file(depth=28, widen=10, seed=2)
     url = str(tmp_path / "jem.pt")
     torch.save(obj, url)
-    ebm = load_ebm_as(url, "jem")  # every key and shape fitted strictly; the forward is checked on the narrow one
+    ebm = load_ebm(url, "jem")  # every key and shape fitted strictly; the forward is checked on the narrow one
     assert (ebm.f.depth, ebm.f.widen) == (28, 10)
     assert sum(p.numel() for p in ebm.parameters()) == sum(v.numel() for v in obj["model_state_dict"].values())
 
@@ -308,7 +308,7 @@ def test_debm_import_round_trip(tmp_path, capsys, kind):
             clf = load_classifier(ckpt["arch"], out, wrn_depth=ckpt["wrn_depth"], wrn_widen=ckpt["wrn_widen"])
             got = clf.double()(x)
         else:
-            got = load_ebm_as(out).double()(x)  # auto: this project's checkpoint
+            got = load_ebm(out, "auto").double()(x)  # auto: this project's checkpoint
             if kind != "jem":
                 assert torch.equal(load_ebm(out).double()(x), got)  # the plain loader reads it too
     assert close(got, want)
@@ -327,22 +327,22 @@ def _one_line(err):
 def test_refusals_are_one_line(tmp_path, capsys):
     url = save_legacy(ss_ebm_state(), tmp_path / "ebm.pth")
     with pytest.raises(InputError) as err:
-        load_ebm_as(url)
+        load_ebm(url, "auto")
     assert "ebm_format=auto" in _one_line(err) and "stochastic_security" in str(err.value) and "mefa" in str(err.value)
     evil = tmp_path / "evil.pth"
     torch.save({"f": torch.nn.Linear(2, 2)}, str(evil), _use_new_zipfile_serialization=False)
     for fmt in ("auto", "stochastic_security"):
         with pytest.raises(InputError) as err:
-            load_ebm_as(str(evil), fmt)
+            load_ebm(str(evil), fmt)
         assert "cannot be read" in _one_line(err) and "never unpickled" in str(err.value)
     wrong = ss_ebm_state()
     wrong["f.10.weight"] = torch.zeros(1)
     torch.save(wrong, str(tmp_path / "wrong.pth"))
     with pytest.raises(InputError) as err:
-        load_ebm_as(str(tmp_path / "wrong.pth"), "stochastic_security")
+        load_ebm(str(tmp_path / "wrong.pth"), "stochastic_security")
     assert "does not fit format stochastic_security" in _one_line(err) and "f.10.weight" in str(err.value)
     with pytest.raises(InputError) as err:
-        load_ebm_as(url, "jem")
+        load_ebm(url, "jem")
     assert "JEM checkpoint" in _one_line(err)
     with pytest.raises(ValueError, match="classifier.format=stochastic_security holds the authors' WRN"):
         attack_cfg(tmp_path, ebm=url, classifier={"format": "stochastic_security", "arch": "wrn28_10"})
@@ -434,7 +434,7 @@ def test_an_activation_named_for_another_network_is_refused(tmp_path):
     url = str(tmp_path / "jem.pt")
     torch.save(jem_file(), url)
     with pytest.raises(InputError) as err:
-        load_ebm_as(url, activation="soft_lrelu")
+        load_ebm(url, "auto", activation="soft_lrelu")
     assert "ebm_net.activation=soft_lrelu" in _one_line(err) and "jem" in str(err.value)
 
 

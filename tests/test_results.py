@@ -9,7 +9,7 @@ from distributed_ebm.config import AttackConfig, load_config
 from distributed_ebm.local.attack import OneProcess
 from distributed_ebm.method.nets import EBM
 from distributed_ebm.recipes.attack import run_attack
-from distributed_ebm.store.checkpoints import load_ebm
+from distributed_ebm.store.released import load_ebm
 
 # RESULTS.md's counting table, row "CPU LeakyReLU EBM, 8/255, reduced counting"
 # (benchmarks/experiments/counting_table.sh)

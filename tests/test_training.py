@@ -5,8 +5,9 @@ from distributed_ebm.config import TrainClassifierConfig, TrainEBMConfig, build
 from distributed_ebm.local.train import LocalTraining, train_classifier, train_ebm
 from distributed_ebm.method.training import TrainingDiverged, augment
 from distributed_ebm.store import storage
-from distributed_ebm.store.checkpoints import load_checkpoint, load_classifier, load_ebm
+from distributed_ebm.store.checkpoints import load_checkpoint, load_classifier
 from distributed_ebm.store.data import subset
+from distributed_ebm.store.released import load_ebm
 
 from .conftest import TEST_EXACT
 

@@ -34,12 +34,12 @@ from ..store.checkpoints import (
     check_fingerprint,
     data_fingerprint,
     load_checkpoint,
-    load_ebm,
     save_checkpoint,
     save_ebm,
     settings_fingerprint,
 )
 from ..store.data import ImageSet, read_images
+from ..store.released import load_ebm
 from ..store.tracking import log_torch_model
 from .bank_shards import BankShard, ShardedBank, shard_bounds
 from .cluster import check_one_storage, connect

@@ -1,5 +1,6 @@
 """The attack job, written once for every executor: preflight, the images without a record, progress, the
-batches handed to an executor, the summary, the gallery and the MLflow run.
+batches handed to an executor, and what the job leaves (`results.publish`: the summary, the gallery, the MLflow
+run).
 
 An executor attacks the images it is handed and writes each batch's records (`results.write_part`); the one-process
 one (`local/attack.py`) runs the batches on one device, the Ray one (`distributed/attack.py`) on an actor pool.
@@ -22,16 +23,16 @@ from ..method.attacks import Attack, EnsembleAttack
 from ..method.attacks.modes import MODES
 from ..method.defense import Purifier
 from ..method.memory import auto_chunk_size
-from ..method.noise import ChainKeys, stream_seed
+from ..method.noise import ChainKeys
 from ..method.precision import PRECISIONS, set_arithmetic
 from ..progress import Progress
 from ..results import records as results
 from ..results.gallery import GalleryRow, write_gallery
-from ..results.report import log_attack, system_and_attack_labels
+from ..results.report import system_and_attack_labels
 from ..store import storage
 from ..store.data import Catalog, ImageSet, check_labels, read_images, read_rows
 from ..store.provenance import attack_settings
-from ..store.released import load_classifier_as, load_ebm_as
+from ..store.released import load_classifier_as, load_ebm
 from ..store.tracking import check_tracking
 
 
@@ -90,12 +91,9 @@ def run_attack(cfg: AttackConfig, executor: Executor, data: Catalog | ImageSet |
         raise Interrupted(f"interrupted: {done} of {len(data)} images are recorded under {cfg.output}; the same "
                           "command continues with the others") from None
     bar.close()
-    summary = results.finalize(cfg, time.time() - t0, set(data.ids.tolist()), set(first.ids.tolist()))
-    gallery = draw_gallery(cfg, data, executor.device, attack)  # on the driver: a few images, from their records
-    if executor.tracking:
-        log_attack(cfg, summary, [storage.join(cfg.output, results.SUMMARY), storage.join(cfg.output, results.PLOT)]
-                   + ([gallery] if gallery else []))
-    return summary
+    seconds = time.time() - t0
+    gallery = gallery_rows(cfg, data, executor.device, attack) if cfg.report.gallery else []  # on the driver
+    return results.publish(cfg, seconds, set(data.ids.tolist()), set(first.ids.tolist()), gallery, executor.tracking)
 
 
 def preflight(cfg: AttackConfig, data: Catalog | ImageSet, device: str | torch.device = "cpu", gradient_ids=(),
@@ -135,7 +133,7 @@ def build_attack(cfg: AttackConfig, device: torch.device | str = "cpu", gradient
     purifier = None
     if cfg.attack.defended:
         n = cfg.ebm_net  # every data source here is RGB, as the classifiers are
-        ebm = (load_ebm_as(cfg.ebm, cfg.ebm_format, cfg.data.image_size, channels=3, activation=n.activation,
+        ebm = (load_ebm(cfg.ebm, cfg.ebm_format, cfg.data.image_size, channels=3, activation=n.activation,
                            soft_alpha=n.soft_alpha, soft_eps=n.soft_eps).to(device=device, dtype=dtype)
                if cfg.ebm else None)
         p = cfg.purify
@@ -168,8 +166,7 @@ def draw_gallery(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
     """`output/gallery.png` of the first `report.gallery` images of the run by id; None when it draws nothing.
     `attack`: the run's own, when the caller holds it (else built here, as the config says)."""
     rows = gallery_rows(cfg, data, device, attack) if cfg.report.gallery else []
-    system, attack_label = system_and_attack_labels({"config": cfg.model_dump(mode="json")})
-    return write_gallery(cfg.output, rows, f"{system}\n{attack_label}")
+    return write_gallery(cfg.output, rows, "\n".join(system_and_attack_labels({"config": cfg.model_dump(mode="json")})))
 
 
 def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu",
@@ -201,7 +198,7 @@ def gallery_rows(cfg: AttackConfig, data=None, device: str | torch.device = "cpu
         if defense is not None:
             x = torch.stack([clean[k], adv]).to(device)
             ident = torch.tensor([r["index"]] * 2, device=device)
-            seeds = (cfg.seed, _judging_seed(cfg, r))
+            seeds = (cfg.seed, attack.judging_seed(r))
             calls = (0, 2 * adv_point(r)) if adv_point(r) is not None else (0, None)  # unknown: no chain of its own
             purified = torch.cat([defense.purifier(x[j:j + 1], ChainKeys(seeds[j], ident[j:j + 1], ident[:1] * 0,
                                                                          calls[j] if calls[j] is not None else 0))
@@ -228,15 +225,3 @@ def adv_point(record: dict) -> int | None:
 
 def _share(votes, chains: int) -> float | None:
     return None if not votes or votes[0] is None or votes[0] < 0 else votes[0] / chains
-
-
-def _judging_seed(cfg: AttackConfig, record: dict) -> int:
-    """The seed of the run whose keys judged the record's adversarial image (ensemble member k, restart r)."""
-    a = cfg.attack
-    if not a.worst_case:
-        return cfg.seed
-    members = len(a.members())
-    k, r = record.get("broken_by", -1), record.get("broken_restart", -1)
-    if k < 0:  # never broken: the last run's image
-        k, r = members - 1, a.restarts - 1
-    return stream_seed(cfg.seed, 0 if a.ensemble_keys == "paired" else k, r)

@@ -11,7 +11,7 @@ from ..method.nets.ebm import check_activation
 from ..method.training import check_sizes, new_ebm
 from ..store import storage
 from ..store.data import ImageSet, check_labels
-from ..store.released import load_ebm_as
+from ..store.released import load_ebm
 from ..store.tracking import check_tracking
 
 
@@ -28,8 +28,8 @@ def initial_ebm(cfg: TrainEBMConfig) -> EBM:
     if fmt in ("jem", "export"):
         raise InputError(other)
     # MEFA's file does not say its activation: the config's names it; every other file's is checked against it
-    start = load_ebm_as(url, fmt, e.image_size, e.channels, e.activation if fmt == "mefa" else None, e.soft_alpha,
-                        e.soft_eps)
+    start = load_ebm(url, fmt, e.image_size, e.channels, e.activation if fmt == "mefa" else None, e.soft_alpha,
+                     e.soft_eps)
     if not isinstance(start, EBM):
         raise InputError(other)
     check_activation(url, start.activation_spec(), e.activation, e.soft_alpha, e.soft_eps)

@@ -70,7 +70,7 @@ def card_text(state: dict | None) -> str:
     return (head + f"**Status: {it:,} of {total:,} iterations ({100 * it / total:.1f}%)**, phase `{tr['phase']}`, "
             f"{len(sessions)} session(s), {minutes:.1f} device minutes in all.\n\n"
             "| | |\n|---|---|\n"
-            f"| file | `ckpt.pt`: an EBM checkpoint (`store.checkpoints.load_ebm`, `weights_only=True`) with the "
+            f"| file | `ckpt.pt`: an EBM checkpoint (`store.released.load_ebm`, `weights_only=True`) with the "
             "training state riding along; the attack job takes it as it is: `ebm=models/ebm-cifar10-gpu/ckpt.pt` |\n"
             f"| sampler, bank | K = {lv['steps']}, s = {lv['step_size']}, σ = {lv['noise']}; bank of "
             f"{cfg['bank_size'] or 'one chain per training image'} (init `{cfg['bank_init']}`), batch "

@@ -2,6 +2,7 @@
 
     OUTPUT/records/part-<first id>-<last id>-<hash of ids>.parquet   one file per finished batch
     OUTPUT/summary.json, OUTPUT/accuracy.png                         written by `finalize`
+    OUTPUT/gallery.png                                                and the rest of a job's end, by `publish`
 
 Each part is written atomically, so a part is complete or absent: a crash loses at most the
 batches in flight, and a rerun skips every image that has a record (`done_ids`). Each part carries
@@ -28,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import InputError
 from ..method.attacks import NEVER, ImageRecord, evaluation_points
 from ..store import provenance, storage
-from .report import attack_label, plot_curves, upgrade_summary
+from .gallery import GalleryRow, write_gallery
+from .report import attack_label, log_attack, plot_curves, system_and_attack_labels, upgrade_summary
 from .stats import LATE, UNDECIDED_P, chains_to_decide, convergence, gradient_convergence, sign_test_p, wilson_interval  # noqa: F401  (their users import them here)
 
 SUMMARY, PLOT = "summary.json", "accuracy.png"
@@ -152,6 +154,19 @@ def finalize(cfg, seconds: float, ids: set[int], new_ids: set[int]) -> dict:
     })
     storage.write_bytes(storage.join(cfg.output, SUMMARY), json.dumps(summary, indent=2).encode())
     plot_curves([summary], storage.join(cfg.output, PLOT))
+    return summary
+
+
+def publish(cfg, seconds: float, ids: set[int], new_ids: set[int], gallery: list[GalleryRow],
+            tracking: bool) -> dict:
+    """What an attack job leaves at its end, written here in one place: the summary and its plot (`finalize`), the
+    gallery of the rows `gallery` (none: no gallery) and, with `tracking`, the MLflow run that logs them; returns the
+    summary."""
+    summary = finalize(cfg, seconds, ids, new_ids)
+    drawn = write_gallery(cfg.output, gallery, "\n".join(system_and_attack_labels(summary)))
+    if tracking:
+        log_attack(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", summary,
+                   [storage.join(cfg.output, SUMMARY), storage.join(cfg.output, PLOT)] + ([drawn] if drawn else []))
     return summary
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 
+from ..config import MLflowConfig
 from ..method.attacks.modes import MODES
 from ..store import storage
 from ..store.tracking import log_url_artifacts, mlflow_run
@@ -203,13 +204,15 @@ def plot_curves(summaries: list[dict], url: str) -> None:
     storage.write_bytes(url, buf.getvalue())
 
 
-def log_attack(cfg, summary: dict, files: list[str]) -> str | None:
-    """One MLflow run for an evaluation: config as params, accuracies and the curve as metrics, files as artifacts."""
-    if not cfg.mlflow.enabled:
+def log_attack(tracking: MLflowConfig, run_name: str, summary: dict, files: list[str]) -> str | None:
+    """One MLflow run for an evaluation: the summary's config as params, accuracies and the curve as metrics, files
+    as artifacts."""
+    if not tracking.enabled:
         return None
     system, attack = system_and_attack_labels(summary)
-    with mlflow_run(cfg.mlflow, f"{cfg.attack.name}:{cfg.classifier.arch}", cfg.model_dump(mode="json"),
-                    tags={"job": "attack", "system": system, "attack": attack, "output": cfg.output}) as mlflow:
+    cfg = summary["config"]
+    with mlflow_run(tracking, run_name, cfg,
+                    tags={"job": "attack", "system": system, "attack": attack, "output": cfg["output"]}) as mlflow:
         metrics = {k: summary[k] for k in ("natural_protocol_accuracy", "natural_defense_accuracy", "robust_accuracy",
                                            "images", "seconds", "image_steps", "confirm_image_steps")}
         for name in ("natural_protocol", "natural_defense", "robust"):

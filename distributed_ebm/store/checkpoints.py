@@ -1,16 +1,16 @@
 """Every checkpoint of the project, saved and loaded here: weights files and training checkpoints, EBM and classifier.
 
-Weights files (`load_ebm`, `save_ebm`, `load_classifier`, `save_classifier`): one network at any URL, read with
-weights_only=True, written atomically.
+Weights files (`save_ebm`, `load_classifier`, `save_classifier`): one network at any URL, read with
+weights_only=True, written atomically. An EBM is read by store/released.py `load_ebm`, in any format.
 
 The EBM training checkpoint: a compact file (`ckpt.pt`) plus, where the bank is kept, its parts. Every entry
 writes it: the single-process and one-GPU runs (local/train.py) into their output folder, the Ray Train run into
-each checkpoint folder. `ckpt.pt` holds the EBM in the layout `load_ebm` reads (so an attack takes it as `ebm=`
-like any EBM checkpoint), the optimizer state and phase, the iteration, the loss and energy history, one record
-per training session and the fingerprint of the settings that change results. Beside it, `bank-k.pt` holds part
-k of the persistent bank (one part in one process, one per replay-buffer actor on Ray). The iteration is the
-whole RNG position: every draw of iteration t comes from (seed, t) and every chain's noise from (seed, slot, t),
-and nothing reads torch's global generator, so model + optimizer + bank resume a run exactly.
+each checkpoint folder. `ckpt.pt` holds the EBM in the layout `load_ebm` (store/released.py) reads (so an attack
+takes it as `ebm=` like any EBM checkpoint), the optimizer state and phase, the iteration, the loss and energy
+history, one record per training session and the fingerprint of the settings that change results. Beside it,
+`bank-k.pt` holds part k of the persistent bank (one part in one process, one per replay-buffer actor on Ray).
+The iteration is the whole RNG position: every draw of iteration t comes from (seed, t) and every chain's noise
+from (seed, slot, t), and nothing reads torch's global generator, so model + optimizer + bank resume a run exactly.
 
 A checkpoint that travels without its bank (between one-GPU sessions that return only a few small files; the
 paper's bank is 600 MB) resumes by a *re-burn* (`method.bank.reburn`): every chain starts afresh from
@@ -30,15 +30,7 @@ from torch import nn
 from ..config import to_yaml
 from ..errors import InputError
 from ..method.bank import ImageBank
-from ..method.nets import (
-    EBM,
-    Classifier,
-    classifier_checkpoint,
-    classifier_from_checkpoint,
-    ebm_checkpoint,
-    ebm_from_checkpoint,
-)
-from ..method.nets.ebm import SOFT_ALPHA, SOFT_EPS
+from ..method.nets import EBM, Classifier, classifier_checkpoint, classifier_from_checkpoint, ebm_checkpoint
 from . import storage
 from .provenance import flat
 
@@ -154,13 +146,6 @@ def load_classifier_training(folder: str, clf: nn.Module, optimizer: torch.optim
     optimizer.load_state_dict(state[OPTIMIZER_KEY])
     scheduler.load_state_dict(state[SCHEDULER_KEY])
     return state[EPOCH_KEY], state[HISTORY_KEY]
-
-
-def load_ebm(url: str, image_size: int | None = None, map_location="cpu", channels: int | None = None,
-             activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> EBM:
-    """The EBM of a checkpoint (`nets.ebm_from_checkpoint` says what is checked)."""
-    return ebm_from_checkpoint(storage.load_torch(url, map_location), url, image_size, channels, activation,
-                               soft_alpha, soft_eps)
 
 
 def save_ebm(ebm: EBM, url: str, **extra) -> None:

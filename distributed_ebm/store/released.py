@@ -1,142 +1,36 @@
-"""Released EBMs and classifiers read as they are, by format (method/nets/formats.py FORMATS), and `debm import`.
+"""EBMs and classifiers read as they are, by format (method/nets/formats.py FORMATS): this project's checkpoints
+and released files; and `debm import`.
 
-Tensors are read with `weights_only=True` (torch reads the legacy, pre-zip serialization of torch 1.4 this
-way too); a file that needs anything else is refused in one line, never unpickled. `.pt2` programs are
-read with `torch.export.load`, which deserializes a graph of ATen operators, not Python objects.
+The files are read by `storage.read_source`: tensors with `weights_only=True`, `.pt2` programs with
+`torch.export.load`; nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import zipfile
-
-import torch
 from torch import nn
 
 from ..errors import InputError
-from ..method.nets import (
-    Classifier,
-    classifier_checkpoint,
-    classifier_from_checkpoint,
-    ebm_checkpoint,
-    ebm_from_checkpoint,
-)
-from ..method.nets.classifiers import HALF
-from ..method.nets.ebm import SOFT_ALPHA, SOFT_EPS, check_activation
-from ..method.nets.formats import (
-    CONV_EBM_KEYS,
-    FORMATS,
-    JEMEnergy,
-    conv_ebm,
-    detect_ebm_format,
-    ebm_from_spec,
-    exported,
-    format_names,
-    jem_classifier,
-    jem_ebm,
-    ss_classifier,
-)
+from ..method.nets import classifier_checkpoint, ebm_checkpoint
+from ..method.nets.classifiers import Classifier
+from ..method.nets.ebm import SOFT_ALPHA, SOFT_EPS
+from ..method.nets.formats import CONV_EBM_KEYS, FORMATS, EBMOptions, JEMEnergy, build_network, ss_classifier
 from . import storage
 
-SMOOTH = ("soft_lrelu", "silu")  # MEFA's activations: the same keys as the paper's LeakyReLU network
 
-
-def is_exported(raw: bytes) -> bool:
-    """Whether `raw` is a `torch.export.save` archive (a zip holding models/model.json)."""
-    if not zipfile.is_zipfile(io.BytesIO(raw)):
-        return False
-    return any(n.endswith("models/model.json") for n in zipfile.ZipFile(io.BytesIO(raw)).namelist())
-
-
-def read_source(url: str) -> tuple[object, str]:
-    """(content, SHA-256 of the file): an exported program's module, or tensors and plain containers."""
-    raw = storage.read_bytes(url)
-    sha = hashlib.sha256(raw).hexdigest()
-    if is_exported(raw):
-        try:
-            return torch.export.load(io.BytesIO(raw)).module(), sha
-        except Exception as err:
-            raise InputError(f"{url} cannot be read by torch.export.load ({type(err).__name__})") from None
-    return storage.torch_from_bytes(raw, url), sha
-
-
-def _choice(value: str, role: str, field: str) -> str:
-    if value != "auto" and value not in format_names(role):
-        raise InputError(f"{field} must be auto or one of {', '.join(format_names(role))} (got {value!r})")
-    return value
-
-
-def ebm_from_source(obj, url: str, fmt: str = "auto", image_size: int | None = None, channels: int | None = None,
-                    activation: str | None = None, soft_alpha: float = SOFT_ALPHA,
-                    soft_eps: float = SOFT_EPS) -> nn.Module:
-    """The EBM `obj` (read from `url`) holds, read as format `fmt`; `activation`: the one the user names
-    (ebm_net.activation / --activation): checked for the formats that record or imply one, required for mefa."""
-    fmt = detect_ebm_format(obj, url) if _choice(fmt, "ebm", "ebm_format") == "auto" else fmt
-    convnet = fmt in ("stochastic_security", "mefa") or (fmt == "debm" and not (isinstance(obj, dict)
-                                                                                and "network" in obj))
-    if activation is not None and not convnet:
-        raise InputError(f"ebm_net.activation={activation} names the convnet EBM's activation; {url} is read as "
-                         f"{fmt}, another network: leave ebm_net.activation unset")
-    if fmt == "export":
-        if not isinstance(obj, nn.Module):
-            raise InputError(f"{url} is not a torch.export program (.pt2), as ebm_format=export says")
-        return exported(obj, energy=True)
-    if isinstance(obj, nn.Module):
-        raise InputError(f"{url} is a torch.export program: set ebm_format=export (not {fmt})")
-    if fmt == "debm":
-        if isinstance(obj, dict) and obj.get("kind") == "ebm" and "network" in obj:
-            return ebm_from_spec(obj, url)
-        return ebm_from_checkpoint(obj, url, image_size, channels, activation, soft_alpha, soft_eps)
-    if fmt == "jem":
-        return jem_ebm(obj, url)
-    if fmt == "stochastic_security":
-        ebm = conv_ebm(obj, url, fmt, "lrelu")
-        if activation is not None:
-            check_activation(url, ebm.activation_spec(), activation, soft_alpha, soft_eps)
-    else:  # mefa
-        if activation not in SMOOTH:
-            raise InputError(f"ebm_format=mefa: set ebm_net.activation (debm import: --activation) to "
-                             f"{' or '.join(SMOOTH)}; the file's keys do not say which network it is")
-        ebm = conv_ebm(obj, url, fmt, activation, soft_alpha, soft_eps)
-    if image_size is not None and ebm.image_size != image_size:
-        raise InputError(f"EBM {url} is for {ebm.image_size}x{ebm.image_size} images, the data are "
-                         f"{image_size}x{image_size}")
-    if channels is not None and ebm.channels != channels:
-        raise InputError(f"EBM {url} is for {ebm.channels}-channel images, the data have {channels}")
-    return ebm
-
-
-def load_ebm_as(url: str, fmt: str = "auto", image_size: int | None = None, channels: int | None = None,
-                activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> nn.Module:
-    """The EBM at `url` in format `fmt` (FORMATS; `auto`: as its content says, where it can)."""
-    return ebm_from_source(read_source(url)[0], url, fmt, image_size, channels, activation, soft_alpha, soft_eps)
-
-
-def classifier_from_source(obj, url: str, fmt: str, arch: str, num_classes: int = 10, mean=None, std=None,
-                           wrn_depth: int = 28, wrn_widen: int = 10) -> Classifier:
-    """The classifier `obj` (read from `url`) holds, read as format `fmt`."""
-    fmt = _choice(fmt, "classifier", "classifier.format")
-    if fmt == "auto":
-        fmt = "export" if isinstance(obj, nn.Module) else "debm"
-    if fmt == "export":
-        if not isinstance(obj, nn.Module):
-            raise InputError(f"{url} is not a torch.export program (.pt2), as classifier.format=export says")
-        return Classifier(exported(obj, energy=False), mean or HALF, std or HALF, "export").eval()
-    if isinstance(obj, nn.Module):
-        raise InputError(f"{url} is a torch.export program: set classifier.format=export (not {fmt})")
-    if fmt == "stochastic_security":
-        return ss_classifier(obj, url, num_classes, mean, std)
-    if fmt == "jem":
-        return jem_classifier(obj, url, num_classes)
-    return classifier_from_checkpoint(obj, url, arch, num_classes, mean, std, wrn_depth, wrn_widen)
+def load_ebm(url: str, fmt: str = "debm", image_size: int | None = None, channels: int | None = None,
+             activation: str | None = None, soft_alpha: float = SOFT_ALPHA, soft_eps: float = SOFT_EPS) -> nn.Module:
+    """The EBM at `url` in format `fmt` (FORMATS; `debm`: this project's checkpoint, which
+    `nets.ebm_from_checkpoint` checks; `auto`: as its content says, where it can); `image_size` and `channels`: the
+    data's, checked where the file records them; `activation` (with its constants): the one the user names
+    (ebm_net.activation / --activation), checked for the formats that record or imply one, required for mefa."""
+    return build_network("ebm", fmt, storage.read_source(url)[0], url,
+                         EBMOptions(image_size, channels, activation, soft_alpha, soft_eps))
 
 
 def load_classifier_as(c) -> Classifier:
     """The classifier a `ClassifierConfig` names (its `format`, `arch`, weights and normalization)."""
     if c.weights is None:
         raise InputError("classifier.weights is not set: an attack needs a trained classifier")
-    return classifier_from_source(read_source(c.weights)[0], c.weights, c.format, c.arch, c.num_classes, c.mean,
-                                  c.std, c.wrn_depth, c.wrn_widen)
+    return build_network("classifier", c.format, storage.read_source(c.weights)[0], c.weights, c)
 
 
 def import_model(url: str, fmt: str, out: str, activation: str | None = None) -> dict:
@@ -148,11 +42,11 @@ def import_model(url: str, fmt: str, out: str, activation: str | None = None) ->
         raise InputError(f"--format must be one of {', '.join(names)} (got {fmt!r}); debm checkpoints and "
                          "torch.export programs are used as they are")
     storage.check_destination(out, "--out")
-    obj, sha = read_source(url)
+    obj, sha = storage.read_source(url)
     source = {"url": url, "sha256": sha, "format": fmt}
     is_ebm = fmt in ("mefa", "jem") or (isinstance(obj, dict) and set(obj) == set(CONV_EBM_KEYS))
     if is_ebm:
-        net = ebm_from_source(obj, url, fmt, activation=activation)
+        net = build_network("ebm", fmt, obj, url, EBMOptions(activation=activation))
         if isinstance(net, JEMEnergy):
             ckpt = {"kind": "ebm", **net.spec(), "state_dict": net.state_dict(), "source": source}
         else:

@@ -3,14 +3,20 @@
 S3-compatible endpoints are chosen with the standard AWS variables (AWS_ENDPOINT_URL, ...).
 Writes are atomic: a reader sees the whole file or none. Locally that is write-then-rename;
 an S3 object only appears once its upload completes, so one PUT is already atomic.
+
+Model files are read without unpickling code: tensors with `weights_only=True` (torch reads the legacy, pre-zip
+serialization of torch 1.4 this way too; a file that needs anything else is refused in one line), `.pt2` programs
+with `torch.export.load`, which deserializes a graph of ATen operators, not Python objects (`read_source`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import tempfile
 import uuid
+import zipfile
 from typing import Any
 
 import fsspec
@@ -167,3 +173,22 @@ def torch_from_bytes(raw: bytes, url: str, map_location: str | torch.device = "c
         raise InputError(f"checkpoint {url} cannot be read ({why}): it is not a PyTorch checkpoint of tensors "
                          "(truncated, corrupt, or holding objects other than tensors, which are never unpickled)") \
             from None
+
+
+def is_exported(raw: bytes) -> bool:
+    """Whether `raw` is a `torch.export.save` archive (a zip holding models/model.json)."""
+    if not zipfile.is_zipfile(io.BytesIO(raw)):
+        return False
+    return any(n.endswith("models/model.json") for n in zipfile.ZipFile(io.BytesIO(raw)).namelist())
+
+
+def read_source(url: str) -> tuple[object, str]:
+    """(content, SHA-256 of the file): an exported program's module, or tensors and plain containers."""
+    raw = read_bytes(url)
+    sha = hashlib.sha256(raw).hexdigest()
+    if is_exported(raw):
+        try:
+            return torch.export.load(io.BytesIO(raw)).module(), sha
+        except Exception as err:
+            raise InputError(f"{url} cannot be read by torch.export.load ({type(err).__name__})") from None
+    return torch_from_bytes(raw, url), sha

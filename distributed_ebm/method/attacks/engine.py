@@ -142,6 +142,10 @@ class Attack:
     def points(self) -> int:
         return evaluation_points(self.s)
 
+    def judging_seed(self, record: dict) -> int:
+        """The seed whose keys judged a record's adversarial image (a row of the records): this attack's."""
+        return self.seed
+
     # The model handles a mode calls (modes.py).
     def classifier_gradient(self, x: torch.Tensor, labels: torch.Tensor):
         """(undefended logits, gradient of the loss) at x."""

@@ -49,6 +49,14 @@ class EnsembleAttack:
     def defense(self):
         return self.runs[0][2].defense
 
+    def judging_seed(self, record: dict) -> int:
+        """The seed of the run whose keys judged a record's adversarial image (a row of the records): the run that
+        broke it (member `broken_by`, restart `broken_restart`), or for an image never broken the last run."""
+        k, r = record.get("broken_by", NEVER), record.get("broken_restart", NEVER)
+        if k < 0:
+            return self.runs[-1][2].seed
+        return next(attack.seed for kk, rr, attack in self.runs if (kk, rr) == (k, r))
+
     @property
     def on_point(self):
         return self.runs[0][2].on_point

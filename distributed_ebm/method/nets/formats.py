@@ -1,7 +1,8 @@
 """Released checkpoints, each read as it is: the table of source formats and the networks they hold.
 
 `FORMATS` is the one table: per format, how the file is read, which network it builds, its input
-range and the purification its paper used (docs/models.md shows it through `format_table`). The
+range, the purification its paper used (docs/models.md shows it through `format_table`) and its
+builder; `build_network` reads a file's content as a format by one lookup and one call. The
 networks are built from the state dict's own keys and shapes (the real 28-10 from a real file, a
 narrow one from a narrow file); reading the bytes is the store's (store/released.py).
 
@@ -13,13 +14,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ...errors import InputError
-from .classifiers import HALF, Classifier, ReleasedWideResNet
-from .ebm import ACTIVATIONS, EBM, LRELU_SLOPE, SOFT_ALPHA, SOFT_EPS, finite_or_refuse
+from .classifiers import HALF, Classifier, ReleasedWideResNet, classifier_from_checkpoint
+from .ebm import (
+    ACTIVATIONS,
+    EBM,
+    LRELU_SLOPE,
+    SOFT_ALPHA,
+    SOFT_EPS,
+    check_activation,
+    ebm_from_checkpoint,
+    finite_or_refuse,
+)
 
 
 class JEMEnergy(nn.Module):
@@ -69,58 +80,6 @@ class ExportedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.program(x)
         return out.reshape(x.shape[0]) if self.energy else out
-
-
-@dataclass(frozen=True)
-class SourceFormat:
-    role: str          # "ebm" or "classifier"
-    name: str          # the value of ebm_format / classifier.format / --format
-    reads: str         # how the file is read
-    network: str       # what it builds
-    inputs: str        # the input range the network expects
-    purification: str  # the paper's purification settings
-
-
-FORMATS = [
-    SourceFormat("ebm", "debm", "this project's checkpoint (kind='ebm'), `weights_only=True`; also what "
-                 "`debm import` writes", "the paper's convnet EBM (width, activation recorded), or JEM's WRN energy",
-                 "[-1, 1]", "the checkpoint's own (PAPER.md: K = 1500, s = 1, sigma = 0.01)"),
-    SourceFormat("ebm", "stochastic_security", "bare state dict `f.0` ... `f.8` (weight, bias), torch 1.4 legacy "
-                 "serialization, `weights_only=True`", "5-conv EBM, LeakyReLU(0.05)", "[-1, 1]",
-                 "Hill et al. 2021: K = 1500, s = 1, sigma = 0.01, no initial noise; 15 / 150 chains"),
-    SourceFormat("ebm", "mefa", "bare state dict `f.0` ... `f.8`, `weights_only=True`; keys identical to "
-                 "stochastic_security: the activation is named (ebm_net.activation / --activation)",
-                 "5-conv EBM, soft_lrelu (a = 0.49, e = 0.01) or silu", "[-1, 1]",
-                 "MEFA: N(0, 0.015^2) kick, then K = 1500 steps x - 0.5 grad f + 0.01 xi; EOT-20"),
-    SourceFormat("ebm", "jem", "dict with `model_state_dict` (and `replay_buffer`, ignored), `weights_only=True`",
-                 "norm-free WRN trunk, LeakyReLU(0.2); energy = -logsumexp(class_output)", "[-1, 1]",
-                 "Grathwohl et al. 2020: N(0, 0.03^2) kick, then K = 10 steps x - grad f + 0.01 xi; 5 chains"),
-    SourceFormat("ebm", "export", "`torch.export.load` of a `.pt2` program (no pickled code)",
-                 "any network: N x C x H x W images to one energy each", "[-1, 1] (as exported)",
-                 "none recorded: set purify.*"),
-    SourceFormat("classifier", "debm", "this project's checkpoint or a bare state dict of classifier.arch, "
-                 "`weights_only=True`", "classifier.arch (method/nets/classifiers.py)",
-                 "[-1, 1], then the arch's normalization", "-"),
-    SourceFormat("classifier", "stochastic_security", "bare state dict of the authors' WRN-28-10 (183 tensors, a "
-                 "bias on every convolution), legacy serialization, `weights_only=True`; MEFA's classifier is the "
-                 "same network", "arch wrn28_10_ss", "[-1, 1]", "-"),
-    SourceFormat("classifier", "jem", "JEM's checkpoint, as for its EBM", "the same WRN's class_output logits",
-                 "[-1, 1]", "-"),
-    SourceFormat("classifier", "export", "`torch.export.load` of a `.pt2` program (no pickled code)",
-                 "any network: images to logits", "[-1, 1], then classifier.mean / std (e.g. mean 0, std 1 for a "
-                 "network exported on [0, 1] pixels)", "-"),
-]
-
-
-def format_names(role: str) -> list[str]:
-    return [f.name for f in FORMATS if f.role == role]
-
-
-def format_table() -> str:
-    """FORMATS as a Markdown table (docs/models.md)."""
-    rows = ["| role | format | read as | network | inputs | paper's purification |", "|---|---|---|---|---|---|"]
-    rows += [f"| {f.role} | `{f.name}` | {f.reads} | {f.network} | {f.inputs} | {f.purification} |" for f in FORMATS]
-    return "\n".join(rows)
 
 
 CONV_EBM_KEYS = tuple(f"f.{i}.{p}" for i in (0, 2, 4, 6, 8) for p in ("weight", "bias"))
@@ -239,6 +198,183 @@ def exported(module: nn.Module, energy: bool) -> ExportedNet:
     return ExportedNet(module, energy).eval()
 
 
-__all__ = ["CONV_EBM_KEYS", "FORMATS", "LRELU_SLOPE", "ExportedNet", "JEMEnergy", "JEMLogits", "ReleasedWideResNet",
-           "SourceFormat", "conv_ebm", "detect_ebm_format", "ebm_from_spec", "exported", "format_names", "format_table",
-           "jem_classifier", "jem_ebm", "ss_classifier"]
+# ---- the builders of FORMATS: one per entry, each with the checks its format needs ----
+
+SMOOTH = ("soft_lrelu", "silu")  # MEFA's activations: the same keys as the paper's LeakyReLU network
+FIELDS = {"ebm": "ebm_format", "classifier": "classifier.format"}  # the setting that names a role's format
+
+
+@dataclass(frozen=True)
+class EBMOptions:
+    """What the user says of an EBM file: the data's image size and channels, checked where the file records them,
+    and the activation (ebm_net.activation / --activation), checked for the formats that record or imply one,
+    required for mefa."""
+    image_size: int | None = None
+    channels: int | None = None
+    activation: str | None = None
+    soft_alpha: float = SOFT_ALPHA
+    soft_eps: float = SOFT_EPS
+
+
+def _not_exported(obj, url: str, role: str, fmt: str) -> None:
+    if isinstance(obj, nn.Module):
+        raise InputError(f"{url} is a torch.export program: set {FIELDS[role]}=export (not {fmt})")
+
+
+def _no_activation(o: EBMOptions, url: str, fmt: str) -> None:
+    """An activation named for a network that is not the convnet EBM is refused."""
+    if o.activation is not None:
+        raise InputError(f"ebm_net.activation={o.activation} names the convnet EBM's activation; {url} is read as "
+                         f"{fmt}, another network: leave ebm_net.activation unset")
+
+
+def _fits_data(ebm: EBM, url: str, o: EBMOptions) -> EBM:
+    if o.image_size is not None and ebm.image_size != o.image_size:
+        raise InputError(f"EBM {url} is for {ebm.image_size}x{ebm.image_size} images, the data are "
+                         f"{o.image_size}x{o.image_size}")
+    if o.channels is not None and ebm.channels != o.channels:
+        raise InputError(f"EBM {url} is for {ebm.channels}-channel images, the data have {o.channels}")
+    return ebm
+
+
+def _debm_ebm(obj, url: str, o: EBMOptions) -> nn.Module:
+    if isinstance(obj, dict) and "network" in obj:  # not the convnet: JEM's WRN energy, as `debm import` writes it
+        _no_activation(o, url, "debm")
+    _not_exported(obj, url, "ebm", "debm")
+    if isinstance(obj, dict) and obj.get("kind") == "ebm" and "network" in obj:
+        return ebm_from_spec(obj, url)
+    return ebm_from_checkpoint(obj, url, o.image_size, o.channels, o.activation, o.soft_alpha, o.soft_eps)
+
+
+def _ss_ebm(obj, url: str, o: EBMOptions) -> EBM:
+    _not_exported(obj, url, "ebm", "stochastic_security")
+    ebm = conv_ebm(obj, url, "stochastic_security", "lrelu")
+    if o.activation is not None:
+        check_activation(url, ebm.activation_spec(), o.activation, o.soft_alpha, o.soft_eps)
+    return _fits_data(ebm, url, o)
+
+
+def _mefa_ebm(obj, url: str, o: EBMOptions) -> EBM:
+    _not_exported(obj, url, "ebm", "mefa")
+    if o.activation not in SMOOTH:
+        raise InputError(f"ebm_format=mefa: set ebm_net.activation (debm import: --activation) to "
+                         f"{' or '.join(SMOOTH)}; the file's keys do not say which network it is")
+    return _fits_data(conv_ebm(obj, url, "mefa", o.activation, o.soft_alpha, o.soft_eps), url, o)
+
+
+def _jem_ebm(obj, url: str, o: EBMOptions) -> JEMEnergy:
+    _no_activation(o, url, "jem")
+    _not_exported(obj, url, "ebm", "jem")
+    return jem_ebm(obj, url)
+
+
+def _exported_ebm(obj, url: str, o: EBMOptions) -> ExportedNet:
+    _no_activation(o, url, "export")
+    if not isinstance(obj, nn.Module):
+        raise InputError(f"{url} is not a torch.export program (.pt2), as ebm_format=export says")
+    return exported(obj, energy=True)
+
+
+def _debm_classifier(obj, url: str, c) -> Classifier:
+    _not_exported(obj, url, "classifier", "debm")
+    return classifier_from_checkpoint(obj, url, c.arch, c.num_classes, c.mean, c.std, c.wrn_depth, c.wrn_widen)
+
+
+def _ss_classifier(obj, url: str, c) -> Classifier:
+    _not_exported(obj, url, "classifier", "stochastic_security")
+    return ss_classifier(obj, url, c.num_classes, c.mean, c.std)
+
+
+def _jem_classifier(obj, url: str, c) -> Classifier:
+    _not_exported(obj, url, "classifier", "jem")
+    return jem_classifier(obj, url, c.num_classes)
+
+
+def _exported_classifier(obj, url: str, c) -> Classifier:
+    if not isinstance(obj, nn.Module):
+        raise InputError(f"{url} is not a torch.export program (.pt2), as classifier.format=export says")
+    return Classifier(exported(obj, energy=False), c.mean or HALF, c.std or HALF, "export").eval()
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    role: str          # "ebm" or "classifier"
+    name: str          # the value of ebm_format / classifier.format / --format
+    reads: str         # how the file is read
+    network: str       # what it builds
+    inputs: str        # the input range the network expects
+    purification: str  # the paper's purification settings
+    build: Callable[[object, str, object], nn.Module]  # (content, url, options) -> the network; options:
+    # `EBMOptions` for an EBM, for a classifier what a ClassifierConfig says (arch, num_classes, mean, std, wrn_*)
+
+
+FORMATS = [
+    SourceFormat("ebm", "debm", "this project's checkpoint (kind='ebm'), `weights_only=True`; also what "
+                 "`debm import` writes", "the paper's convnet EBM (width, activation recorded), or JEM's WRN energy",
+                 "[-1, 1]", "the checkpoint's own (PAPER.md: K = 1500, s = 1, sigma = 0.01)",
+                 _debm_ebm),
+    SourceFormat("ebm", "stochastic_security", "bare state dict `f.0` ... `f.8` (weight, bias), torch 1.4 legacy "
+                 "serialization, `weights_only=True`", "5-conv EBM, LeakyReLU(0.05)", "[-1, 1]",
+                 "Hill et al. 2021: K = 1500, s = 1, sigma = 0.01, no initial noise; 15 / 150 chains",
+                 _ss_ebm),
+    SourceFormat("ebm", "mefa", "bare state dict `f.0` ... `f.8`, `weights_only=True`; keys identical to "
+                 "stochastic_security: the activation is named (ebm_net.activation / --activation)",
+                 "5-conv EBM, soft_lrelu (a = 0.49, e = 0.01) or silu", "[-1, 1]",
+                 "MEFA: N(0, 0.015^2) kick, then K = 1500 steps x - 0.5 grad f + 0.01 xi; EOT-20",
+                 _mefa_ebm),
+    SourceFormat("ebm", "jem", "dict with `model_state_dict` (and `replay_buffer`, ignored), `weights_only=True`",
+                 "norm-free WRN trunk, LeakyReLU(0.2); energy = -logsumexp(class_output)", "[-1, 1]",
+                 "Grathwohl et al. 2020: N(0, 0.03^2) kick, then K = 10 steps x - grad f + 0.01 xi; 5 chains",
+                 _jem_ebm),
+    SourceFormat("ebm", "export", "`torch.export.load` of a `.pt2` program (no pickled code)",
+                 "any network: N x C x H x W images to one energy each", "[-1, 1] (as exported)",
+                 "none recorded: set purify.*",
+                 _exported_ebm),
+    SourceFormat("classifier", "debm", "this project's checkpoint or a bare state dict of classifier.arch, "
+                 "`weights_only=True`", "classifier.arch (method/nets/classifiers.py)",
+                 "[-1, 1], then the arch's normalization", "-",
+                 _debm_classifier),
+    SourceFormat("classifier", "stochastic_security", "bare state dict of the authors' WRN-28-10 (183 tensors, a "
+                 "bias on every convolution), legacy serialization, `weights_only=True`; MEFA's classifier is the "
+                 "same network", "arch wrn28_10_ss", "[-1, 1]", "-",
+                 _ss_classifier),
+    SourceFormat("classifier", "jem", "JEM's checkpoint, as for its EBM", "the same WRN's class_output logits",
+                 "[-1, 1]", "-",
+                 _jem_classifier),
+    SourceFormat("classifier", "export", "`torch.export.load` of a `.pt2` program (no pickled code)",
+                 "any network: images to logits", "[-1, 1], then classifier.mean / std (e.g. mean 0, std 1 for a "
+                 "network exported on [0, 1] pixels)", "-",
+                 _exported_classifier),
+]
+
+
+def format_names(role: str) -> list[str]:
+    return [f.name for f in FORMATS if f.role == role]
+
+
+def format_table() -> str:
+    """FORMATS as a Markdown table (docs/models.md)."""
+    rows = ["| role | format | read as | network | inputs | paper's purification |", "|---|---|---|---|---|---|"]
+    rows += [f"| {f.role} | `{f.name}` | {f.reads} | {f.network} | {f.inputs} | {f.purification} |" for f in FORMATS]
+    return "\n".join(rows)
+
+
+def source_format(role: str, name: str, obj, url: str) -> SourceFormat:
+    """The entry of FORMATS that reads `obj` (the content of `url`) as the `role`'s format `name`; `auto`: as the
+    content says (an EBM's where it can tell; a classifier is an exported program or this project's)."""
+    if name != "auto" and name not in format_names(role):
+        raise InputError(f"{FIELDS[role]} must be auto or one of {', '.join(format_names(role))} (got {name!r})")
+    if name == "auto":
+        name = detect_ebm_format(obj, url) if role == "ebm" else "export" if isinstance(obj, nn.Module) else "debm"
+    return next(f for f in FORMATS if f.role == role and f.name == name)
+
+
+def build_network(role: str, name: str, obj, url: str, options) -> nn.Module:
+    """The network `obj` (the content of `url`) holds, read as the `role`'s format `name` by its entry's builder;
+    `options`: `EBMOptions` for an EBM, the ClassifierConfig's fields for a classifier."""
+    return source_format(role, name, obj, url).build(obj, url, options)
+
+
+__all__ = ["CONV_EBM_KEYS", "FORMATS", "LRELU_SLOPE", "SMOOTH", "EBMOptions", "ExportedNet", "JEMEnergy", "JEMLogits",
+           "ReleasedWideResNet", "SourceFormat", "build_network", "conv_ebm", "detect_ebm_format", "ebm_from_spec",
+           "exported", "format_names", "format_table", "jem_classifier", "jem_ebm", "source_format", "ss_classifier"]
