@@ -31,9 +31,9 @@ from ..store import storage
 from ..store.data import catalog, read_images
 from ..store.released import load_classifier_as
 from ..store.tracking import check_tracking
-from .attack import RayActors, plan_actors
+from .attack import RayActors
 from .cluster import available, check_one_storage, check_tracking_reach, connect
-from .devices import cluster_plan
+from .devices import capacity, cluster_plan, pool_limit, ready
 from .ray_train import SafeLogger, run_dir
 
 BEST_ATTACK, BEST_TRAINING, TRIALS = "best_attack.yaml", "best_training.yaml", "trials.json"
@@ -205,12 +205,18 @@ def _trial_gpus(cfg: SearchConfig) -> float:
 
 
 def share_the_cluster(cfg: SearchConfig, concurrent: int) -> tuple[SearchConfig, int]:
-    """Each of `concurrent` trials gets its share of the attack actors the cluster holds (unless attack.ray.actors
-    names them), so that concurrent trials, each sizing its pool to the whole cluster, do not starve each other."""
+    """Each of `concurrent` trials gets its share of the attack actors the cluster can hold (unless attack.ray.actors
+    names them) as its pool's most, so that concurrent trials, each growing its pool to the whole cluster, do not
+    starve each other. The cluster's most: its alive nodes and those its autoscaler may add, else what fits now."""
     if cfg.attack.ray.actors is not None:
         return cfg, cfg.attack.ray.actors
-    fit, _, gpus, _ = plan_actors(cfg.attack, batches=1 << 30)
-    actors = max(1, fit // concurrent)
+    r = cfg.attack.ray
+    gpus = cluster_plan(r.gpus_per_actor, "attack.ray.gpus_per_actor").gpus
+    ready(r.cpus_per_actor, gpus, {"CPU": "attack.ray.cpus_per_actor", "GPU": "attack.ray.gpus_per_actor"},
+          r.provision_timeout_s, "tune")  # what no node can hold refused before any trial, the first node waited for
+    fit = int(available("GPU") // gpus) if gpus else int(available("CPU") // r.cpus_per_actor)
+    most = pool_limit({"CPU": r.cpus_per_actor, "GPU": gpus}, capacity()) or fit
+    actors = max(1, most // concurrent)
     ray_cfg = cfg.attack.ray.model_copy(update={"actors": actors, "gpus_per_actor": gpus})
     return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"ray": ray_cfg})}), actors
 
