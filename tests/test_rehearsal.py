@@ -145,8 +145,8 @@ for name, env, args, kill in json.loads(sys.argv[1]):
 # every wait for nodes bounded well inside the driver's time limit
 PGD = ["attack", "--config", "jobs/configs/attack_pgd_undefended.yaml", "data.count=2", "batch_size=2",
        "attack.steps=1", "mlflow.enabled=false", "ray.provision_timeout_s=240"]
-# 8 batches of several seconds each (a budget too small to break an image: every step runs), for a node to come
-LONGER = ["data.count=16", "attack.steps=600", "attack.eps=1e-4", "attack.step_size=1e-5"]
+# 6 batches of a few seconds each (a budget too small to break an image: every step runs), for a node to come
+LONGER = ["data.count=12", "attack.steps=200", "attack.eps=1e-4", "attack.step_size=1e-5"]
 TRAIN = ["train-ebm", "--config", "jobs/configs/train_ebm_cpu.yaml", "data.count=64", "batch_size=48", "iterations=2",
          "ray.provision_timeout_s=240"]
 
@@ -253,8 +253,8 @@ def test_an_attack_starts_on_the_first_gpu_node_and_grows_onto_the_next(rehearse
     rc, _, err = rehearsed["gpu_attack"]
     assert rc == 0, err[-3000:]
     assert re.search(r"attack:pgd: [12] actor\(s\) on GPU \(1 GPU each, on nodes asked of the autoscaler, which does "
-                     r"not say what it can add\), growing to 8 as the cluster holds them", err), err[-3000:]
-    ran = re.search(r"attack:pgd: 8 batch\(es\) on (\d+) node\(s\) by (\d+) actor\(s\); 0 run again", err)
+                     r"not say what it can add\), growing to 6 as the cluster holds them", err), err[-3000:]
+    ran = re.search(r"attack:pgd: 6 batch\(es\) on (\d+) node\(s\) by (\d+) actor\(s\); 0 run again", err)
     assert ran and int(ran[1]) >= 2 and int(ran[2]) >= 2, err[-3000:]
 
 
@@ -270,11 +270,11 @@ def test_a_node_lost_mid_pass_costs_only_the_batches_its_actors_held(rehearsed):
                       r"restarted on node (\w+), it ran the batch it held again \(2 images\); 1 loss\(es\) in the "
                       r"last hour", err)
     assert len(lost) == 1 and lost[0][0] in ("", killed[1]) and lost[0][1] != killed[1], err[-3000:]
-    assert re.search(r"attack:pgd: 8 batch\(es\) on \d+ node\(s\) by \d+ actor\(s\); 1 run again after a lost actor",
+    assert re.search(r"attack:pgd: 6 batch\(es\) on \d+ node\(s\) by \d+ actor\(s\); 1 run again after a lost actor",
                      err), err[-3000:]
     assert "running again on the images without a record" not in err
     summary = json.loads((rehearsed["out"] / "n" / "summary.json").read_text())
-    assert summary["images"] == 16
+    assert summary["images"] == 12
 
 
 def test_requests_no_node_type_can_hold_are_refused_at_once(rehearsed):
