@@ -24,8 +24,8 @@ import yaml
 
 from .conftest import REPO
 
-# on the worker of the session's Ray, one test after the other: run beside them on 2 CPUs, both slow down more than
-# they gain (the suite under ATEN_CPU_CAPABILITY=avx2: 1006 s beside, 925 s after one another)
+# on the worker of the session's Ray, one test after the other: beside them on 2 CPUs, both slow down more than the
+# suite gains (benchmarks/README.md)
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray_local")]
 
 GPU_NODES = 2
