@@ -143,7 +143,8 @@ def test_bad_input_fails_before_any_actor(tmp_path, ebm_url):
 def test_losses_past_max_failures_stop_the_job_in_one_line_and_keep_the_records(ray_local, tmp_path, ebm_url):
     from distributed_ebm.errors import JobFailed
 
-    kw = {"data.indices": list(range(12)), "batch_size": 2, "purify.steps": 40, "mlflow.enabled": False}
+    # batches enough that a restarted actor, which reports its restart with its next batch, still gets one
+    kw = {"data.indices": list(range(24)), "batch_size": 2, "purify.steps": 40, "mlflow.enabled": False}
     cfg = _cfg(tmp_path, ebm_url, str(tmp_path / "out"), **{**kw, "ray.max_failures": 0})
     failed = {}
 
@@ -163,7 +164,7 @@ def test_losses_past_max_failures_stop_the_job_in_one_line_and_keep_the_records(
     records = results.read_records(cfg.output, ["index", "image_steps"])
     steps = dict(zip(records.column("index").to_pylist(), records.column("image_steps").to_pylist()))
     again = run_attack(_cfg(tmp_path, ebm_url, cfg.output, **kw), RayActors(), show=False)  # the same command
-    assert again["images"] == 12 and again["image_steps"] - again["image_steps_this_run"] == sum(steps.values())
+    assert again["images"] == 24 and again["image_steps"] - again["image_steps_this_run"] == sum(steps.values())
 
 
 def _kill_an_actor_once_a_batch_is_written(out: str) -> int:
